@@ -1,0 +1,94 @@
+"""State-changing operations shared by every protocol: routing get/put (validated whole,
+persisted atomically), config-file hot reload, and model load/unload.
+
+Runs on the event loop. A rejected change raises `ServingError(INVALID_ARGUMENT)` and
+changes nothing: not the router, not the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from router import (Router, RouteConfig, RoutingError, load_config_file, persist_config_file,
+                    validate_against)
+from runtime import errors
+from runtime.manager import Manager
+from runtime.types import VersionState
+
+log = logging.getLogger("splitserve.control")
+
+
+class Control:
+    def __init__(self, manager: Manager, router: Router, config_path: Path | None):
+        self.manager = manager
+        self.router = router
+        self.config_path = config_path
+        self._write_lock = asyncio.Lock()
+
+    # ---- routing ------------------------------------------------------------------
+    def routing(self, model: str) -> dict:
+        self.manager.entry(model)
+        return self.router.routing_state(model)
+
+    async def put_routing(self, model: str, obj: object) -> dict:
+        self.manager.entry(model)
+        try:
+            config = RouteConfig.from_json(obj, model=model)
+            validate_against(config, self.manager.present_versions(model), model=model)
+        except RoutingError as e:
+            raise errors.invalid(e.message) from None
+        async with self._write_lock:
+            if self.config_path is not None:
+                try:
+                    await asyncio.to_thread(persist_config_file, self.config_path, model, config)
+                except (OSError, RoutingError) as e:
+                    raise errors.ServingError(errors.Code.INTERNAL,
+                                              f"routing not changed: could not persist {self.config_path}: {e}") from None
+            self.router.set_config(model, config)
+        self.manager.request_reconcile(model)  # versions the new routes name become aspired
+        state = self.router.routing_state(model)
+        pending = state.get("effective", {}).get("pending_labels")
+        if pending:
+            state["note"] = ("label(s) " + ", ".join(f"{k} -> {v}" for k, v in pending.items()) +
+                             " move once that version is AVAILABLE; it is being loaded")
+        log.info("event=routing_changed model=%s config=%s", model, config.to_json())
+        return state
+
+    def reload_config_file(self) -> bool:
+        """Apply the config file (hot reload). An invalid file is logged and ignored."""
+        if self.config_path is None:
+            return False
+        try:
+            configs = load_config_file(self.config_path)
+            for model, cfg in configs.items():
+                validate_against(cfg, self.manager.present_versions(model), model=model)
+        except RoutingError as e:
+            log.error("event=config_rejected path=%s keeping=last_good reason=%r",
+                      self.config_path, e.message)
+            return False
+        current = self.router.configs()
+        changed = False
+        for model in set(current) | set(configs):
+            new = configs.get(model)
+            if current.get(model) != new:
+                self.router.set_config(model, new)
+                self.manager.request_reconcile(model)
+                changed = True
+        if changed:
+            log.info("event=config_applied path=%s models=%s", self.config_path, sorted(configs))
+        return changed
+
+    # ---- repository ---------------------------------------------------------------
+    async def load(self, model: str) -> None:
+        await self.manager.load_model(model)
+
+    async def unload(self, model: str) -> None:
+        await self.manager.unload_model(model)
+
+    def ready(self, model: str, version: int | None) -> bool:
+        entry = self.manager.entry(model)
+        if version is None:
+            return bool(entry.serving)
+        return self.manager.state_of(model, version) is VersionState.AVAILABLE

@@ -1,0 +1,90 @@
+"""The one runtime every server shares: router, manager, inference service, metrics,
+control, and the watchers that feed them. Protocol-free; `server/app.py` puts servers
+in front of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from router import Router
+from runtime.batcher import make_batcher
+from runtime.control import Control
+from runtime.inference import InferenceService
+from runtime.manager import Manager
+from runtime.metrics import Metrics
+from runtime.settings import Settings
+from runtime.watch import Watcher
+
+log = logging.getLogger("splitserve.core")
+
+
+class Core:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.root = Path(settings.repository.path).resolve()
+        self.router = Router()
+        self.metrics = Metrics(self.router)
+        self.manager = Manager(self.root, settings.repository,
+                               referenced=self.router.referenced_versions,
+                               on_change=self._on_available,
+                               make_batcher=make_batcher,
+                               on_event=self.metrics.lifecycle_event)
+        self.metrics.manager = self.manager
+        self.inference = InferenceService(self.manager, self.router, settings.limits,
+                                          self.metrics, settings.shadow_max_inflight)
+        self.control = Control(self.manager, self.router, settings.config_path)
+        self.watcher: Watcher | None = None
+        self.started = False
+        self.stopping = False
+
+    def _on_available(self, model: str, versions: list[int]) -> None:
+        before = self.router.referenced_versions(model)
+        self.router.set_available(model, versions)
+        if self.router.referenced_versions(model) != before:
+            self.manager.request_reconcile(model)  # a pending label moved: re-aspire
+
+    async def start(self, wait_s: float = 300.0) -> None:
+        """Read the routing config, start watching, load what the repository aspires."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"model repository {self.root} is not a directory")
+        loop = asyncio.get_running_loop()
+        cfg = self.settings.config_path
+        if cfg is not None and cfg.exists():
+            from router import load_config_file
+            for model, rc in load_config_file(cfg).items():  # a bad file at start is fatal
+                self.router.set_config(model, rc)
+        rs = self.settings.repository
+        self.watcher = Watcher(polling=rs.polling, poll_interval_s=rs.poll_interval_s)
+        self.watcher.watch(loop, self.root, self.manager.on_path_changed)
+        if cfg is not None:
+            cfg_abs = cfg.resolve()
+            self.watcher.watch(loop, cfg_abs.parent,
+                               lambda p: p.name == cfg_abs.name and self._config_touched(),
+                               recursive=False)
+        self.watcher.start()
+        await self.manager.start()
+        await self.settle(wait_s)
+        self.started = True
+
+    def _config_touched(self) -> None:
+        loop = asyncio.get_running_loop()
+        if getattr(self, "_cfg_timer", None):
+            self._cfg_timer.cancel()
+        self._cfg_timer = loop.call_later(self.settings.repository.quiet_s / 2 + 0.05,
+                                          self.control.reload_config_file)
+
+    async def settle(self, timeout: float) -> None:
+        for name in list(self.manager.models):
+            await self.manager.settle(name, timeout)
+
+    def ready(self) -> bool:
+        return self.started and not self.stopping
+
+    async def stop(self) -> None:
+        self.stopping = True
+        if self.watcher is not None:
+            self.watcher.stop()
+        await self.manager.close()

@@ -1,0 +1,45 @@
+"""Protocol-neutral errors.
+
+The inference core raises `ServingError` with one of these codes; each protocol adapter
+owns one table that maps a code onto its own status (HTTP status, gRPC StatusCode).
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Code(enum.Enum):
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    UNAVAILABLE = "UNAVAILABLE"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    TOO_LARGE = "TOO_LARGE"  # request body over the configured bound (HTTP 413)
+    INTERNAL = "INTERNAL"
+
+
+class ServingError(Exception):
+    """An error with a protocol-neutral code and a message that says what was wrong."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"ServingError({self.code.value}, {self.message!r})"
+
+
+def invalid(message: str) -> ServingError:
+    return ServingError(Code.INVALID_ARGUMENT, message)
+
+
+def not_found(message: str) -> ServingError:
+    return ServingError(Code.NOT_FOUND, message)
+
+
+def unavailable(message: str) -> ServingError:
+    return ServingError(Code.UNAVAILABLE, message)

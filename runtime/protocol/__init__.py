@@ -1,0 +1,1 @@
+"""Codecs between wire formats and the protocol-neutral types. No I/O here."""

@@ -1,0 +1,1 @@
+"""The only package that imports fastapi, uvicorn and grpc."""

@@ -1,0 +1,133 @@
+"""Composition root: one process, one event loop, one Core; uvicorn (REST) and grpc.aio
+(gRPC) in front of it; signals and graceful stop.
+
+Stop order: stop accepting (both servers), let in-flight and queued requests finish
+(bounded by drain_timeout_s), then drain and release every version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+import socket
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from runtime.core import Core
+from runtime.server import rest_v2
+from runtime.server.http import json_response
+from runtime.settings import Settings
+
+log = logging.getLogger("splitserve.server")
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the app owns signals and stop order."""
+
+    def install_signal_handlers(self) -> None:  # uvicorn < 0.29
+        pass
+
+    def capture_signals(self):  # uvicorn >= 0.29
+        import contextlib
+        return contextlib.nullcontext()
+
+
+def build_app(core: Core) -> FastAPI:
+    app = FastAPI(title="splitserve", version="0.1.0",
+                  description="KServe v2, TF Serving REST and routing control for PyTorch models")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return json_response({"error": f"invalid request: {exc.errors()}"}, 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        msg = exc.detail if exc.status_code != 404 else f"no such endpoint: {request.method} {request.url.path}"
+        return json_response({"error": msg}, exc.status_code)
+
+    app.include_router(rest_v2.build(core))
+    for name in ("rest_tfs", "rest_control", "rest_metrics"):
+        try:
+            mod = importlib.import_module(f"runtime.server.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"runtime.server.{name}":
+                raise
+            continue
+        app.include_router(mod.build(core))
+    return app
+
+
+class Server:
+    """Both servers over one Core. `start()` returns once both are listening."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.core = Core(settings)
+        self.http_port: int | None = None
+        self.grpc_port: int | None = None
+        self._uv: _Uvicorn | None = None
+        self._uv_task: asyncio.Task | None = None
+        self._grpc = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        s = self.settings.server
+        await self.core.start()
+        sock = socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((s.host, s.http_port))
+        sock.listen(2048)
+        sock.setblocking(False)
+        self.http_port = sock.getsockname()[1]
+        cfg = uvicorn.Config(build_app(self.core), log_level="warning", access_log=False,
+                             lifespan="off", timeout_graceful_shutdown=s.drain_timeout_s,
+                             limit_concurrency=None, timeout_keep_alive=30)
+        self._uv = _Uvicorn(cfg)
+        self._uv_task = asyncio.get_running_loop().create_task(self._uv.serve(sockets=[sock]))
+        while not self._uv.started:
+            if self._uv_task.done():
+                self._uv_task.result()
+                raise RuntimeError("HTTP server exited during start")
+            await asyncio.sleep(0.01)
+        try:
+            rpc = importlib.import_module("runtime.server.rpc")
+        except ModuleNotFoundError as e:
+            if e.name != "runtime.server.rpc":
+                raise
+            rpc = None
+        if rpc is not None:
+            self._grpc, self.grpc_port = await rpc.start(self.core, s.host, s.grpc_port)
+        log.info("event=serving http=%s:%s grpc=%s:%s repository=%s", s.host, self.http_port,
+                 s.host, self.grpc_port, self.core.root)
+
+    async def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.core.stopping = True  # readiness goes false first
+        grace = self.settings.server.drain_timeout_s
+        tasks = []
+        if self._grpc is not None:
+            tasks.append(self._grpc.stop(grace))
+        if self._uv is not None:
+            self._uv.should_exit = True
+            tasks.append(self._uv_task)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.core.stop()
+        log.info("event=stopped")
+
+    async def serve_forever(self) -> None:
+        """Start, then stop cleanly on SIGTERM or SIGINT (exit status 0)."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        log.info("event=stopping reason=signal")
+        await self.stop()
