@@ -406,9 +406,11 @@ class Manager:
                 raise errors.not_found(
                     f"model '{model}' has no version {version} (available: {avail})")
             st = known.get(version)
-            state = st.state.value if st else "not loaded"
-            raise errors.unavailable(f"version {version} of model '{model}' is {state}"
-                                     + (f": {st.error}" if st and st.error else ""))
+            if st is None or st.state is S.END:
+                raise errors.not_found(f"version {version} of model '{model}' is not loaded "
+                                       f"(not in its version policy or routes)")
+            raise errors.unavailable(f"version {version} of model '{model}' is {st.state.value}"
+                                     + (f": {st.error}" if st.error else ""))
         h.inflight += 1
         h.idle.clear()
         return h
