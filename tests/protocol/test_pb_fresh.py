@@ -216,10 +216,10 @@ def test_service_methods_match_tritonclient():
     svc, _ = _triton()
     from tritonclient.grpc import service_pb2_grpc as triton_grpc
 
-    ours = ours_desc = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    ours = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     theirs = svc.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     assert sorted(m.name for m in ours.methods) == sorted(m.name for m in theirs.methods)
-    for m in ours_desc.methods:
+    for m in ours.methods:
         t = theirs.methods_by_name[m.name]
         assert (m.input_type.full_name, m.output_type.full_name) == (
             t.input_type.full_name, t.output_type.full_name
