@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from router import RouteConfig, Router, stable_unit
-from router.assign import layout, unit_pair, key_prefix
+from router.assign import key_prefix, layout, unit_pair
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,7 +64,11 @@ def test_deterministic_across_processes_and_hash_seeds():
         env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)}
         out = subprocess.run(
             [sys.executable, "-c", _PROGRAM + "print(json.dumps(run(200)))"],
-            env=env, capture_output=True, text=True, check=True, cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
         ).stdout
         outputs.append(json.loads(out))
     assert outputs[0] == outputs[1] == namespace["run"](200)

@@ -24,7 +24,9 @@ def test_round_trip():
 
 
 def test_version_strings_and_version_weight_keys():
-    config = RouteConfig.from_json({"labels": {"a": "3"}, "weights": {"2": 1, 3: 2.5}, "shadow": {"target": "2", "percent": 0}})
+    config = RouteConfig.from_json(
+        {"labels": {"a": "3"}, "weights": {"2": 1, 3: 2.5}, "shadow": {"target": "2", "percent": 0}}
+    )
     assert dict(config.labels) == {"a": 3}
     assert dict(config.weights) == {2: 1, 3: 2.5}
     assert config.shadow.target == 2

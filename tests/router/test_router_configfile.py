@@ -97,8 +97,13 @@ def test_empty_or_modelless_file(tmp_path):
 
 
 def test_persist_one_model_keeps_comments_and_other_keys(path):
-    new = RouteConfig.from_json({"labels": {"stable": 1, "canary": 2}, "weights": {"stable": 80, "canary": 20},
-                                 "sticky": {"header": "x-user-id"}})
+    new = RouteConfig.from_json(
+        {
+            "labels": {"stable": 1, "canary": 2},
+            "weights": {"stable": 80, "canary": 20},
+            "sticky": {"header": "x-user-id"},
+        }
+    )
     persist_config_file(path, "resnet", new)
     text = path.read_text()
     assert text == TEXT.replace("stable: 90", "stable: 80").replace("canary: 10", "canary: 20")
@@ -109,8 +114,13 @@ def test_persist_add_and_remove_models(path):
     persist_config_file(path, "gpt", RouteConfig.from_json({"labels": {"prod": 4}, "weights": {"4": 1}}))
     persist_config_file(path, "bert", None)
     text = path.read_text()
-    for kept in ("# splitserve configuration", "host: 127.0.0.1   # never 0.0.0.0 by default",
-                 "# image classifier", "stable: 1   # the version we trust", "# end of file"):
+    for kept in (
+        "# splitserve configuration",
+        "host: 127.0.0.1   # never 0.0.0.0 by default",
+        "# image classifier",
+        "stable: 1   # the version we trust",
+        "# end of file",
+    ):
         assert kept in text
     assert "bert" not in text
     configs = load_config_file(path)
@@ -128,8 +138,10 @@ def test_persist_creates_a_missing_file(tmp_path):
 
 
 def test_persist_all(path):
-    configs = {"resnet": RouteConfig.from_json({"labels": {"stable": 1}, "weights": {"stable": 1}}),
-               "new": RouteConfig()}
+    configs = {
+        "resnet": RouteConfig.from_json({"labels": {"stable": 1}, "weights": {"stable": 1}}),
+        "new": RouteConfig(),
+    }
     persist_all_configs(path, configs)
     assert load_config_file(path) == configs
     text = path.read_text()
@@ -211,3 +223,14 @@ def test_persist_through_a_symlink_keeps_the_link(tmp_path, path):
     persist_config_file(link, "bert", None)
     assert link.is_symlink()
     assert "bert" not in path.read_text()
+
+
+def test_without_ruamel_pyyaml_still_loads_and_persists(path, monkeypatch):
+    # ruamel.yaml keeps comments; without it the file is rewritten plainly but correctly.
+    monkeypatch.setattr(configfile, "YAML", None)
+    assert list(load_config_file(path)) == ["resnet", "bert"]
+    config = RouteConfig.from_json({"weights": {"1": 3, "2": 1}})
+    persist_config_file(path, "resnet", config)
+    configs = load_config_file(path)
+    assert configs["resnet"] == config and list(configs) == ["resnet", "bert"]
+    assert "port: 8500" in path.read_text()

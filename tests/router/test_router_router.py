@@ -110,8 +110,9 @@ def test_all_weighted_versions_unavailable_falls_back_to_newest():
 
 def test_label_waits_for_its_version_then_moves():
     r = make()
-    r.set_config("m", RouteConfig.from_json({"labels": {"stable": 1, "canary": 3},
-                                             "weights": {"stable": 90, "canary": 10}}))
+    r.set_config(
+        "m", RouteConfig.from_json({"labels": {"stable": 1, "canary": 3}, "weights": {"stable": 90, "canary": 10}})
+    )
     # 3 is not AVAILABLE yet: canary keeps resolving to 2, and so does its weight.
     assert r.pick("m", label="canary").version == 2
     eff = r.routing_state("m")["effective"]
@@ -134,7 +135,7 @@ def test_new_label_without_a_previous_target_is_unavailable_until_loaded():
     with pytest.raises(RoutingError) as info:
         r.pick("m", label="beta")
     assert info.value.kind == "unavailable"
-    assert "label 'beta' of model 'm' points at version 5, which is not AVAILABLE yet" == info.value.message
+    assert info.value.message == "label 'beta' of model 'm' points at version 5, which is not AVAILABLE yet"
     assert r.routing_state("m")["effective"]["pending_labels"] == {"beta": 5}
     r.set_available("m", [1, 5])
     assert r.pick("m", label="beta").version == 5
@@ -193,8 +194,10 @@ def test_sticky_keys_are_sticky():
 
 
 def test_referenced_versions():
-    r = make({"labels": {"stable": 1, "canary": 2}, "weights": {"stable": 1, "4": 1},
-              "shadow": {"target": 6, "percent": 1}}, available=())
+    r = make(
+        {"labels": {"stable": 1, "canary": 2}, "weights": {"stable": 1, "4": 1}, "shadow": {"target": 6, "percent": 1}},
+        available=(),
+    )
     assert r.referenced_versions("m") == frozenset({1, 2, 4, 6})
     assert r.referenced_versions("none") == frozenset()
 
@@ -213,8 +216,9 @@ def test_set_config_none_and_models():
 
 
 def test_routing_state_shape_and_json():
-    r = make({**CANARY, "sticky": {"header": "x-user-id"}, "shadow": {"target": "canary", "percent": 5}},
-             available=(1, 2))
+    r = make(
+        {**CANARY, "sticky": {"header": "x-user-id"}, "shadow": {"target": "canary", "percent": 5}}, available=(1, 2)
+    )
     state = r.routing_state("m")
     assert json.loads(json.dumps(state)) == state
     assert state == {

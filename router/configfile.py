@@ -1,0 +1,239 @@
+"""The routing config file (configs/splitserve.yaml): load, and persist atomically.
+
+Format: a top-level mapping whose `models` key maps model -> route config object. Every
+other top-level key (`server:` ...) belongs to someone else and is kept untouched.
+
+Persisting re-reads the file, changes only what it must and writes the result atomically:
+a temp file in the same folder, flush, fsync, os.replace, fsync of the folder. A reader,
+or a crash, sees the old file or the new one, never a mix. With ruamel.yaml (round trip)
+comments, key order and quoting survive; without it, PyYAML rewrites the file plainly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import yaml
+
+from router.config import RouteConfig
+from router.errors import RoutingError
+
+try:
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError as _RuamelError
+except ImportError:  # pragma: no cover - exercised only where ruamel.yaml is absent
+    YAML = None  # type: ignore[assignment,misc]
+    _RuamelError = yaml.YAMLError  # type: ignore[assignment,misc]
+
+__all__ = ["load_config_file", "persist_config_file", "persist_all_configs", "parse_config_text"]
+
+
+def _rt() -> Any:
+    y = YAML(typ="rt")
+    y.preserve_quotes = True
+    y.indent(mapping=2, sequence=4, offset=2)
+    return y
+
+
+def _read(path: str, text: str) -> Any:
+    try:
+        if YAML is not None:
+            return _rt().load(text)
+        return yaml.safe_load(text)
+    except (_RuamelError, yaml.YAMLError) as e:
+        raise RoutingError("invalid", f"{path}: not valid YAML: {_yaml_reason(e)}") from None
+
+
+def _yaml_reason(e: Exception) -> str:
+    """One line: what is wrong and where (line and column count from 1)."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if not problem:
+        return " ".join(str(e).split())
+    context = getattr(e, "context", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{context + ': ' if context else ''}{problem}{where}"
+
+
+def parse_config_text(text: str, source: str = "<config>") -> dict[str, RouteConfig]:
+    """Every model's RouteConfig from the YAML text; all faults in one RoutingError."""
+    doc = _read(source, text)
+    if doc is None:
+        return {}
+    if not isinstance(doc, Mapping):
+        raise RoutingError("invalid", f"{source}: expected a mapping at the top level, got {type(doc).__name__}")
+    models = doc.get("models")
+    if models is None:
+        return {}
+    if not isinstance(models, Mapping):
+        raise RoutingError("invalid", f"{source}: models: expected a mapping of model -> routing config")
+    out: dict[str, RouteConfig] = {}
+    problems: list[str] = []
+    for model, obj in models.items():
+        if not (isinstance(model, str) and model):
+            problems.append(f"models: model name {model!r} must be a non-empty string")
+            continue
+        try:
+            out[model] = RouteConfig.from_json(obj, model=model)
+        except RoutingError as e:
+            problems.extend(f"models.{model}: {p}" for p in e.problems)
+    if problems:
+        raise RoutingError("invalid", f"{source}: " + "; ".join(problems), tuple(problems))
+    return out
+
+
+def load_config_file(path: str | os.PathLike[str], *, missing_ok: bool = False) -> dict[str, RouteConfig]:
+    """Load and validate every model's routes.
+
+    A missing file raises RoutingError("missing"), or gives {} with missing_ok=True (the
+    runtime's default path may not exist yet; a path the user typed must). Any other fault,
+    invalid YAML included, raises RoutingError("invalid") with the reason.
+    """
+    p = os.fspath(path)
+    try:
+        with open(p, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        if missing_ok:
+            return {}
+        raise RoutingError("missing", f"{p}: no such routing config file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RoutingError("invalid", f"{p}: cannot read: {e}") from None
+    return parse_config_text(text, p)
+
+
+def persist_config_file(path: str | os.PathLike[str], model: str, config: RouteConfig | None) -> None:
+    """Set (or, with None, remove) one model's entry and write the file atomically.
+
+    Other models and top-level keys are left as they are. Raises RoutingError("invalid")
+    when the existing file cannot be parsed (it is never overwritten then).
+    """
+
+    def change(models: MutableMapping[Any, Any]) -> None:
+        if config is None:
+            models.pop(model, None)
+        elif model in models and isinstance(models[model], MutableMapping):
+            _merge(models[model], _yaml_obj(config))
+        else:
+            models[model] = _yaml_obj(config)
+
+    _update(os.fspath(path), change)
+
+
+def persist_all_configs(path: str | os.PathLike[str], configs: Mapping[str, RouteConfig]) -> None:
+    """Make the file's `models` exactly `configs` (kept entries keep their comments)."""
+
+    def change(models: MutableMapping[Any, Any]) -> None:
+        for name in [m for m in models if m not in configs]:
+            del models[name]
+        for name, config in configs.items():
+            if name in models and isinstance(models[name], MutableMapping):
+                _merge(models[name], _yaml_obj(config))
+            else:
+                models[name] = _yaml_obj(config)
+
+    _update(os.fspath(path), change)
+
+
+def _yaml_obj(config: RouteConfig) -> dict[str, Any]:
+    """The config as YAML wants it: version weight keys as plain ints (no quotes)."""
+    obj = config.to_json()
+    if "weights" in obj:
+        obj["weights"] = dict(config.weights)
+    return obj
+
+
+def _merge(dst: MutableMapping[Any, Any], src: Mapping[Any, Any]) -> None:
+    """Make dst equal src in place, so surviving keys keep their comments and order.
+
+    Keys match by their text (a quoted "2" in the file is the same key as 2).
+    """
+    by_text = {str(k): k for k in dst}
+    wanted = {str(k) for k in src}
+    for k in [k for k in dst if str(k) not in wanted]:
+        del dst[k]
+    for k, v in src.items():
+        old_key = by_text.get(str(k))
+        if old_key is None:
+            dst[k] = v
+        elif isinstance(v, Mapping) and isinstance(dst[old_key], MutableMapping):
+            _merge(dst[old_key], v)
+        elif dst[old_key] != v or isinstance(dst[old_key], bool) != isinstance(v, bool):
+            dst[old_key] = v
+
+
+def _update(path: str, change: Any) -> None:
+    real = os.path.realpath(path)  # write through a symlink, do not replace the link
+    try:
+        with open(real, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    doc = _read(real, text) if text.strip() else None
+    if doc is None:
+        doc = _new_map()
+    if not isinstance(doc, MutableMapping):
+        raise RoutingError("invalid", f"{real}: expected a mapping at the top level; not overwriting it")
+    models = doc.get("models")
+    if models is None:
+        models = doc["models"] = _new_map()
+    elif not isinstance(models, MutableMapping):
+        raise RoutingError("invalid", f"{real}: models: expected a mapping; not overwriting it")
+    change(models)
+    atomic_write(real, _dump(doc))
+
+
+def _new_map() -> Any:
+    if YAML is not None:
+        from ruamel.yaml.comments import CommentedMap
+
+        return CommentedMap()
+    return {}
+
+
+def _dump(doc: Any) -> bytes:
+    if YAML is not None:
+        buf = io.StringIO()
+        _rt().dump(doc, buf)
+        return buf.getvalue().encode("utf-8")
+    return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True).encode("utf-8")
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Replace `path` with `data` so that it is either wholly old or wholly new, durably."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o644  # a new file; probing the umask would change it process-wide
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+    try:
+        dfd = os.open(folder, flags)
+    except OSError:  # e.g. Windows cannot open a folder; the rename is done regardless
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
