@@ -251,7 +251,7 @@ class Manager:
                 recheck = wait if recheck is None else min(recheck, wait)
                 continue
             if any(h.version == v and h.folder.fingerprint == vf.fingerprint
-                   for h in entry.harnesses):
+                   and h.state is not S.UNLOADING for h in entry.harnesses):
                 continue  # loading, loaded or failed with these very files
             h = Harness(ServableId(entry.name, v), vf, folder.spec)
             entry.harnesses.append(h)
@@ -375,7 +375,8 @@ class Manager:
         except TimeoutError:
             log.warning("event=drain_timeout servable=%s inflight=%d", h.sid, h.inflight)
         if h.batcher is not None:
-            await h.batcher.drain()
+            h.batcher.close()  # stragglers that raced the table swap get UNAVAILABLE
+            await h.batcher.drain()  # queued requests finish; the scheduler task ends
         lm, h.loaded = h.loaded, None
         if lm is not None:
             # On the version's own executor: after every forward pass that was queued there.
@@ -391,6 +392,8 @@ class Manager:
         self._notify(entry)
         if not entry.harnesses and not entry.path.is_dir():
             self.models.pop(entry.name, None)
+        elif not self._closing:
+            self.request_reconcile(entry.name)  # the folder may have come back meanwhile
 
     # ---- the data path -------------------------------------------------------------
     def acquire(self, model: str, version: int) -> Harness:

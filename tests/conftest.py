@@ -87,6 +87,7 @@ class LiveServer:
         return self.call(m.wait_until(lambda: m.state_of(model, version) == state, timeout), timeout + 5)
 
     def wait_for(self, predicate, timeout: float = 60) -> bool:
+        """Wait for a predicate on server state; it runs ON the loop, so it must not block."""
         return self.call(self.core.manager.wait_until(predicate, timeout), timeout + 5)
 
     def available(self, model: str) -> list[int]:
