@@ -218,18 +218,24 @@ class Manager:
                 serving[v] is not entry.serving[v] for v in serving):
             entry.serving = serving
             self.on_change(entry.name, entry.available_versions())
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._wake()
 
     # ---- reconcile -----------------------------------------------------------------
     async def _reconcile(self, entry: ModelEntry) -> None:
-        while entry.dirty and not self._closing:
-            entry.dirty = False
-            try:
-                folder = await asyncio.to_thread(scan_model, entry.path, entry.spec)
-                self._apply(entry, folder)
-            except Exception:  # never let one bad folder stop the loop
-                log.exception("event=reconcile_error model=%s", entry.name)
+        try:
+            while entry.dirty and not self._closing:
+                entry.dirty = False
+                try:
+                    folder = await asyncio.to_thread(scan_model, entry.path, entry.spec)
+                    self._apply(entry, folder)
+                except Exception:  # never let one bad folder stop the loop
+                    log.exception("event=reconcile_error model=%s", entry.name)
+        finally:
+            self._wake()  # settle() waits for this task to end
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     def _apply(self, entry: ModelEntry, folder: ModelFolder) -> None:
         if folder.spec_error and folder.spec_error != entry.spec_error:
