@@ -83,6 +83,12 @@ class LoadedModel:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            # cuBLAS keeps a workspace per (handle, stream) in the caching allocator; our
+            # per-version stream would otherwise pin ~32 MiB after unload. Workspaces of
+            # versions still serving are re-created lazily on their next matmul.
+            clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+            if clear is not None:
+                clear()
             torch.cuda.empty_cache()
 
 
