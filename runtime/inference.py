@@ -116,8 +116,8 @@ class InferenceService:
                                         key=req.routing_key)
         except RoutingError as e:
             code = _ROUTE_ERR.get(e.kind, Code.INVALID_ARGUMENT)
-            if e.kind == "not_found" and req.model not in self.manager.models:
-                e = RoutingError("not_found", f"unknown model '{req.model}'")
+            if req.model not in self.manager.models:  # the router knows routes, not models
+                code, e = Code.NOT_FOUND, RoutingError("not_found", f"unknown model '{req.model}'")
             self._record_error(req, None, "unrouted", code, t0)
             raise ServingError(code, e.message) from None
         try:

@@ -1,19 +1,698 @@
-"""Per-version metrics (issue 5 fills this in)."""
+"""Per-version metrics: exact counts and latency histograms by the version that served.
 
-from collections import Counter
+Owns every figure the servers report: Prometheus text (`registry`, built at scrape time
+by a custom collector), Triton's statistics extension (`statistics`) and the A/B summary
+(`summary`). Runs on the event loop: `record_*` and `lifecycle_event` are called there
+and so are the readers, so nothing is locked.
+
+The hot path (`record_request`) is O(1): one dict lookup on the full label tuple, a few
+integer additions and three `bisect`s into fixed log-spaced bucket edges (48 per decade,
+about 4.9 % wide, plus the exported Prometheus bounds as exact edges). Percentiles are
+computed on read by interpolating inside a bucket, so they are accurate to a few percent.
+The recent window is a ring of per-second bucket arrays, rotated lazily on write by
+integer second arithmetic on the injectable `clock`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
+
+from runtime import errors
+
+log = logging.getLogger("splitserve.metrics")
+
+WINDOW_S = 60
+PER_DECADE = 48
+# Exported Prometheus bounds (seconds); each is an exact fine edge.
+EXPORT_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+STATES = ("START", "LOADING", "AVAILABLE", "UNLOADING", "END", "FAILED")
+UNKNOWN_MODEL = "_unknown"  # label for requests naming no model we know (not a valid name)
+ROUTED = ("split", "sticky")  # routes that follow the weights: what observed share counts
+PRIMARY_EXCLUDED = ("shadow",)
+
+
+def _make_edges() -> list[float]:
+    logs = [10.0 ** (-6 + k / PER_DECADE) for k in range(8 * PER_DECADE + 1)]  # 1 us .. 100 s
+    keep = [e for e in logs if all(abs(e / b - 1.0) > 0.01 for b in EXPORT_BOUNDS)]
+    return sorted(keep + list(EXPORT_BOUNDS))
+
+
+EDGES = _make_edges()  # fine bucket i holds values in (EDGES[i-1], EDGES[i]]; i = len: overflow
+NB = len(EDGES) + 1
+_EXPORT_IDX = [EDGES.index(b) for b in EXPORT_BOUNDS]
+
+
+def quantile(counts: list[int], q: float) -> float | None:
+    """The q-quantile (0..1) of a fine-bucket histogram, interpolated inside its bucket."""
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank = q * total
+    cum = 0
+    last = len(EDGES)
+    for i, c in enumerate(counts):
+        if c and cum + c >= rank:
+            lo = EDGES[i - 1] if i > 0 else 0.0
+            if i >= last:  # overflow bucket: the best we can say is "above the last edge"
+                return EDGES[-1]
+            return lo + (EDGES[i] - lo) * ((rank - cum) / c)
+        cum += c
+    return EDGES[-1]
+
+
+def _merge(arrays: Iterable[list[int]]) -> list[int]:
+    arrays = [a for a in arrays if a is not None]
+    if not arrays:
+        return [0] * NB
+    if len(arrays) == 1:
+        return list(arrays[0])
+    return [sum(col) for col in zip(*arrays)]
+
+
+def _ms(counts: list[int]) -> dict[str, float | None]:
+    out = {}
+    for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
+        v = quantile(counts, q)
+        out[name] = None if v is None else round(v * 1e3, 4)
+    return out
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+class Series:
+    """Every figure of one (model, version, route); version None: never reached one."""
+
+    __slots__ = ("model", "version", "route", "n", "err", "ok_sum", "err_sum", "lat", "q",
+                 "q_sum", "c", "c_sum", "inf", "batches", "last", "w_sec", "w_n", "w_err",
+                 "w_lat")
+
+    def __init__(self, model: str, version: int | None, route: str):
+        self.model, self.version, self.route = model, version, route
+        self.n = self.err = self.inf = 0  # n: successful requests; err: failed ones
+        self.ok_sum = self.err_sum = self.q_sum = self.c_sum = 0.0
+        self.lat = [0] * NB  # end-to-end latency of successful requests
+        self.q = [0] * NB
+        self.c = [0] * NB
+        self.batches: dict[int, list] = {}  # request batch size -> [count, compute seconds]
+        self.last: float | None = None  # clock() of the last request
+        self.w_sec = [-1] * WINDOW_S  # ring: which second each slot holds
+        self.w_n = [0] * WINDOW_S
+        self.w_err = [0] * WINDOW_S
+        self.w_lat: list[list[int] | None] = [None] * WINDOW_S
+
+    def window(self, now_sec: int, window_s: int) -> tuple[int, int, list[list[int]]]:
+        n = e = 0
+        lats = []
+        for j in range(WINDOW_S):
+            if 0 <= now_sec - self.w_sec[j] < window_s:
+                n += self.w_n[j]
+                e += self.w_err[j]
+                if self.w_lat[j] is not None:
+                    lats.append(self.w_lat[j])
+        return n, e, lats
+
+
+class _Cell:
+    """One exact counter (model, version, route, protocol, code) and its series."""
+
+    __slots__ = ("n", "ok", "series")
+
+    def __init__(self, series: Series, ok: bool):
+        self.n = 0
+        self.ok = ok
+        self.series = series
+
+
+class ShadowStats:
+    __slots__ = ("n", "fails", "diff_n", "diff_sum", "diff_max", "agree_n", "agree_yes")
+
+    def __init__(self):
+        self.n = self.fails = self.diff_n = self.agree_n = self.agree_yes = 0
+        self.diff_sum = 0.0
+        self.diff_max: float | None = None
+
+
+class Lifecycle:
+    """Last load of one version, and its failures (reason kept for the summary)."""
+
+    __slots__ = ("load_s", "warmup_s", "device", "memory_bytes", "failures", "last_error")
+
+    def __init__(self):
+        self.load_s = self.warmup_s = None
+        self.device = None
+        self.memory_bytes = 0
+        self.failures = 0
+        self.last_error: str | None = None
 
 
 class Metrics:
-    def __init__(self, router):
+    """Records requests, shadow comparisons, executed batches and lifecycle events.
+
+    `clock` (seconds, monotonic) drives the recent window; `wall` (epoch seconds) only
+    turns the last request time into Triton's `last_inference`. `manager` (set by Core)
+    supplies states, in-flight counts and memory at read time.
+    """
+
+    def __init__(self, router=None, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time, window_s: int = WINDOW_S):
+        if not 0 < window_s <= WINDOW_S:
+            raise ValueError(f"window_s must be in 1..{WINDOW_S}")
         self.router = router
         self.manager = None
-        self.requests = Counter()
+        self.clock = clock
+        self.wall = wall
+        self.window_s = window_s
+        self._cells: dict[tuple, _Cell] = {}
+        self._series: dict[tuple, Series] = {}
+        self._by_version: dict[tuple[str, int], list[Series]] = {}
+        self._exec: dict[tuple[str, int], dict[int, list]] = {}  # from record_batch
+        self._shadow: dict[tuple[str, int, int], ShadowStats] = {}
+        self._life: dict[tuple[str, int], Lifecycle] = {}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(self))
 
-    def record_request(self, model, version, route, protocol, code, latency_s, queue_s, compute_s, batch):
-        self.requests[(model, version, route, protocol, code)] += 1
+    # ---- hot path (event loop) -----------------------------------------------------
+    def record_request(self, model: str, version: int | None, route: str, protocol: str,
+                       code: str, latency_s: float, queue_s: float, compute_s: float,
+                       batch: int) -> None:
+        """One finished request (code "OK" or an errors.Code value), by the version that
+        served it (None when it never reached one). Durations in seconds."""
+        if version is None and self.manager is not None and model not in self.manager.models:
+            model = UNKNOWN_MODEL  # client-chosen names must not grow the label set
+        cell = self._cells.get((model, version, route, protocol, code))
+        if cell is None:
+            cell = self._new_cell(model, version, route, protocol, code)
+        cell.n += 1
+        s = cell.series
+        now = self.clock()
+        s.last = now
+        sec = int(now)
+        j = sec % WINDOW_S
+        if s.w_sec[j] != sec:
+            s.w_sec[j] = sec
+            s.w_n[j] = s.w_err[j] = 0
+            s.w_lat[j] = None
+        s.w_n[j] += 1
+        if cell.ok:
+            s.n += 1
+            s.ok_sum += latency_s
+            i = bisect_left(EDGES, latency_s)
+            s.lat[i] += 1
+            w = s.w_lat[j]
+            if w is None:
+                w = s.w_lat[j] = [0] * NB
+            w[i] += 1
+            s.q[bisect_left(EDGES, queue_s)] += 1
+            s.q_sum += queue_s
+            s.c[bisect_left(EDGES, compute_s)] += 1
+            s.c_sum += compute_s
+            s.inf += batch
+            b = s.batches.get(batch)
+            if b is None:
+                b = s.batches[batch] = [0, 0.0]
+            b[0] += 1
+            b[1] += compute_s
+        else:
+            s.err += 1
+            s.err_sum += latency_s
+            s.w_err[j] += 1
 
-    def record_shadow(self, model, primary, shadow, ok, max_abs_diff, argmax_agree):
-        pass
+    def _new_cell(self, model, version, route, protocol, code) -> _Cell:
+        skey = (model, version, route)
+        s = self._series.get(skey)
+        if s is None:
+            s = self._series[skey] = Series(model, version, route)
+            if version is not None:
+                self._by_version.setdefault((model, version), []).append(s)
+        cell = self._cells[(model, version, route, protocol, code)] = _Cell(s, code == "OK")
+        return cell
 
-    def lifecycle_event(self, kind, harness):
-        pass
+    def record_batch(self, model: str, version: int, size: int, compute_s: float) -> None:
+        """One executed batch (for a dynamic batcher). Once a version reports batches,
+        its execution count and batch statistics come from here, not from requests."""
+        d = self._exec.get((model, version))
+        if d is None:
+            d = self._exec[(model, version)] = {}
+        b = d.get(size)
+        if b is None:
+            b = d[size] = [0, 0.0]
+        b[0] += 1
+        b[1] += compute_s
+
+    def record_shadow(self, model: str, primary: int, shadow: int, ok: bool,
+                      max_abs_diff: float | None, argmax_agree: bool | None) -> None:
+        st = self._shadow.get((model, primary, shadow))
+        if st is None:
+            st = self._shadow[(model, primary, shadow)] = ShadowStats()
+        if not ok:
+            st.fails += 1
+            return
+        st.n += 1
+        if max_abs_diff is not None:
+            st.diff_n += 1
+            st.diff_sum += max_abs_diff
+            if st.diff_max is None or max_abs_diff > st.diff_max:
+                st.diff_max = max_abs_diff
+        if argmax_agree is not None:
+            st.agree_n += 1
+            st.agree_yes += bool(argmax_agree)
+
+    def lifecycle_event(self, kind: str, harness) -> None:
+        """From the manager: "loaded", "failed" or "unloaded" for one harness."""
+        sid = harness.sid
+        life = self._life.get((sid.model, sid.version))
+        if life is None:
+            life = self._life[(sid.model, sid.version)] = Lifecycle()
+        if kind == "loaded" and harness.loaded is not None:
+            lm = harness.loaded
+            life.load_s, life.warmup_s = lm.load_s, lm.warmup_s
+            life.device, life.memory_bytes = str(lm.device), lm.memory_bytes
+        elif kind == "failed":
+            life.failures += 1
+            life.last_error = harness.error
+            log.info("event=load_failure_counted servable=%s failures=%d reason=%r",
+                     sid, life.failures, harness.error)
+
+    # ---- reads: shared helpers -----------------------------------------------------
+    def _entry(self, model: str):
+        m = self.manager
+        return None if m is None else m.models.get(model)
+
+    def _model_known(self, model: str) -> bool:
+        e = self._entry(model)
+        if e is not None and (e.spec is not None or e.harnesses or e.disabled or e.ended):
+            return True
+        return any(m == model for (m, _v) in self._by_version)
+
+    def _model_names(self) -> list[str]:
+        names = {m for (m, _v) in self._by_version}
+        if self.manager is not None:
+            names.update(self.manager.model_names())
+        return sorted(names)
+
+    def _statuses(self, model: str) -> dict[int, object]:
+        e = self._entry(model)
+        return {} if e is None else {s.version: s for s in e.statuses()}
+
+    def _harnesses(self, model: str, version: int) -> list:
+        e = self._entry(model)
+        return [] if e is None else [h for h in e.harnesses if h.version == version]
+
+    def _memory(self, model: str, version: int) -> int:
+        return sum(h.loaded.memory_bytes for h in self._harnesses(model, version)
+                   if h.loaded is not None)
+
+    def _executions(self, model: str, version: int) -> dict[int, list]:
+        """Executed batch size -> [count, compute seconds]."""
+        d = self._exec.get((model, version))
+        if d is not None:
+            return d
+        out: dict[int, list] = {}
+        for s in self._by_version.get((model, version), ()):
+            for size, (n, c) in s.batches.items():
+                b = out.setdefault(size, [0, 0.0])
+                b[0] += n
+                b[1] += c
+        return out
+
+    def _last_epoch_ms(self, series: Iterable[Series]) -> int:
+        last = max((s.last for s in series if s.last is not None), default=None)
+        if last is None:
+            return 0
+        return int((self.wall() - (self.clock() - last)) * 1000)
+
+    def _weights(self, model: str) -> tuple[dict[int, float] | None, dict[int, float], dict[int, list[str]]]:
+        """(configured share per version or None without weights, effective share,
+        labels per version)."""
+        if self.router is None:
+            return None, {}, {}
+        cfg = self.router.get_config(model)
+        configured = None
+        if cfg.weights:
+            total = float(sum(cfg.weights.values()))
+            configured = {}
+            for ref, w in cfg.weights.items():
+                v = cfg.target_of(ref)
+                configured[v] = configured.get(v, 0.0) + w / total
+        table = self.router.table(model)
+        labels: dict[int, list[str]] = {}
+        for name, v in sorted(table.labels.items()):
+            labels.setdefault(v, []).append(name)
+        return configured, dict(table.weights), labels
+
+    # ---- Triton statistics extension -----------------------------------------------
+    def statistics(self, model: str | None = None, version: int | str | None = None) -> dict:
+        """`{"model_stats": [...]}` in the shape of Triton's statistics extension.
+
+        model None or "": every model. version None or "": every version of the model.
+        Unknown model or version: NOT_FOUND. Shadow requests count too (they ran on the
+        version); compute_input/compute_output are folded into compute_infer (ns 0).
+        """
+        if isinstance(version, str):
+            if version == "":
+                version = None
+            elif not version.isdigit():
+                raise errors.invalid(f"version must be a positive integer, got {version!r}")
+            else:
+                version = int(version)
+        if not model:
+            if version is not None:
+                raise errors.invalid("a version needs a model name")
+            return {"model_stats": [self._model_stat(m, v) for m in self._model_names()
+                                    for v in self._versions_of(m)]}
+        if not self._model_known(model):
+            raise errors.not_found(f"unknown model '{model}'")
+        versions = self._versions_of(model)
+        if version is not None:
+            if version not in versions:
+                raise errors.not_found(f"model '{model}' has no statistics for version {version} "
+                                       f"(known: {', '.join(map(str, versions)) or 'none'})")
+            versions = [version]
+        return {"model_stats": [self._model_stat(model, v) for v in versions]}
+
+    def _versions_of(self, model: str) -> list[int]:
+        vs = set(self._statuses(model))
+        vs.update(v for (m, v) in self._by_version if m == model)
+        return sorted(vs)
+
+    def _model_stat(self, model: str, version: int) -> dict:
+        series = self._by_version.get((model, version), [])
+        n = sum(s.n for s in series)
+        ex = self._executions(model, version)
+        batch_stats = []
+        n_exec = c_ns = 0
+        for size in sorted(ex):
+            cnt, comp = ex[size]
+            n_exec += cnt
+            c_ns += int(comp * 1e9)
+            batch_stats.append({"batch_size": size,
+                                "compute_input": {"count": cnt, "ns": 0},
+                                "compute_infer": {"count": cnt, "ns": int(comp * 1e9)},
+                                "compute_output": {"count": cnt, "ns": 0}})
+
+        def dur(count, secs):
+            return {"count": int(count), "ns": int(secs * 1e9)}
+
+        memory = []
+        for h in self._harnesses(model, version):
+            if h.loaded is not None:
+                dev = h.loaded.device
+                memory.append({"type": "GPU" if dev.type == "cuda" else "CPU",
+                               "id": dev.index or 0, "byte_size": int(h.loaded.memory_bytes)})
+        return {
+            "name": model,
+            "version": str(version),
+            "last_inference": self._last_epoch_ms(series),
+            "inference_count": sum(s.inf for s in series),
+            "execution_count": n_exec,
+            "inference_stats": {
+                "success": dur(n, sum(s.ok_sum for s in series)),
+                "fail": dur(sum(s.err for s in series), sum(s.err_sum for s in series)),
+                "queue": dur(n, sum(s.q_sum for s in series)),
+                "compute_input": dur(n_exec, 0.0),
+                "compute_infer": {"count": n_exec, "ns": c_ns},
+                "compute_output": dur(n_exec, 0.0),
+                "cache_hit": dur(0, 0.0),
+                "cache_miss": dur(0, 0.0),
+            },
+            "batch_stats": batch_stats,
+            "memory_usage": memory,
+        }
+
+    # ---- A/B summary ---------------------------------------------------------------
+    def summary(self, model: str) -> dict:
+        """Per-version A/B figures: exact counts, latency percentiles (all time and the
+        recent window), configured/effective/observed shares, memory, shadow agreement.
+        Observed share counts weight-routed (split and sticky) requests only."""
+        if not self._model_known(model):
+            raise errors.not_found(f"unknown model '{model}'")
+        statuses = self._statuses(model)
+        configured, effective, labels = self._weights(model)
+        now_sec = int(self.clock())
+        shadow_by_v: dict[int, list[tuple[int, ShadowStats]]] = {}
+        for (m, p, sv), st in self._shadow.items():
+            if m == model:
+                shadow_by_v.setdefault(sv, []).append((p, st))
+        versions = {v for v, s in statuses.items() if s.state.value != "END"}
+        versions.update(v for (m, v) in self._by_version if m == model)
+        versions.update(shadow_by_v)
+
+        rows = {}
+        routed_all = routed_recent = 0
+        for v in sorted(versions):
+            series = self._by_version.get((model, v), [])
+            prim = [s for s in series if s.route not in PRIMARY_EXCLUDED]
+            n_ok = sum(s.n for s in prim)
+            n_err = sum(s.err for s in prim)
+            routed = sum(s.n + s.err for s in prim if s.route in ROUTED)
+            rn = re = rrouted = 0
+            rlats = []
+            for s in prim:
+                wn, we, wl = s.window(now_sec, self.window_s)
+                rn += wn
+                re += we
+                rlats.extend(wl)
+                if s.route in ROUTED:
+                    rrouted += wn
+            routed_all += routed
+            routed_recent += rrouted
+            ex = self._executions(model, v)
+            ex_n = sum(b[0] for b in ex.values())
+            st = statuses.get(v)
+            life = self._life.get((model, v))
+            rows[v] = (routed, rrouted, {
+                "version": str(v),
+                "state": st.state.value if st is not None else None,
+                "reason": st.error if st is not None else None,
+                "label": labels.get(v, []),
+                "weight": None if configured is None else round(configured.get(v, 0.0), 6),
+                "effective_weight": round(effective.get(v, 0.0), 6),
+                "observed_share": None,
+                "requests": n_ok + n_err,
+                "errors": n_err,
+                "error_rate": _ratio(n_err, n_ok + n_err),
+                "routed_requests": routed,
+                "latency_ms": _ms(_merge(s.lat for s in prim)),
+                "recent": {"requests": rn, "errors": re, "error_rate": _ratio(re, rn),
+                           "latency_ms": _ms(_merge(rlats)), "observed_share": None},
+                "mean_batch_size": _ratio(sum(k * b[0] for k, b in ex.items()), ex_n),
+                "memory_bytes": self._memory(model, v),
+                "device": life.device if life is not None else None,
+                "device_memory_allocated_bytes": _cuda_allocated(life.device if life else None),
+                "load_failures": life.failures if life is not None else 0,
+                "shadow": self._shadow_summary(shadow_by_v.get(v)),
+            })
+        out = []
+        for v, (routed, rrouted, row) in rows.items():
+            row["observed_share"] = _ratio(routed, routed_all)
+            row["recent"]["observed_share"] = _ratio(rrouted, routed_recent)
+            out.append(row)
+        return {"model": model, "window_s": self.window_s, "versions": out}
+
+    @staticmethod
+    def _shadow_summary(items: list[tuple[int, ShadowStats]] | None) -> dict | None:
+        if not items:
+            return None
+        n = sum(st.n for _, st in items)
+        agree_n = sum(st.agree_n for _, st in items)
+        diff_n = sum(st.diff_n for _, st in items)
+        maxes = [st.diff_max for _, st in items if st.diff_max is not None]
+        return {"comparisons": n,
+                "failures": sum(st.fails for _, st in items),
+                "primary_versions": sorted(str(p) for p, _ in items),
+                "argmax_agreement": _ratio(sum(st.agree_yes for _, st in items), agree_n),
+                "max_abs_diff": max(maxes) if maxes else None,
+                "mean_max_abs_diff": _ratio(sum(st.diff_sum for _, st in items), diff_n)}
+
+    # ---- Prometheus families (built at scrape time) --------------------------------
+    def families(self):
+        yield self._requests_family()
+        yield from self._histogram_families()
+        yield from self._version_families()
+        yield from self._routing_families()
+        yield from self._shadow_families()
+        yield from self._cuda_families()
+
+    def _requests_family(self):
+        f = CounterMetricFamily("splitserve_requests", "Finished requests by the version that "
+                                "served them (version empty: never reached one)",
+                                labels=["model", "version", "route", "protocol", "code"])
+        for (m, v, r, p, c), cell in list(self._cells.items()):
+            f.add_metric([m, "" if v is None else str(v), r, p, c], cell.n)
+        return f
+
+    def _histogram_families(self):
+        lat = HistogramMetricFamily("splitserve_request_duration_seconds",
+                                    "End-to-end latency of successful requests",
+                                    labels=["model", "version", "route"])
+        qf = HistogramMetricFamily("splitserve_queue_duration_seconds",
+                                   "Time successful requests waited in the batch queue",
+                                   labels=["model", "version"])
+        cf = HistogramMetricFamily("splitserve_compute_duration_seconds",
+                                   "Forward-pass time of successful requests",
+                                   labels=["model", "version"])
+        bf = HistogramMetricFamily("splitserve_batch_size", "Batch sizes executed",
+                                   labels=["model", "version"])
+        for s in list(self._series.values()):
+            if s.version is not None and s.n:
+                lat.add_metric([s.model, str(s.version), s.route], _buckets(s.lat), s.ok_sum)
+        for (m, v), series in sorted(self._by_version.items()):
+            if not any(s.n for s in series):
+                continue
+            lv = [m, str(v)]
+            qf.add_metric(lv, _buckets(_merge(s.q for s in series)), sum(s.q_sum for s in series))
+            cf.add_metric(lv, _buckets(_merge(s.c for s in series)), sum(s.c_sum for s in series))
+            ex = self._executions(m, v)
+            bf.add_metric(lv, _batch_buckets(ex), float(sum(k * b[0] for k, b in ex.items())))
+        return lat, qf, cf, bf
+
+    def _version_families(self):
+        labels = ["model", "version"]
+        inflight = GaugeMetricFamily("splitserve_inflight_requests",
+                                     "Requests holding a handle on the version", labels=labels)
+        state = GaugeMetricFamily("splitserve_version_state",
+                                  "1 for the version's current lifecycle state",
+                                  labels=["model", "version", "state"])
+        load = GaugeMetricFamily("splitserve_version_load_seconds",
+                                 "Duration of the version's last load", labels=labels)
+        warm = GaugeMetricFamily("splitserve_version_warmup_seconds",
+                                 "Duration of the version's last warmup", labels=labels)
+        mem = GaugeMetricFamily("splitserve_version_memory_bytes",
+                                "Parameter and buffer bytes the version holds", labels=labels)
+        fails = CounterMetricFamily("splitserve_version_load_failures",
+                                    "Failed loads (the reason is in the logs and the summary)",
+                                    labels=labels)
+        for model in self._model_names():
+            for v, st in sorted(self._statuses(model).items()):
+                lv = [model, str(v)]
+                for name in STATES:
+                    state.add_metric(lv + [name], 1.0 if st.state.value == name else 0.0)
+                inflight.add_metric(lv, float(sum(h.inflight for h in self._harnesses(model, v))))
+                mem.add_metric(lv, float(self._memory(model, v)))
+        for (m, v), life in sorted(self._life.items()):
+            lv = [m, str(v)]
+            if life.load_s is not None:
+                load.add_metric(lv, life.load_s)
+                warm.add_metric(lv, life.warmup_s or 0.0)
+            if life.failures:
+                fails.add_metric(lv, life.failures)
+        return inflight, state, load, warm, mem, fails
+
+    def _routing_families(self):
+        labels = ["model", "version"]
+        eff = GaugeMetricFamily("splitserve_routing_weight",
+                                "Effective share of weight-routed traffic the router assigns",
+                                labels=labels)
+        conf = GaugeMetricFamily("splitserve_routing_configured_weight",
+                                 "Configured (normalised) weight", labels=labels)
+        obs = GaugeMetricFamily("splitserve_traffic_share", "Observed share of weight-routed "
+                                f"(split, sticky) requests over the last {self.window_s} s",
+                                labels=labels)
+        models = set(self._model_names())
+        if self.router is not None:
+            models.update(self.router.models())
+        now_sec = int(self.clock())
+        for model in sorted(models):
+            configured, effective, _ = self._weights(model)
+            for v, w in sorted(effective.items()):
+                eff.add_metric([model, str(v)], w)
+            for v, w in sorted((configured or {}).items()):
+                conf.add_metric([model, str(v)], w)
+            counts = {}
+            for s in self._series.values():
+                if s.model == model and s.version is not None and s.route in ROUTED:
+                    counts[s.version] = counts.get(s.version, 0) + s.window(now_sec, self.window_s)[0]
+            total = sum(counts.values())
+            if total:
+                for v, n in sorted(counts.items()):
+                    obs.add_metric([model, str(v)], n / total)
+        return eff, conf, obs
+
+    def _shadow_families(self):
+        labels = ["model", "primary_version", "version"]
+        comp = CounterMetricFamily("splitserve_shadow_comparisons",
+                                   "Shadow copies compared with the primary's answer", labels=labels)
+        fail = CounterMetricFamily("splitserve_shadow_failures",
+                                   "Shadow copies that failed", labels=labels)
+        agree = GaugeMetricFamily("splitserve_shadow_agreement_ratio",
+                                  "Share of comparisons whose argmax agreed", labels=labels)
+        diff = GaugeMetricFamily("splitserve_shadow_max_abs_diff",
+                                 "Largest absolute output difference seen", labels=labels)
+        for (m, p, v), st in sorted(self._shadow.items()):
+            lv = [m, str(p), str(v)]
+            comp.add_metric(lv, st.n)
+            fail.add_metric(lv, st.fails)
+            if st.agree_n:
+                agree.add_metric(lv, st.agree_yes / st.agree_n)
+            if st.diff_max is not None:
+                diff.add_metric(lv, st.diff_max)
+        return comp, fail, agree, diff
+
+    def _cuda_families(self):
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available():
+            return ()
+        alloc = GaugeMetricFamily("splitserve_cuda_memory_allocated_bytes",
+                                  "torch.cuda.memory_allocated per device", labels=["device"])
+        res = GaugeMetricFamily("splitserve_cuda_memory_reserved_bytes",
+                                "torch.cuda.memory_reserved per device", labels=["device"])
+        for i in range(torch.cuda.device_count()):
+            alloc.add_metric([f"cuda:{i}"], float(torch.cuda.memory_allocated(i)))
+            res.add_metric([f"cuda:{i}"], float(torch.cuda.memory_reserved(i)))
+        return alloc, res
+
+
+def _cuda_allocated(device: str | None) -> int | None:
+    """torch.cuda.memory_allocated of the version's device (every tenant of that device),
+    read now; None off CUDA."""
+    if not device or not device.startswith("cuda"):
+        return None
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.memory_allocated(device))
+
+
+def _buckets(counts: list[int]) -> list[tuple[str, float]]:
+    out = []
+    cum = 0
+    k = 0
+    for b, idx in zip(EXPORT_BOUNDS, _EXPORT_IDX):
+        while k <= idx:
+            cum += counts[k]
+            k += 1
+        out.append((floatToGoString(b), float(cum)))
+    out.append(("+Inf", float(sum(counts))))
+    return out
+
+
+def _batch_buckets(ex: dict[int, list]) -> list[tuple[str, float]]:
+    top = max(ex, default=1)
+    bounds = [1]
+    while bounds[-1] < top:
+        bounds.append(bounds[-1] * 2)
+    out = [(floatToGoString(b), float(sum(c[0] for k, c in ex.items() if k <= b)))
+           for b in bounds]
+    out.append(("+Inf", float(sum(c[0] for c in ex.values()))))
+    return out
+
+
+class _Collector(Collector):
+    """Builds every family from the Metrics' own arrays at scrape time."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        return self.metrics.families()

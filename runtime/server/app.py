@@ -19,7 +19,6 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.core import Core
-from runtime.server import rest_v2
 from runtime.server.http import json_response
 from runtime.settings import Settings
 
@@ -50,8 +49,8 @@ def build_app(core: Core) -> FastAPI:
         msg = exc.detail if exc.status_code != 404 else f"no such endpoint: {request.method} {request.url.path}"
         return json_response({"error": msg}, exc.status_code)
 
-    app.include_router(rest_v2.build(core))
-    for name in ("rest_tfs", "rest_control", "rest_metrics"):
+    # rest_metrics first: its literal /v2/models/stats must win over /v2/models/{model}.
+    for name in ("rest_metrics", "rest_v2", "rest_tfs", "rest_control"):
         try:
             mod = importlib.import_module(f"runtime.server.{name}")
         except ModuleNotFoundError as e:

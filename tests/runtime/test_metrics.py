@@ -102,6 +102,18 @@ def test_unknown_model_is_not_found():
     assert ei.value.code is Code.NOT_FOUND
 
 
+def test_unknown_model_names_share_one_label():
+    m = Metrics(Router())
+    m.manager = manager_with(harness("m", 1))
+    for name in ("a", "b", "c"):
+        fail(m, None, route="unrouted", code="NOT_FOUND", model=name)
+    fail(m, None, route="unrouted", code="UNAVAILABLE")  # a known model keeps its name
+    fams, _ = prom(m)
+    got = {(x.labels["model"], x.labels["code"]): x.value for x in fams["splitserve_requests"].samples
+           if x.name == "splitserve_requests_total"}
+    assert got == {("_unknown", "NOT_FOUND"): 3, ("m", "UNAVAILABLE"): 1}
+
+
 # ---- percentiles ----------------------------------------------------------------------
 @pytest.mark.parametrize("sample", [
     lambda rng: rng.lognormal(np.log(0.004), 0.6, 20000),       # ms-scale, skewed
@@ -360,3 +372,19 @@ def test_record_request_is_cheap():
                          0.0005, 1)
     per = (time.perf_counter() - t0) / n
     assert per < 50e-6  # the bench measures it properly (target < 5 us); this catches blunders
+
+
+def test_statistics_fit_the_grpc_message_field_for_field():
+    json_format = pytest.importorskip("google.protobuf.json_format")
+    from runtime.protocol.pb import grpc_service_pb2 as pb
+
+    m = Metrics(Router(), clock=Clock())
+    m.manager = manager_with(harness("m", 1, memory=2048))
+    ok(m, 1, batch=2)
+    fail(m, 1)
+    st = m.statistics("m")
+    msg = json_format.ParseDict(st, pb.ModelStatisticsResponse())  # unknown fields would raise
+    s = msg.model_stats[0]
+    assert (s.name, s.version, s.inference_count, s.execution_count) == ("m", "1", 2, 1)
+    assert s.inference_stats.fail.count == 1 and s.batch_stats[0].batch_size == 2
+    assert s.memory_usage[0].byte_size == 2048 and s.memory_usage[0].type == "CPU"
