@@ -94,10 +94,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"splitserve: model repository {settings.repository.path} is not a directory",
               file=sys.stderr)
         return 2
+    from router import RoutingError
     try:
         asyncio.run(Server(settings).serve_forever())
     except KeyboardInterrupt:
         pass
+    except RoutingError as e:
+        print(f"splitserve: config {settings.config_path} rejected: {e.message}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. the port is taken
+        print(f"splitserve: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

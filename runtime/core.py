@@ -9,12 +9,13 @@ import asyncio
 import logging
 from pathlib import Path
 
-from router import Router
+from router import Router, load_config_file, validate_against
 from runtime.batcher import make_batcher
 from runtime.control import Control
 from runtime.inference import InferenceService
 from runtime.manager import Manager
 from runtime.metrics import Metrics
+from runtime.repository import scan_model
 from runtime.settings import Settings
 from runtime.watch import Watcher
 
@@ -30,7 +31,7 @@ class Core:
         self.manager = Manager(self.root, settings.repository,
                                referenced=self.router.referenced_versions,
                                on_change=self._on_available,
-                               make_batcher=make_batcher,
+                               make_batcher=lambda h: make_batcher(h, self.metrics),
                                on_event=self.metrics.lifecycle_event)
         self.metrics.manager = self.manager
         self.inference = InferenceService(self.manager, self.router, settings.limits,
@@ -53,8 +54,9 @@ class Core:
         loop = asyncio.get_running_loop()
         cfg = self.settings.config_path
         if cfg is not None and cfg.exists():
-            from router import load_config_file
-            for model, rc in load_config_file(cfg).items():  # a bad file at start is fatal
+            # A bad file at start is fatal (like TF Serving's model config): nothing half-applied.
+            for model, rc in load_config_file(cfg).items():
+                validate_against(rc, scan_model(self.root / model).versions, model=model)
                 self.router.set_config(model, rc)
         rs = self.settings.repository
         self.watcher = Watcher(polling=rs.polling, poll_interval_s=rs.poll_interval_s)

@@ -95,6 +95,8 @@ class LiveServer:
         return e.available_versions() if e else []
 
     def stop(self):
+        if not self._thread.is_alive():
+            return
         try:
             self.call(self.server.stop(), timeout=60)
         finally:

@@ -77,7 +77,10 @@ class Server:
     async def start(self) -> None:
         s = self.settings.server
         await self.core.start()
-        sock = socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only when the
+        # listener says TCP; without it every keep-alive response waits ~40 ms for an ACK.
+        sock = socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET,
+                             socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((s.host, s.http_port))
         sock.listen(2048)
