@@ -1,0 +1,398 @@
+"""gRPC front end: KServe v2 / Triton `inference.GRPCInferenceService`, splitserve's
+`splitserve.management.v1.RoutingService`, grpc.health.v1 and server reflection, on one
+grpc.aio server sharing the Core's event loop.
+
+Thin, like the REST twin (rest_v2.py): decode with `runtime.protocol.kserve_grpc`, call
+the core, encode. `ServingError` codes become gRPC status codes through the one table
+below, with the core's message as details. The infer path does no JSON and no
+per-element Python work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from runtime import __version__, metadata
+from runtime.core import Core
+from runtime.errors import Code, ServingError
+from runtime.protocol import kserve_grpc as codec
+from runtime.protocol.kserve_grpc import parse_version as _version
+from runtime.protocol.pb import POOL
+from runtime.protocol.pb import grpc_service_pb2 as pb
+from runtime.protocol.pb import grpc_service_pb2_grpc as pb_grpc
+from runtime.protocol.pb import splitserve_management_pb2 as mpb
+from runtime.protocol.pb import splitserve_management_pb2_grpc as mpb_grpc
+from runtime.server.rest_v2 import EXTENSIONS, SERVER_NAME
+
+log = logging.getLogger("splitserve.grpc")
+
+GRPC_STATUS = {
+    Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    Code.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    Code.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Code.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Code.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Code.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Code.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    Code.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Code.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+INFERENCE_SERVICE = "inference.GRPCInferenceService"
+ROUTING_SERVICE = "splitserve.management.v1.RoutingService"
+SHM_UNSUPPORTED = ("shared memory is not supported by splitserve; send tensors in "
+                   "raw_input_contents")
+STREAM_WINDOW = 64  # requests one ModelStreamInfer stream may have in flight
+
+
+async def _abort(context, e: ServingError, request_id: str | None = None):
+    md = (("x-request-id", request_id),) if request_id else ()
+    await context.abort(GRPC_STATUS[e.code], e.message, md)
+
+
+class _Metadata:
+    """Invocation metadata as the read-only mapping `Router.sticky_key` expects, built
+    only when something looks (most models have no sticky header)."""
+
+    __slots__ = ("_context", "_d")
+
+    def __init__(self, context):
+        self._context = context
+        self._d = None
+
+    def _dict(self) -> dict:
+        if self._d is None:
+            self._d = {k: v for k, v in (self._context.invocation_metadata() or ())}
+        return self._d
+
+    def get(self, key, default=None):
+        return self._dict().get(key, default)
+
+    def items(self):
+        return self._dict().items()
+
+    def __getitem__(self, key):
+        return self._dict()[key]
+
+    def __contains__(self, key):
+        return key in self._dict()
+
+
+def check_token(context, token: str | None) -> None:
+    """UNAUTHENTICATED unless metadata `authorization: Bearer <token>` matches (when set)."""
+    if not token:
+        return
+    got = _Metadata(context).get("authorization", "")
+    if isinstance(got, bytes):
+        got = got.decode("latin-1")
+    scheme, _, value = got.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        raise ServingError(Code.UNAUTHENTICATED, "this call changes serving state and needs "
+                           "metadata 'authorization: Bearer <token>' with the server's token")
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """Triton's GRPCInferenceService over the Core. Runs on the event loop."""
+
+    def __init__(self, core: Core):
+        self.core = core
+        self.token = core.settings.server.token
+        self.max_elements = core.settings.limits.max_elements
+
+    # ---- health and metadata ------------------------------------------------------
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.core.ready())
+
+    async def ModelReady(self, request, context):
+        # Like Triton: an unknown model or version is "not ready", not an error.
+        try:
+            v = _version(request.version)
+            ok = self.core.control.ready(request.name, v)
+        except ServingError as e:
+            if e.code is Code.NOT_FOUND:
+                return pb.ModelReadyResponse(ready=False)
+            await _abort(context, e)
+        return pb.ModelReadyResponse(ready=ok)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__,
+                                         extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request, context):
+        try:
+            meta = metadata.model_metadata(self.core.manager, request.name, _version(request.version))
+        except ServingError as e:
+            await _abort(context, e)
+        return codec.model_metadata(meta)
+
+    async def ModelConfig(self, request, context):
+        try:
+            cfg = metadata.model_config(self.core.manager, request.name, _version(request.version))
+            return codec.model_config(cfg)
+        except ServingError as e:
+            await _abort(context, e)
+
+    async def ModelStatistics(self, request, context):
+        try:
+            stats = self.core.metrics.statistics(request.name or None, _version(request.version))
+            return codec.model_statistics(stats)
+        except ServingError as e:
+            await _abort(context, e)
+
+    # ---- inference ----------------------------------------------------------------
+    async def ModelInfer(self, request, context):
+        core = self.core
+        req = None
+        try:
+            req = codec.decode_infer(request, self.max_elements)
+            req.routing_key = core.router.sticky_key(req.model, _Metadata(context), req.parameters)
+            resp = await core.inference.infer(req)
+            out = codec.encode_infer(resp)
+        except ServingError as e:
+            await _abort(context, e, req.id if req is not None else request.id)
+        except Exception as e:  # a bug, not the client's fault: say so, keep serving
+            log.exception("event=grpc_infer_error model=%s", request.model_name)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        context.set_trailing_metadata((("x-model-version", out.model_version),
+                                       ("x-route", resp.route), ("x-request-id", out.id)))
+        return out
+
+    async def _stream_one(self, request, md: _Metadata) -> pb.ModelStreamInferResponse:
+        core = self.core
+        req = None
+        try:
+            req = codec.decode_infer(request, self.max_elements)
+            req.routing_key = core.router.sticky_key(req.model, md, req.parameters)
+            resp = await core.inference.infer(req)
+            out = codec.encode_infer(resp)
+        except ServingError as e:
+            return pb.ModelStreamInferResponse(
+                error_message=e.message,
+                infer_response=pb.ModelInferResponse(
+                    model_name=request.model_name, model_version=request.model_version,
+                    id=(req.id if req is not None else request.id) or ""))
+        except Exception as e:
+            log.exception("event=grpc_stream_infer_error model=%s", request.model_name)
+            return pb.ModelStreamInferResponse(error_message=f"internal error: {type(e).__name__}: {e}")
+        if req.parameters.get("triton_enable_empty_final_response"):
+            # Not decoupled: this one response is also the final one.
+            out.parameters["triton_final_response"].bool_param = True
+        return pb.ModelStreamInferResponse(infer_response=out)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Each request answered on the stream in the order sent; requests run
+        concurrently (up to STREAM_WINDOW); an error answers that request only."""
+        loop = asyncio.get_running_loop()
+        pending: asyncio.Queue = asyncio.Queue(STREAM_WINDOW)
+        md = _Metadata(context)
+
+        async def read():
+            try:
+                async for request in request_iterator:
+                    await pending.put(loop.create_task(self._stream_one(request, md)))
+            finally:
+                await pending.put(None)  # end of requests (or a read error, raised below)
+
+        reader = loop.create_task(read())
+        try:
+            while (task := await pending.get()) is not None:
+                yield await task
+            await reader  # re-raises what ended the reading, if anything did
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                t = pending.get_nowait()
+                if t is not None:
+                    t.cancel()
+
+    # ---- repository -----------------------------------------------------------------
+    async def RepositoryIndex(self, request, context):
+        return codec.repository_index(metadata.repository_index(self.core.manager, request.ready))
+
+    async def RepositoryModelLoad(self, request, context):
+        try:
+            check_token(context, self.token)
+            _no_load_parameters(request)
+            await self.core.control.load(request.model_name)
+        except ServingError as e:
+            await _abort(context, e)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        try:
+            check_token(context, self.token)
+            await self.core.control.unload(request.model_name)
+        except ServingError as e:
+            await _abort(context, e)
+        return pb.RepositoryModelUnloadResponse()
+
+    # ---- shared memory: not supported (Triton answers UNIMPLEMENTED = UNSUPPORTED) ---
+    async def SystemSharedMemoryStatus(self, request, context):
+        if request.name:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no shared memory region "
+                                f"'{request.name}': {SHM_UNSUPPORTED}")
+        return pb.SystemSharedMemoryStatusResponse()
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, SHM_UNSUPPORTED)
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        return pb.SystemSharedMemoryUnregisterResponse()  # nothing is ever registered
+
+    async def CudaSharedMemoryStatus(self, request, context):
+        if request.name:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no CUDA shared memory region "
+                                f"'{request.name}': {SHM_UNSUPPORTED}")
+        return pb.CudaSharedMemoryStatusResponse()
+
+    async def CudaSharedMemoryRegister(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, SHM_UNSUPPORTED)
+
+    async def CudaSharedMemoryUnregister(self, request, context):
+        return pb.CudaSharedMemoryUnregisterResponse()
+
+    # ---- trace and log settings: nothing to read, nothing to change --------------------
+    async def TraceSetting(self, request, context):
+        if request.settings:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "splitserve has no request "
+                                "tracing; trace settings cannot be changed")
+        return pb.TraceSettingResponse()
+
+    async def LogSettings(self, request, context):
+        if request.settings:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "log settings cannot be changed "
+                                "over gRPC; use the --log-level flag or the config file")
+        return pb.LogSettingsResponse()
+
+
+def _no_load_parameters(request) -> None:
+    """Triton's load parameters (config override, file:...) would change what loads; we
+    load what the repository holds, so refuse them rather than ignore them."""
+    if request.parameters:
+        raise ServingError(Code.INVALID_ARGUMENT, f"load parameters are not supported "
+                           f"(got {', '.join(sorted(request.parameters))}); splitserve loads "
+                           f"the model as its repository folder describes it")
+
+
+def _jsonable(o):
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    return str(o)
+
+
+class RoutingServicer(mpb_grpc.RoutingServiceServicer):
+    """splitserve.management.v1.RoutingService: routing as JSON text, one schema with REST."""
+
+    def __init__(self, core: Core):
+        self.core = core
+        self.token = core.settings.server.token
+
+    async def GetRouting(self, request, context):
+        try:
+            state = self.core.control.routing(request.model)
+        except ServingError as e:
+            await _abort(context, e)
+        return mpb.RoutingState(model=request.model, state_json=json.dumps(state, default=_jsonable))
+
+    async def SetRouting(self, request, context):
+        try:
+            check_token(context, self.token)
+            try:
+                obj = json.loads(request.config_json) if request.config_json.strip() else None
+            except ValueError as e:
+                raise ServingError(Code.INVALID_ARGUMENT, f"config_json is not valid JSON: {e}") from None
+            if not isinstance(obj, dict):
+                raise ServingError(Code.INVALID_ARGUMENT, "config_json must be a JSON object")
+            state = await self.core.control.put_routing(request.model, obj)
+        except ServingError as e:
+            await _abort(context, e)
+        return mpb.RoutingState(model=request.model, state_json=json.dumps(state, default=_jsonable))
+
+
+class _HealthServicer(health.aio.HealthServicer):
+    """grpc.health.v1: SERVING while the core is ready; NOT_SERVING once stopping."""
+
+    def __init__(self, core: Core):
+        super().__init__()
+        self.core = core
+
+    async def Check(self, request, context):
+        if not self.core.ready() and request.service in self._server_status:
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+        return await super().Check(request, context)
+
+
+class _ChainedPool:
+    """Reflection looks symbols up in our POOL first, then in protobuf's default pool
+    (where grpc.health.v1 and the reflection service's own descriptors live)."""
+
+    def __init__(self, *pools):
+        self._pools = pools
+
+    def __getattr__(self, name):
+        def find(*args):
+            err = None
+            for p in self._pools:
+                try:
+                    return getattr(p, name)(*args)
+                except KeyError as e:
+                    err = e
+            raise err
+        return find
+
+
+class GrpcServer:
+    """The grpc.aio server plus its health servicer: `stop()` reports NOT_SERVING first,
+    then stops accepting and gives in-flight calls `grace` seconds."""
+
+    def __init__(self, server: grpc.aio.Server, health_servicer: _HealthServicer):
+        self.server = server
+        self.health = health_servicer
+
+    async def stop(self, grace: float | None) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+    def __getattr__(self, name):
+        return getattr(self.server, name)
+
+
+async def start(core: Core, host: str, port: int) -> tuple[GrpcServer, int]:
+    """Build, bind and start the gRPC server; returns (server, bound port)."""
+    limits = core.settings.limits
+    options = [
+        ("grpc.max_receive_message_length", limits.max_body_bytes),  # over: RESOURCE_EXHAUSTED
+        ("grpc.max_send_message_length", -1),
+        ("grpc.so_reuseport", 0),  # a taken port is an error, not a silent share
+    ]
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core), server)
+    mpb_grpc.add_RoutingServiceServicer_to_server(RoutingServicer(core), server)
+    health_servicer = _HealthServicer(core)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    for name in ("", INFERENCE_SERVICE, ROUTING_SERVICE):
+        await health_servicer.set(name, serving)
+    names = (INFERENCE_SERVICE, ROUTING_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    from google.protobuf import descriptor_pool
+    reflection.enable_server_reflection(names, server,
+                                        pool=_ChainedPool(POOL, descriptor_pool.Default()))
+    addr = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(addr)
+    except RuntimeError as e:
+        raise OSError(f"gRPC could not bind {addr}: {e}") from None
+    if not bound:
+        raise OSError(f"gRPC could not bind {addr}")
+    await server.start()
+    return GrpcServer(server, health_servicer), bound
