@@ -17,7 +17,8 @@ class Code(enum.Enum):
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     UNAUTHENTICATED = "UNAUTHENTICATED"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
-    TOO_LARGE = "TOO_LARGE"  # request body over the configured bound (HTTP 413)
+    TOO_LARGE = "TOO_LARGE"  # request over a configured size bound (HTTP 413)
+    CLIENT_TIMEOUT = "CLIENT_TIMEOUT"  # the client did not send its request in time (HTTP 408)
     INTERNAL = "INTERNAL"
 
 

@@ -62,7 +62,7 @@ def validate(model: str, version: int, sig: Signature, req: InferRequest, max_el
             raise errors.invalid(f"input '{s.name}': datatype {t.datatype} cannot be fed to a "
                                  f"torch model")
         if t.data.size > max_elements:
-            raise ServingError(Code.RESOURCE_EXHAUSTED, f"input '{s.name}' has {t.data.size} "
+            raise ServingError(Code.TOO_LARGE, f"input '{s.name}' has {t.data.size} "
                                f"elements, over the limit of {max_elements}")
         if not (sig.derived and s.shape == (-1,)) and not _shape_ok(s.shape, t.shape):
             raise errors.invalid(f"input '{s.name}': shape {list(t.shape)} does not match the "
@@ -102,6 +102,8 @@ class InferenceService:
         self.shadow_max_inflight = shadow_max_inflight
         self.shadow_dropped = 0
         self._shadow_tasks: set[asyncio.Task] = set()
+        self._running: set[asyncio.Task] = set()  # requests in flight, for abort at stop
+        self.aborting = False
 
     async def infer(self, req: InferRequest) -> InferResponse:
         t0 = time.perf_counter()
@@ -126,13 +128,23 @@ class InferenceService:
             self._record_error(req, None, decision.how, e.code, t0)
             raise
         self.inflight += 1
+        task = asyncio.current_task()
+        self._running.add(task)
         try:
             resp, timing = await self._run(h, req, decision.how)
+        except asyncio.CancelledError:
+            if not self.aborting:
+                raise
+            task.uncancel()
+            self._record_error(req, h.version, decision.how, Code.UNAVAILABLE, t0)
+            raise ServingError(Code.UNAVAILABLE, "server is shutting down: the request did not "
+                               "finish within the drain timeout") from None
         except ServingError as e:
             self._record_error(req, h.version, decision.how, e.code, t0)
             raise
         finally:
             self.inflight -= 1
+            self._running.discard(task)
             h.release_handle()
         if self.metrics is not None:
             self.metrics.record_request(req.model, h.version, decision.how, req.protocol, "OK",
@@ -140,6 +152,20 @@ class InferenceService:
         if decision.shadow is not None and decision.shadow != h.version:
             self._shadow(req, decision.shadow, resp)
         return resp
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait for in-flight requests; past the timeout, fail the rest with UNAVAILABLE.
+        Returns how many were cut off."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.inflight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        left = list(self._running)
+        if left:
+            self.aborting = True
+            for t in left:
+                t.cancel()
+            log.warning("event=drain_timeout cut_off=%d", len(left))
+        return len(left)
 
     async def _run(self, h: Harness, req: InferRequest, how: str):
         sig = h.loaded.signature

@@ -24,7 +24,7 @@ import torch
 
 from runtime import dtypes
 from runtime.modelspec import ModelSpec
-from runtime.repository import architecture_file
+from runtime.repository import architecture_file, inside
 from runtime.types import Signature, TensorSpec
 
 log = logging.getLogger("splitserve.loader")
@@ -62,6 +62,8 @@ class LoadedModel:
     warmup_s: float = 0.0
     notes: list[str] = field(default_factory=list)
     stream: object = None  # a CUDA stream per version so versions don't serialize
+    forward_s: float | None = None  # warm forward time of the first warmup sample
+    sample_numel: int = 0  # input elements of that sample
 
     def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """inputs in signature order (CPU tensors) -> outputs in signature order (CPU)."""
@@ -163,6 +165,8 @@ def _load_safetensors(path: Path, device: torch.device, spec: ModelSpec):
     arch = architecture_file(path.parent.parent, path.parent)
     if arch is None:
         raise LoadError("model.safetensors needs a model.py in the version or model folder")
+    if not inside(arch, path.parent.parent.parent) or not inside(path, path.parent.parent.parent):
+        raise LoadError(f"{arch.name} or the weights link outside the model repository: refused")
     mod = _import_architecture(arch)
     build = getattr(mod, spec.entry_point, None)
     if build is None:
@@ -273,10 +277,20 @@ def warmup_inputs(lm: LoadedModel, version_dir: Path) -> list[list[torch.Tensor]
 
 
 def warmup(lm: LoadedModel, version_dir: Path) -> None:
+    """Run the samples, then time the first one warm (`forward_s`: the inline decision)."""
     t0 = time.perf_counter()
     try:
-        for row in warmup_inputs(lm, version_dir):
+        rows = warmup_inputs(lm, version_dir)
+        for row in rows:
             lm.forward(row)
+        if rows:
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                lm.forward(rows[0])
+                times.append(time.perf_counter() - t)
+            lm.forward_s = min(times)
+            lm.sample_numel = sum(x.numel() for x in rows[0])
     except LoadError:
         raise
     except Exception as e:

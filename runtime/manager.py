@@ -81,6 +81,7 @@ class Harness:
         self.executor: ThreadPoolExecutor | None = None
         self.batcher = None  # runtime.batcher.Batcher when batching is on
         self.cancelled = False  # removed while loading: drop it when the load ends
+        self.inline_numel = 0  # requests up to this many input elements run on the loop
         self.state_since = time.time()
 
     @property
@@ -94,6 +95,8 @@ class Harness:
         """One forward pass off the loop (batched when this version batches)."""
         if self.batcher is not None:
             return await self.batcher.submit(inputs)
+        if self.inline_numel and sum(x.numel() for x in inputs) <= self.inline_numel:
+            return self.loaded.forward(inputs)  # tiny forward: cheaper than a thread hop
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self.loaded.forward, inputs)
 
@@ -247,14 +250,15 @@ class Manager:
             return
         entry.spec, entry.folder = folder.spec, folder
         present = folder.versions
-        aspired = set() if entry.disabled or not entry.path.is_dir() else (
+        aspired = set() if entry.disabled or entry.path.is_symlink() or not entry.path.is_dir() else (
             select_versions(folder.spec, present) | (set(self.referenced(entry.name)) & set(present)))
         recheck = None
         for v in sorted(aspired):
             vf = present[v]
             wait = self._not_ready_for(vf)
             if wait is not None:
-                recheck = wait if recheck is None else min(recheck, wait)
+                if wait >= 0:
+                    recheck = wait if recheck is None else min(recheck, wait)
                 continue
             if any(h.version == v and h.folder.fingerprint == vf.fingerprint
                    and h.state is not S.UNLOADING for h in entry.harnesses):
@@ -271,6 +275,8 @@ class Manager:
 
     def _not_ready_for(self, vf: VersionFolder) -> float | None:
         """Seconds to wait before this folder may be loaded, or None when it may be now."""
+        if vf.format is None:
+            return -1.0  # nothing to load yet (empty or still arriving): the next event rescans
         quiet = quiet_for(vf)
         if quiet < self.settings.quiet_s:
             return self.settings.quiet_s - quiet + 0.05
@@ -323,10 +329,10 @@ class Manager:
             h._set(S.LOADING)
             self._notify(entry)
             t0 = time.perf_counter()
+            if h.folder.format is None:
+                return self._fail(entry, h, h.folder.incomplete or "no model file")
             fut = _in_thread(self._load_and_warm, h)
             try:
-                if h.folder.format is None:
-                    raise LoadError(h.folder.incomplete or "no model file")
                 lm = await asyncio.wait_for(asyncio.shield(fut), timeout=h.spec.load_timeout_s)
             except TimeoutError:
                 fut.cancel()  # the thread releases the model if it ever finishes
@@ -334,7 +340,7 @@ class Manager:
                                             f"{h.spec.load_timeout_s:g}s")
             except LoadError as e:
                 reason = str(e)
-                if h.folder.incomplete:
+                if h.folder.incomplete and h.folder.incomplete not in reason:
                     reason = f"{reason} (folder incomplete: {h.folder.incomplete})"
                 return self._fail(entry, h, reason)
             except Exception as e:  # noqa: BLE001
@@ -352,6 +358,9 @@ class Manager:
         h.executor = ThreadPoolExecutor(1, thread_name_prefix=f"fwd-{h.sid}")
         if self.make_batcher is not None:
             h.batcher = self.make_batcher(h)
+        if (h.batcher is None and lm.device.type == "cpu" and lm.forward_s is not None
+                and lm.forward_s * 1e6 <= self.settings.inline_forward_us):
+            h.inline_numel = 4 * lm.sample_numel
         h._set(S.AVAILABLE)
         log.info("event=loaded servable=%s format=%s device=%s load_ms=%.1f warmup_ms=%.1f "
                  "total_ms=%.1f memory_bytes=%d", h.sid, lm.format, lm.device, lm.load_s * 1e3,
@@ -470,7 +479,8 @@ class Manager:
 
     async def load_model(self, model: str, timeout: float = 120.0) -> ModelEntry:
         """Repository API load: (re-)enable and wait until settled."""
-        if not is_model_name(model) or not (self.root / model).is_dir():
+        path = self.root / model
+        if not is_model_name(model) or path.is_symlink() or not path.is_dir():
             raise errors.not_found(f"no model folder '{model}' in the repository")
         entry = self.models.get(model) or self.models.setdefault(model, ModelEntry(model, self.root / model))
         entry.disabled = False

@@ -362,7 +362,7 @@ class Metrics:
         if isinstance(version, str):
             if version == "":
                 version = None
-            elif not version.isdigit():
+            elif not (version.isascii() and version.isdigit()):
                 raise errors.invalid(f"version must be a positive integer, got {version!r}")
             else:
                 version = int(version)

@@ -100,7 +100,17 @@ def zip_problem(path: Path) -> str | None:
     return None
 
 
+def inside(path: Path, root: Path) -> bool:
+    """True when `path` (symlinks resolved) lies under `root`: nothing outside the
+    repository is ever read, imported or loaded."""
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except OSError:
+        return False
+
+
 def architecture_file(model_dir: Path, version_dir: Path) -> Path | None:
+    """The model.py that builds this version (the loader refuses one outside the repository)."""
     for p in (version_dir / "model.py", model_dir / "model.py"):
         if p.is_file():
             return p
@@ -131,11 +141,17 @@ def scan_version(model_dir: Path, version: int, spec: ModelSpec | None) -> Versi
     h.update(repr(files + extra).encode())
     if spec is not None:
         h.update(spec.model_dump_json().encode())
-    newest = max((f[2] for f in files + extra), default=0) / 1e9
+    try:
+        folder_mtime = vdir.stat().st_mtime_ns
+    except OSError:
+        folder_mtime = 0
+    newest = max([f[2] for f in files + extra] + [folder_mtime]) / 1e9
     return VersionFolder(version, vdir, h.hexdigest(), fmt, incomplete, newest)
 
 
 def scan_model(model_dir: Path, last_good: ModelSpec | None = None) -> ModelFolder:
+    if model_dir.is_symlink():  # never follow a model folder out of (or around) the repository
+        return ModelFolder(model_dir.name, model_dir, last_good, "model folder is a symlink: not followed", {})
     try:
         spec, err = read_spec(model_dir), None
     except SpecError as e:

@@ -38,6 +38,9 @@ class RepositorySettings(_S):
     poll_interval_s: float = Field(default=1.0, gt=0)
     load_workers: int = Field(default=1, ge=1, le=64)
     unload_drain_timeout_s: float = Field(default=30.0, ge=0)
+    # A CPU model whose warm forward takes at most this long runs on the event loop:
+    # the executor hop (thread wake-up + GIL hand-off) costs more than such a forward.
+    inline_forward_us: float = Field(default=200.0, ge=0)
 
 
 class Settings(_S):

@@ -179,7 +179,7 @@ def decode_infer(msg: pb.ModelInferRequest, max_elements: int) -> InferRequest:
         count = _count(name, shape)
         total += count
         if total > max_elements:
-            raise ServingError(Code.RESOURCE_EXHAUSTED, f"request has more than {max_elements} "
+            raise ServingError(Code.TOO_LARGE, f"request has more than {max_elements} "
                                f"tensor elements (the configured limit)")
         if n_raw:
             if t.HasField("contents"):

@@ -130,7 +130,7 @@ def decode_infer(body: bytes, header_length: int | None, model: str, version: in
         count = _count(shape)
         total += count
         if total > max_elements:
-            raise errors.ServingError(errors.Code.RESOURCE_EXHAUSTED, f"request has more than "
+            raise errors.ServingError(errors.Code.TOO_LARGE, f"request has more than "
                                       f"{max_elements} tensor elements (the configured limit)")
         tparams = t.get("parameters") or {}
         if not isinstance(tparams, dict):

@@ -185,7 +185,7 @@ def _to_array(name: str, spec: TensorSpec, value: Any) -> np.ndarray:
 def _check_size(tensors: list[Tensor], max_elements: int) -> None:
     total = sum(int(t.data.size) for t in tensors)
     if total > max_elements:
-        raise errors.ServingError(errors.Code.RESOURCE_EXHAUSTED, f"request has {total} tensor "
+        raise errors.ServingError(errors.Code.TOO_LARGE, f"request has {total} tensor "
                                   f"elements, over the configured limit of {max_elements}")
 
 

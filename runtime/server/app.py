@@ -87,7 +87,7 @@ class Server:
         sock.setblocking(False)
         self.http_port = sock.getsockname()[1]
         cfg = uvicorn.Config(build_app(self.core), log_level="warning", access_log=False,
-                             lifespan="off", timeout_graceful_shutdown=s.drain_timeout_s,
+                             lifespan="off", timeout_graceful_shutdown=s.drain_timeout_s + 5,
                              limit_concurrency=None, timeout_keep_alive=30)
         self._uv = _Uvicorn(cfg)
         self._uv_task = asyncio.get_running_loop().create_task(self._uv.serve(sockets=[sock]))
@@ -114,11 +114,14 @@ class Server:
         self.core.stopping = True  # readiness goes false first
         grace = self.settings.server.drain_timeout_s
         tasks = []
+        # Both servers stop accepting now; the core answers what it holds (in time, or with
+        # UNAVAILABLE at the drain timeout), so the servers' own grace never cuts a request.
         if self._grpc is not None:
-            tasks.append(self._grpc.stop(grace))
+            tasks.append(self._grpc.stop(grace + 5))
         if self._uv is not None:
             self._uv.should_exit = True
             tasks.append(self._uv_task)
+        await self.core.inference.drain(grace)
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.core.stop()
         log.info("event=stopped")

@@ -3,11 +3,13 @@ body limits and the bearer-token check for state-changing endpoints."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 
 import orjson
 from fastapi import Request
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 
 from runtime.errors import Code, ServingError
 
@@ -20,6 +22,7 @@ HTTP_STATUS = {
     Code.DEADLINE_EXCEEDED: 504,
     Code.UNAUTHENTICATED: 401,
     Code.TOO_LARGE: 413,
+    Code.CLIENT_TIMEOUT: 408,
     Code.INTERNAL: 500,
 }
 
@@ -33,26 +36,31 @@ def error_response(e: ServingError, headers: dict | None = None) -> Response:
     return json_response({"error": e.message}, HTTP_STATUS[e.code], headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) anything over `limit` without buffering it all."""
+async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> bytes:
+    """The request body, refusing (413) anything over `limit` without buffering it all,
+    and (408) a client that does not finish sending it within `timeout_s`."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
-            if int(declared) > limit:
-                raise ServingError(Code.TOO_LARGE, f"request body of {declared} bytes exceeds "
-                                   f"the limit of {limit} bytes")
+            too_big = int(declared) > limit
         except ValueError:
             raise ServingError(Code.INVALID_ARGUMENT, "Content-Length is not an integer") from None
-        body = await request.body()
-        if len(body) > limit:
-            raise ServingError(Code.TOO_LARGE, f"request body exceeds the limit of {limit} bytes")
-        return body
+        if too_big:
+            raise ServingError(Code.TOO_LARGE, f"request body of {declared} bytes exceeds "
+                               f"the limit of {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ServingError(Code.TOO_LARGE, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ServingError(Code.TOO_LARGE, f"request body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ServingError(Code.CLIENT_TIMEOUT, f"the request body did not arrive within "
+                           f"{timeout_s:g}s (limits.request_timeout_s)") from None
+    except ClientDisconnect:
+        raise ServingError(Code.INVALID_ARGUMENT, "client disconnected before sending the whole body") from None
     return b"".join(chunks)
 
 
@@ -68,7 +76,7 @@ def check_token(request: Request, token: str | None) -> None:
 
 
 def parse_version(v: str) -> int:
-    if not v.isdigit() or v.startswith("0") or len(v) > 18:
+    if not (v.isascii() and v.isdigit()) or v.startswith("0") or len(v) > 18:
         raise ServingError(Code.INVALID_ARGUMENT, f"version must be a positive integer without "
                            f"leading zeros, got {v!r}")
     return int(v)

@@ -28,7 +28,7 @@ def build(core: Core) -> APIRouter:
     async def put_routing(request: Request, model: str):
         try:
             check_token(request, token)
-            body = await read_body(request, MAX_ROUTING_BODY)
+            body = await read_body(request, MAX_ROUTING_BODY, core.settings.limits.request_timeout_s)
             try:
                 obj = orjson.loads(body)
             except orjson.JSONDecodeError as e:

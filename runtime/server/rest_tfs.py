@@ -69,7 +69,7 @@ def build(core: Core) -> APIRouter:
             if method != "predict":
                 raise malformed(request)
             v = parse_version(version) if version is not None else None
-            body = await read_body(request, limits.max_body_bytes)
+            body = await read_body(request, limits.max_body_bytes, limits.request_timeout_s)
             doc = tfs.parse_request(body)  # malformed JSON is a 400 before any lookup
             entry = core.manager.entry(model)
             if label is not None:

@@ -87,7 +87,7 @@ def build(core: Core) -> APIRouter:
         rid = None
         try:
             v = parse_version(version) if version is not None else None
-            body = await read_body(request, limits.max_body_bytes)
+            body = await read_body(request, limits.max_body_bytes, limits.request_timeout_s)
             hl = request.headers.get(kserve_rest.HEADER_LEN)
             if hl is not None:
                 try:

@@ -42,6 +42,7 @@ GRPC_STATUS = {
     Code.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     Code.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     Code.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Code.CLIENT_TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
     Code.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.batcher import ROW_MULTIPLES, Batcher, BatchResult, calibrate, make_batcher
+from runtime.batcher import (ROW_MULTIPLES, Batcher, BatchResult, calibrate, calibrate_loaded,
+                             make_batcher)
 from runtime.errors import Code, ServingError
 from runtime.loader import load_version
 from runtime.modelspec import parse_spec
@@ -418,3 +419,52 @@ def test_make_batcher_on_calibrates_the_signature_shape(executor):
     b, out = asyncio.run(main())
     assert out[0].shape == (3, 8)
     assert ((torch.float32, (64,), torch.device("cpu")),) in b.row_multiple
+
+
+def test_precalibrated_harness_and_batches_reported_to_metrics(executor):
+    text = (BUNDLED / "model.yaml").read_text().replace("enabled: false", "enabled: true")
+    spec = parse_spec(text + "\n")
+    lm = load_version(BUNDLED / "2", "model.pt2", spec)
+    pre = calibrate_loaded(lm, spec)  # what the load thread does before AVAILABLE
+    assert list(pre.values())[0] in ROW_MULTIPLES
+    assert calibrate_loaded(lm, parse_spec("max_batch_size: 0")) == {}
+
+    class M:
+        calls = []
+
+        def record_batch(self, model, version, size, secs):
+            self.calls.append((model, version, size))
+
+    h = _H(spec, lm, executor)
+    h.batch_calibration = pre
+    m = M()
+
+    async def main():
+        b = make_batcher(h, m)
+        assert b.row_multiple == pre  # nothing left to calibrate on the executor
+        await asyncio.gather(*(b.submit([rows(1, seed=i)]) for i in range(3)))
+        b.close()
+        await b.drain()
+        return b
+
+    b = asyncio.run(main())
+    assert sum(size for _, _, size in m.calls) == 3
+    assert all(mv[:2] == ("mlp", 1) for mv in m.calls)
+    assert len(m.calls) == b.stats.batches
+
+
+def test_scheduler_failure_fails_waiters_and_recovers(executor):
+    async def main():
+        b = Batcher("m", executor, lambda xs: [xs[0] + 1], 4, exact=False)
+        plan = b._plan
+        b._plan = lambda: (_ for _ in ()).throw(RuntimeError("bug"))
+        with pytest.raises(ServingError) as e:
+            await b.submit([torch.ones(1, 2)])
+        assert e.value.code is Code.INTERNAL and "bug" in e.value.message
+        b._plan = plan
+        out = await b.submit([torch.ones(1, 2)])  # a fresh scheduler serves again
+        b.close()
+        await b.drain()
+        return out
+
+    assert torch.equal(asyncio.run(main())[0], torch.full((1, 2), 2.0))
