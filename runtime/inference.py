@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
+import random
 import time
 
 import numpy as np
@@ -28,8 +28,11 @@ _ROUTE_ERR = {"not_found": Code.NOT_FOUND, "unavailable": Code.UNAVAILABLE,
               "invalid": Code.INVALID_ARGUMENT}
 
 
+_ids = random.Random()  # request ids need uniqueness, not secrecy: no syscall per request
+
+
 def new_request_id() -> str:
-    return os.urandom(8).hex()
+    return f"{_ids.getrandbits(64):016x}"
 
 
 def _shape_ok(spec_shape: tuple[int, ...], shape: tuple[int, ...]) -> bool:

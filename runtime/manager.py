@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import logging
 import threading
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from runtime import errors
+from runtime.batcher import calibrate_loaded
 from runtime.loader import LoadedModel, LoadError, load_version, warmup
 from runtime.modelspec import ModelSpec
 from runtime.policy import select_versions
@@ -80,6 +82,7 @@ class Harness:
         self.idle.set()
         self.executor: ThreadPoolExecutor | None = None
         self.batcher = None  # runtime.batcher.Batcher when batching is on
+        self.batch_calibration: dict = {}  # measured on the load thread, used by the batcher
         self.cancelled = False  # removed while loading: drop it when the load ends
         self.inline_numel = 0  # requests up to this many input elements run on the loop
         self.state_since = time.time()
@@ -318,6 +321,7 @@ class Manager:
         lm = load_version(h.folder.path, h.folder.format or "model.pt2", h.spec)
         if h.spec.warmup:
             warmup(lm, h.folder.path)
+        h.batch_calibration = calibrate_loaded(lm, h.spec)  # before AVAILABLE, not after
         return lm
 
     async def _load(self, entry: ModelEntry, h: Harness) -> None:
@@ -355,7 +359,11 @@ class Manager:
             self._notify(entry)
             return
         h.loaded = lm
-        h.executor = ThreadPoolExecutor(1, thread_name_prefix=f"fwd-{h.sid}")
+        # One forward thread per version with its own intra-op thread count: by default all
+        # cores but one, which stays with the event loop (torch's setting is per thread).
+        threads = self.settings.intra_op_threads or max(1, (os.cpu_count() or 2) - 1)
+        h.executor = ThreadPoolExecutor(1, thread_name_prefix=f"fwd-{h.sid}",
+                                        initializer=torch.set_num_threads, initargs=(threads,))
         if self.make_batcher is not None:
             h.batcher = self.make_batcher(h)
         if (h.batcher is None and lm.device.type == "cpu" and lm.forward_s is not None

@@ -41,6 +41,7 @@ class RepositorySettings(_S):
     # A CPU model whose warm forward takes at most this long runs on the event loop:
     # the executor hop (thread wake-up + GIL hand-off) costs more than such a forward.
     inline_forward_us: float = Field(default=200.0, ge=0)
+    intra_op_threads: int = Field(default=0, ge=0)  # per version executor; 0 = cores - 1
 
 
 class Settings(_S):

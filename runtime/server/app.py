@@ -58,6 +58,8 @@ def build_app(core: Core) -> FastAPI:
                 raise
             continue
         app.include_router(mod.build(core))
+    from runtime.server.rest_v2 import fast_routes
+    app.router.routes[:0] = fast_routes(core)
     return app
 
 

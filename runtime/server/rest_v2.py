@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.routing import Route
 
 from runtime import metadata
 from runtime.core import Core
@@ -19,6 +20,16 @@ EXTENSIONS = ["model_repository", "model_configuration", "binary_tensor_data", "
 
 
 def build(core: Core) -> APIRouter:
+    return _build(core)[0]
+
+
+def fast_routes(core: Core) -> list[Route]:
+    """The infer endpoints as plain Starlette routes, mounted ahead of everything: the
+    hot path skips FastAPI's dependency solving (the APIRouter twins stay for OpenAPI)."""
+    return _build(core)[1]
+
+
+def _build(core: Core) -> tuple[APIRouter, list[Route]]:
     r = APIRouter()
     limits = core.settings.limits
     token = core.settings.server.token
@@ -118,6 +129,13 @@ def build(core: Core) -> APIRouter:
     async def infer_version(request: Request, model: str, version: str):
         return await _infer(request, model, version)
 
+    async def fast_infer(request: Request) -> Response:
+        p = request.path_params
+        return await _infer(request, p["model"], p.get("version"))
+
+    fast = [Route("/v2/models/{model}/infer", fast_infer, methods=["POST"]),
+            Route("/v2/models/{model}/versions/{version}/infer", fast_infer, methods=["POST"])]
+
     @r.post("/v2/repository/index")
     async def repository_index(request: Request):
         body = await request.body()
@@ -149,4 +167,4 @@ def build(core: Core) -> APIRouter:
             return error_response(e)
         return json_response({})
 
-    return r
+    return r, fast
