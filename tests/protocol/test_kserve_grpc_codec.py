@@ -162,11 +162,11 @@ def test_bad_requests_say_what_is_wrong():
     assert "2 bytes left over" in e.message
 
 
-def test_element_limit_is_resource_exhausted():
+def test_element_limit_is_too_large():
     msg = pb.ModelInferRequest(model_name="m", inputs=[IT(name="x", datatype="FP32", shape=[1000, 1000])],
                                raw_input_contents=[b""])
     e = _err(msg, limit=1000)
-    assert e.code is Code.RESOURCE_EXHAUSTED and "1000" in e.message
+    assert e.code is Code.TOO_LARGE and "1000" in e.message
 
 
 @pytest.mark.parametrize("v,expected", [("", None), ("1", 1), ("12", 12)])

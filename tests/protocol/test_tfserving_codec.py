@@ -177,7 +177,7 @@ def test_errors_name_the_fault(body, specs, words):
 
 
 def test_element_limit():
-    msg = fails({"instances": [[1.0, 2.0]] * 5}, X2, Code.RESOURCE_EXHAUSTED, max_elements=8)
+    msg = fails({"instances": [[1.0, 2.0]] * 5}, X2, Code.TOO_LARGE, max_elements=8)
     assert "10" in msg and "limit of 8" in msg
 
 
