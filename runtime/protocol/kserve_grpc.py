@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from google.protobuf import json_format
 
+from runtime.repository import is_version_name
 from runtime import dtypes, errors
 from runtime.errors import Code, ServingError
 from runtime.protocol.pb import grpc_service_pb2 as pb
@@ -49,7 +50,7 @@ def parse_version(v: str) -> int | None:
     """model_version: "" routes, "N" pins version N; anything else is INVALID_ARGUMENT."""
     if not v:
         return None
-    if not v.isdigit() or not v.isascii() or v.startswith("0") or len(v) > 18:
+    if not is_version_name(v):
         raise errors.invalid(f"model_version must be empty (route) or a positive integer "
                              f"without leading zeros, got {v!r}")
     return int(v)

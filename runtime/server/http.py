@@ -12,6 +12,7 @@ from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
 from runtime.errors import Code, ServingError
+from runtime.repository import is_version_name
 
 HTTP_STATUS = {
     Code.INVALID_ARGUMENT: 400,
@@ -76,7 +77,7 @@ def check_token(request: Request, token: str | None) -> None:
 
 
 def parse_version(v: str) -> int:
-    if not (v.isascii() and v.isdigit()) or v.startswith("0") or len(v) > 18:
+    if not is_version_name(v):  # the repository's own rule for version folder names
         raise ServingError(Code.INVALID_ARGUMENT, f"version must be a positive integer without "
                            f"leading zeros, got {v!r}")
     return int(v)
