@@ -83,11 +83,14 @@ def set_param(target, key: str, value: Any) -> None:
 
 
 def _count(name: str, shape) -> int:
-    n = 1
+    n = nonzero = 1
     for d in shape:
         if d < 0:
             raise errors.invalid(f"input '{name}': shape {list(shape)} has a negative dimension")
         n *= d
+        nonzero *= d or 1
+    if nonzero > 1 << 40:  # e.g. [0, 2**40, 2**40]: empty, yet no array can take that shape
+        raise errors.invalid(f"input '{name}': shape {list(shape)} has dimensions too large")
     return n
 
 

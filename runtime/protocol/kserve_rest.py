@@ -29,6 +29,8 @@ def _shape(name: str, shape: Any) -> tuple[int, ...]:
 
 
 def _count(shape: tuple[int, ...]) -> int:
+    if math.prod(d or 1 for d in shape) > 1 << 40:  # e.g. [0, 2**40, 2**40]: no array fits
+        raise errors.invalid(f"shape {list(shape)} has dimensions too large")
     return math.prod(shape) if shape else 1
 
 
