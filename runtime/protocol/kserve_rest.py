@@ -8,6 +8,7 @@ path), and responses are encoded with orjson straight from numpy.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -95,9 +96,20 @@ def _flatten(x):
             yield v
 
 
+@dataclass(frozen=True, slots=True)
+class BinaryOutputs:
+    """Which outputs the client wants as binary data: a wire choice, kept off the request."""
+
+    default: bool  # the request's `binary_data_output` parameter
+    per_output: dict[str, bool]  # each requested output's `binary_data` parameter
+
+    def wants(self, name: str) -> bool:
+        return self.per_output.get(name, self.default)
+
+
 def decode_infer(body: bytes, header_length: int | None, model: str, version: int | None,
-                 max_elements: int) -> tuple[InferRequest, bool]:
-    """Request body -> (InferRequest, whether outputs should default to binary)."""
+                 max_elements: int) -> tuple[InferRequest, BinaryOutputs]:
+    """Request body -> (InferRequest, how its outputs are to be encoded)."""
     if header_length is not None:
         if header_length < 0 or header_length > len(body):
             raise errors.invalid(f"Inference-Header-Content-Length is {header_length} but the "
@@ -178,9 +190,7 @@ def decode_infer(body: bytes, header_length: int | None, model: str, version: in
     req = InferRequest(model=model, inputs=tensors, version=version,
                        outputs=outputs, id=str(rid) if rid is not None else None,
                        parameters=params, protocol="rest_v2")
-    req.parameters = dict(params)
-    req.parameters["_binary_outputs"] = per_output_binary
-    return req, binary_out
+    return req, BinaryOutputs(binary_out, per_output_binary)
 
 
 _NUMPY_OK = frozenset({"FP32", "FP64", "FP16", "INT8", "INT16", "INT32", "INT64", "UINT8",
@@ -209,12 +219,12 @@ def _binary_bytes(t: Tensor) -> bytes:
     return np.ascontiguousarray(t.data).tobytes()
 
 
-def encode_infer(resp: InferResponse, binary_default: bool, per_output: dict[str, bool]) -> tuple[bytes, int | None]:
+def encode_infer(resp: InferResponse, binary: BinaryOutputs) -> tuple[bytes, int | None]:
     """InferResponse -> (body, Inference-Header-Content-Length or None when all JSON)."""
     outs, chunks = [], []
     for t in resp.outputs:
         o = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
-        if per_output.get(t.name, binary_default):
+        if binary.wants(t.name):
             raw = _binary_bytes(t)
             o["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)

@@ -106,12 +106,11 @@ def _build(core: Core) -> tuple[APIRouter, list[Route]]:
                 except ValueError:
                     raise ServingError(kserve_rest.errors.Code.INVALID_ARGUMENT,
                                        f"Inference-Header-Content-Length must be an integer, got {hl!r}") from None
-            req, binary_out = kserve_rest.decode_infer(body, hl, model, v, limits.max_elements)
+            req, binary = kserve_rest.decode_infer(body, hl, model, v, limits.max_elements)
             rid = req.id
             req.routing_key = core.router.sticky_key(model, request.headers, req.parameters)
             resp = await core.inference.infer(req)
-            out, header_len = kserve_rest.encode_infer(resp, binary_out,
-                                                       req.parameters["_binary_outputs"])
+            out, header_len = kserve_rest.encode_infer(resp, binary)
         except ServingError as e:
             return error_response(e, {"x-request-id": rid} if rid else None)
         headers = {"x-model-version": str(resp.version), "x-route": resp.route,
