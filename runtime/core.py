@@ -38,6 +38,7 @@ class Core:
                                           self.metrics, settings.shadow_max_inflight)
         self.control = Control(self.manager, self.router, settings.config_path)
         self.watcher: Watcher | None = None
+        self._cfg_timer: asyncio.TimerHandle | None = None  # debounces config-file events
         self.started = False
         self.stopping = False
 
@@ -73,7 +74,7 @@ class Core:
 
     def _config_touched(self) -> None:
         loop = asyncio.get_running_loop()
-        if getattr(self, "_cfg_timer", None):
+        if self._cfg_timer is not None:
             self._cfg_timer.cancel()
         self._cfg_timer = loop.call_later(self.settings.repository.quiet_s / 2 + 0.05,
                                           self.control.reload_config_file)

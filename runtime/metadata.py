@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from runtime import errors
 from runtime.manager import Manager, ModelEntry
+from runtime.repository import list_models
 from runtime.types import Signature, VersionState
 
 PLATFORM = {"model.pt2": "pytorch_export", "model.safetensors": "pytorch_safetensors",
@@ -88,7 +89,7 @@ def model_config(manager: Manager, model: str, version: int | None = None) -> di
 
 def repository_index(manager: Manager, ready_only: bool = False) -> list[dict]:
     out = []
-    for name in sorted(set(manager.model_names()) | {p.name for p in _folders(manager)}):
+    for name in sorted(set(manager.model_names()) | {p.name for p in list_models(manager.root)}):
         entry = manager.models.get(name)
         statuses = entry.statuses() if entry else []
         if not statuses:
@@ -106,7 +107,3 @@ def repository_index(manager: Manager, ready_only: bool = False) -> list[dict]:
                         "reason": st.error or ("" if ready else st.state.value.lower())})
     return out
 
-
-def _folders(manager: Manager):
-    from runtime.repository import list_models
-    return list_models(manager.root)
