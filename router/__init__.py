@@ -5,7 +5,7 @@ a web framework.
 
 from router.assign import stable_unit
 from router.config import RouteConfig, ShadowConfig, StickyConfig, validate_against
-from router.configfile import load_config_file, parse_config_text, persist_all_configs, persist_config_file
+from router.configfile import load_config_file, parse_config_text, persist_config_file
 from router.errors import RoutingError
 from router.router import Router
 from router.table import RouteDecision, RoutingTable
@@ -20,7 +20,6 @@ __all__ = [
     "StickyConfig",
     "load_config_file",
     "parse_config_text",
-    "persist_all_configs",
     "persist_config_file",
     "stable_unit",
     "validate_against",

@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - exercised only where ruamel.yaml is ab
     YAML = None  # type: ignore[assignment,misc]
     _RuamelError = yaml.YAMLError  # type: ignore[assignment,misc]
 
-__all__ = ["load_config_file", "persist_config_file", "persist_all_configs", "parse_config_text"]
+__all__ = ["load_config_file", "persist_config_file", "parse_config_text"]
 
 
 def _rt() -> Any:
@@ -120,21 +120,6 @@ def persist_config_file(path: str | os.PathLike[str], model: str, config: RouteC
             _merge(models[model], _yaml_obj(config))
         else:
             models[model] = _yaml_obj(config)
-
-    _update(os.fspath(path), change)
-
-
-def persist_all_configs(path: str | os.PathLike[str], configs: Mapping[str, RouteConfig]) -> None:
-    """Make the file's `models` exactly `configs` (kept entries keep their comments)."""
-
-    def change(models: MutableMapping[Any, Any]) -> None:
-        for name in [m for m in models if m not in configs]:
-            del models[name]
-        for name, config in configs.items():
-            if name in models and isinstance(models[name], MutableMapping):
-                _merge(models[name], _yaml_obj(config))
-            else:
-                models[name] = _yaml_obj(config)
 
     _update(os.fspath(path), change)
 

@@ -118,7 +118,7 @@ class Router:
         return self._configs.get(model, EMPTY_CONFIG)
 
     def configs(self) -> dict[str, RouteConfig]:
-        """A copy of every model's config (what persist_all_configs writes)."""
+        """A copy of every model's config."""
         return dict(self._configs)
 
     def table(self, model: str) -> RoutingTable:

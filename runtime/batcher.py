@@ -45,12 +45,14 @@ CALIBRATION_ROWS = 64  # calibrate batch sizes up to this many rows (cost: a few
 class BatchResult(list):
     """One request's outputs, plus how it was served (read by the inference core)."""
 
-    __slots__ = ("queue_s", "batch_size")
+    __slots__ = ("queue_s", "batch_size", "compute_s")
 
-    def __init__(self, outputs, queue_s: float = 0.0, batch_size: int = 1):
+    def __init__(self, outputs, queue_s: float = 0.0, batch_size: int = 1,
+                 compute_s: float = 0.0):
         super().__init__(outputs)
         self.queue_s = queue_s  # enqueued -> its batch started
         self.batch_size = batch_size  # rows in the batch that ran (padding excluded)
+        self.compute_s = compute_s  # the batch's forward pass
 
 
 @dataclass(eq=False, slots=True)
@@ -400,10 +402,11 @@ class Batcher:
                 if len(batch) > 1:  # one bad request must not fail its neighbours
                     return await self._one_by_one(batch)
                 raise
-            self._account(rows, padded, loop.time() - t_start)
+            took = loop.time() - t_start
+            self._account(rows, padded, took)
             for s, o in zip(batch, outs):
                 if not s.fut.done():
-                    s.fut.set_result(BatchResult(o, t_start - s.t_enq, rows))
+                    s.fut.set_result(BatchResult(o, t_start - s.t_enq, rows, took))
         except Exception as e:  # noqa: BLE001 - handed to the waiting callers
             for s in batch:
                 if not s.fut.done():
@@ -427,9 +430,10 @@ class Batcher:
                 if not s.fut.done():
                     s.fut.set_exception(e)
                 continue
-            self._account(s.rows, padded, loop.time() - t_start)
+            took = loop.time() - t_start
+            self._account(s.rows, padded, took)
             if not s.fut.done():
-                s.fut.set_result(BatchResult(out[0], t_start - s.t_enq, s.rows))
+                s.fut.set_result(BatchResult(out[0], t_start - s.t_enq, s.rows, took))
 
     def _account(self, rows: int, padded: int, seconds: float) -> None:
         st = self.stats
@@ -445,6 +449,7 @@ class Batcher:
 
 
 def batching_on(spec) -> bool:
+    """Opt-in, as in Triton: `max_batch_size` alone only marks the batch dimension."""
     return spec.max_batch_size > 0 and spec.batching.enabled
 
 
@@ -456,7 +461,7 @@ def calibrate_loaded(loaded, spec) -> dict[Key, int]:
     version's executor while its first requests wait (a visible p-max during a release).
     """
     key = _signature_key(loaded)
-    if not batching_on(spec) or key is None:
+    if not batching_on(spec) or not spec.batching.exact or key is None:
         return {}
     try:
         g = calibrate(loaded.forward, key, spec.max_batch_size)
@@ -469,27 +474,22 @@ def calibrate_loaded(loaded, spec) -> dict[Key, int]:
     return {key: g or 1}
 
 
-def make_batcher(harness, metrics=None) -> Batcher | None:
+def make_batcher(name: str, loaded, spec, executor, calibration: dict | None = None,
+                 on_batch: Callable[[int, float], None] | None = None) -> Batcher | None:
     """The batcher for a version that just loaded, or None when its batching is off.
 
-    With `metrics` (runtime.metrics.Metrics), each executed batch is recorded there by
-    the version that ran it (`record_batch`).
+    `on_batch(rows, seconds)` hears every executed batch (metrics). `calibration` is what
+    `calibrate_loaded` measured on the load thread (exact mode only).
     """
-    spec = harness.spec
     b = spec.batching
     if not batching_on(spec):
         return None
-    sid = harness.sid
-    batcher = Batcher(f"model '{sid.model}' version {sid.version}", harness.executor,
-                      harness.loaded.forward, spec.max_batch_size,
+    batcher = Batcher(name, executor, loaded.forward, spec.max_batch_size,
                       max_queue_delay_s=b.max_queue_delay_us / 1e6,
                       preferred_batch_sizes=b.preferred_batch_sizes,
-                      max_queue_size=b.max_queue_size,
-                      on_batch=None if metrics is None else (
-                          lambda rows, secs: metrics.record_batch(sid.model, sid.version,
-                                                                  rows, secs)))
-    batcher.row_multiple.update(getattr(harness, "batch_calibration", None) or {})
-    batcher.start(calibrate_keys=[_signature_key(harness.loaded)])  # no-op when calibrated
+                      max_queue_size=spec.queue_size(), exact=b.exact, on_batch=on_batch)
+    batcher.row_multiple.update(calibration or {})
+    batcher.start(calibrate_keys=[_signature_key(loaded)] if b.exact else ())
     return batcher
 
 

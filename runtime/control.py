@@ -8,6 +8,8 @@ changes nothing: not the router, not the file.
 from __future__ import annotations
 
 import asyncio
+import hmac
+import json
 import logging
 from pathlib import Path
 
@@ -21,23 +23,49 @@ log = logging.getLogger("splitserve.control")
 
 
 class Control:
-    def __init__(self, manager: Manager, router: Router, config_path: Path | None):
+    """Every state change, whatever the protocol: one token check, one audit line each."""
+
+    def __init__(self, manager: Manager, router: Router, config_path: Path | None,
+                 token: str | None = None):
         self.manager = manager
         self.router = router
         self.config_path = config_path
+        self.token = token
         self._write_lock = asyncio.Lock()
+
+    # ---- authorization ------------------------------------------------------------
+    def authorize(self, authorization: str | bytes | None, action: str) -> None:
+        """UNAUTHENTICATED unless `authorization` is `Bearer <token>` (when a token is set).
+        `authorization` is the HTTP header or gRPC metadata value as received."""
+        if not self.token:
+            return
+        if isinstance(authorization, bytes):
+            authorization = authorization.decode("latin-1")
+        scheme, _, value = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(),
+                                                                 self.token.encode()):
+            self.refused(action, "missing or wrong bearer token")
+            raise errors.ServingError(errors.Code.UNAUTHENTICATED, "this call changes serving "
+                                      "state and needs 'Authorization: Bearer <token>' with "
+                                      "the server's token")
+
+    @staticmethod
+    def refused(action: str, reason: str) -> None:
+        """The audit line of a refused state change (WARNING, one line)."""
+        log.warning("event=state_change_refused action=%s reason=%r", action, reason)
 
     # ---- routing ------------------------------------------------------------------
     def routing(self, model: str) -> dict:
-        self.manager.entry(model)
+        self.manager.require(model)
         return self.router.routing_state(model)
 
     async def put_routing(self, model: str, obj: object) -> dict:
-        self.manager.entry(model)
+        view = self.manager.require(model)
         try:
             config = RouteConfig.from_json(obj, model=model)
-            validate_against(config, self.manager.present_versions(model), model=model)
+            validate_against(config, set(view.present), model=model)
         except RoutingError as e:
+            self.refused(f"put_routing model={model}", e.message)
             raise errors.invalid(e.message) from None
         async with self._write_lock:
             if self.config_path is not None:
@@ -53,7 +81,8 @@ class Control:
         if pending:
             state["note"] = ("label(s) " + ", ".join(f"{k} -> {v}" for k, v in pending.items()) +
                              " move once that version is AVAILABLE; it is being loaded")
-        log.info("event=routing_changed model=%s config=%s", model, config.to_json())
+        log.info("event=routing_changed model=%s config=%s", model,
+                 json.dumps(config.to_json(), sort_keys=True, separators=(",", ":")))
         return state
 
     def reload_config_file(self) -> bool:
@@ -62,8 +91,10 @@ class Control:
             return False
         try:
             configs = load_config_file(self.config_path)
+            snap = self.manager.view()
             for model, cfg in configs.items():
-                validate_against(cfg, self.manager.present_versions(model), model=model)
+                mv = snap.model(model)
+                validate_against(cfg, set(mv.present) if mv else set(), model=model)
         except RoutingError as e:
             log.error("event=config_rejected path=%s keeping=last_good reason=%r",
                       self.config_path, e.message)
@@ -88,7 +119,8 @@ class Control:
         await self.manager.unload_model(model)
 
     def ready(self, model: str, version: int | None) -> bool:
-        entry = self.manager.entry(model)
+        mv = self.manager.require(model)
         if version is None:
-            return bool(entry.serving)
-        return self.manager.state_of(model, version) is VersionState.AVAILABLE
+            return bool(mv.available)
+        v = mv.version(version)
+        return v is not None and v.state is VersionState.AVAILABLE

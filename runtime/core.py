@@ -10,7 +10,6 @@ import logging
 from pathlib import Path
 
 from router import Router, load_config_file, validate_against
-from runtime.batcher import make_batcher
 from runtime.control import Control
 from runtime.inference import InferenceService
 from runtime.manager import Manager
@@ -23,30 +22,51 @@ log = logging.getLogger("splitserve.core")
 
 
 class Core:
+    """Wiring, one way: the manager publishes views; the router and metrics read them.
+
+    The manager pulls the versions the routes name (`referenced`) when it plans; when a
+    published view changes what is AVAILABLE, the router's table is rebuilt at once (so
+    an UNLOADING version is never picked) and, if that moved a pending label, a new plan
+    is scheduled on the loop, never run from inside the manager's publication.
+    """
+
     def __init__(self, settings: Settings):
         self.settings = settings
         self.root = Path(settings.repository.path).resolve()
         self.router = Router()
-        self.metrics = Metrics(self.router)
+        self.metrics = Metrics(self.router, views=lambda: self.manager.view())
         self.manager = Manager(self.root, settings.repository,
                                referenced=self.router.referenced_versions,
-                               on_change=self._on_available,
-                               make_batcher=lambda h: make_batcher(h, self.metrics),
-                               on_event=self.metrics.lifecycle_event)
-        self.metrics.manager = self.manager
+                               on_event=self.metrics.lifecycle_event,
+                               on_batch=self.metrics.record_batch,
+                               shadow_max_waiting=settings.shadow_max_inflight)
+        self.manager.subscribe(self._on_view)
+        self._available: dict[str, tuple[int, ...]] = {}
         self.inference = InferenceService(self.manager, self.router, settings.limits,
                                           self.metrics, settings.shadow_max_inflight)
-        self.control = Control(self.manager, self.router, settings.config_path)
+        self.control = Control(self.manager, self.router, settings.config_path,
+                               settings.server.token)
         self.watcher: Watcher | None = None
         self._cfg_timer: asyncio.TimerHandle | None = None  # debounces config-file events
         self.started = False
         self.stopping = False
 
-    def _on_available(self, model: str, versions: list[int]) -> None:
-        before = self.router.referenced_versions(model)
-        self.router.set_available(model, versions)
-        if self.router.referenced_versions(model) != before:
-            self.manager.request_reconcile(model)  # a pending label moved: re-aspire
+    def _on_view(self, snapshot, changed: str | None) -> None:
+        names = [changed] if changed is not None else sorted(set(snapshot.models) | set(self._available))
+        for model in names:
+            mv = snapshot.model(model)
+            versions = mv.available if mv is not None else ()
+            if self._available.get(model) == versions:
+                continue
+            before = self.router.referenced_versions(model)
+            if mv is None and model not in self.router.configs():
+                self._available.pop(model, None)
+                self.router.remove_model(model)  # deleted and unrouted: forget its table
+                continue
+            self._available[model] = versions
+            self.router.set_available(model, versions)
+            if self.router.referenced_versions(model) != before:  # a pending label moved
+                asyncio.get_running_loop().call_soon(self.manager.request_reconcile, model)
 
     async def start(self, wait_s: float = 300.0) -> None:
         """Read the routing config, start watching, load what the repository aspires."""
@@ -80,8 +100,7 @@ class Core:
                                           self.control.reload_config_file)
 
     async def settle(self, timeout: float) -> None:
-        for name in list(self.manager.models):
-            await self.manager.settle(name, timeout)
+        await self.manager.settle_all(timeout)
 
     def ready(self) -> bool:
         return self.started and not self.stopping

@@ -23,12 +23,20 @@ class Code(enum.Enum):
 
 
 class ServingError(Exception):
-    """An error with a protocol-neutral code and a message that says what was wrong."""
+    """An error with a protocol-neutral code and a message that says what was wrong.
 
-    def __init__(self, code: Code, message: str) -> None:
+    `version` is the version that produced it (None: no version ran the request) and
+    `request_id` the request's id: adapters put both on the wire, so a client can
+    attribute every answer, good or bad, to a version.
+    """
+
+    def __init__(self, code: Code, message: str, version: int | None = None,
+                 request_id: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.version = version
+        self.request_id = request_id
 
     def __repr__(self) -> str:
         return f"ServingError({self.code.value}, {self.message!r})"

@@ -1,9 +1,11 @@
 """InferenceService: THE data path behind every protocol.
 
 Protocol adapters decode their wire format into an `InferRequest` and call `infer`;
-everything else happens here, once: route, pin the version (no await between pick and
-acquire, so the picked version cannot unload in between), validate against the served
-version's signature, run, record metrics by the version that served, shadow a copy.
+everything else happens here, once: the sticky key, route, pin the version (no await
+between pick and acquire, so the picked version cannot unload in between), decode when
+the wire format is typed by the signature, validate against the served version's
+signature, run through the version's runner, record metrics by the version that served,
+shadow a copy. Left to right: codec -> here -> router -> handle -> runner -> metrics.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import numpy as np
 from router import Router, RoutingError
 from runtime import dtypes, errors
 from runtime.errors import Code, ServingError
-from runtime.manager import Harness, Manager
+from runtime.manager import Handle, Manager
+from runtime.runner import ShadowDropped
 from runtime.settings import LimitSettings
 from runtime.types import InferRequest, InferResponse, Signature, Tensor
 
@@ -91,8 +94,18 @@ def validate(model: str, version: int, sig: Signature, req: InferRequest, max_el
     return arrays, (batch or 1)
 
 
+CLIENT_CODES = frozenset({Code.INVALID_ARGUMENT, Code.TOO_LARGE, Code.NOT_FOUND,
+                          Code.CLIENT_TIMEOUT})
+
+
 class InferenceService:
-    """Route -> acquire -> validate -> run -> record -> shadow. Runs on the event loop."""
+    """Route -> acquire -> decode/validate -> run -> record -> shadow. Runs on the event loop.
+
+    Owns the request's routing inputs: the sticky key (from headers or parameters) and
+    label resolution happen here, so every protocol routes the same way. A request that
+    fails before its version ran it for a client's reason (bad shape, unknown output) is
+    recorded with no version: client mistakes are never charged to a version.
+    """
 
     def __init__(self, manager: Manager, router: Router, limits: LimitSettings,
                  metrics=None, shadow_max_inflight: int = 64):
@@ -113,46 +126,61 @@ class InferenceService:
         if req.id is None:
             req.id = new_request_id()
         if self.inflight >= self.limits.max_inflight:
-            self._record_error(req, None, "rejected", Code.RESOURCE_EXHAUSTED, t0)
-            raise ServingError(Code.RESOURCE_EXHAUSTED,
-                               f"server is at its limit of {self.limits.max_inflight} requests in flight")
+            self._record(req, None, "rejected", Code.RESOURCE_EXHAUSTED.value, t0)
+            raise ServingError(Code.RESOURCE_EXHAUSTED, f"server is at its limit of "
+                               f"{self.limits.max_inflight} requests in flight",
+                               request_id=req.id)
+        if req.routing_key is None and (req.headers is not None or req.parameters):
+            req.routing_key = self.router.sticky_key(req.model, req.headers or {},
+                                                     req.parameters)
         try:
             decision = self.router.pick(req.model, version=req.version, label=req.label,
                                         key=req.routing_key)
         except RoutingError as e:
             code = _ROUTE_ERR.get(e.kind, Code.INVALID_ARGUMENT)
-            if req.model not in self.manager.models:  # the router knows routes, not models
-                code, e = Code.NOT_FOUND, RoutingError("not_found", f"unknown model '{req.model}'")
-            self._record_error(req, None, "unrouted", code, t0)
-            raise ServingError(code, e.message) from None
+            msg = e.message
+            if self.manager.view().model(req.model) is None:  # the router knows routes, not models
+                code, msg = Code.NOT_FOUND, f"unknown model '{req.model}'"
+            self._record(req, None, "unrouted", code.value, t0)
+            raise ServingError(code, msg, request_id=req.id) from None
         try:
-            h = self.manager.acquire(req.model, decision.version)
+            handle = self.manager.acquire(req.model, decision.version)
         except ServingError as e:
-            self._record_error(req, None, decision.how, e.code, t0)
+            self._record(req, None, decision.how, e.code.value, t0)
+            e.request_id = req.id
             raise
         self.inflight += 1
         task = asyncio.current_task()
         self._running.add(task)
+        version = handle.version
         try:
-            resp, timing = await self._run(h, req, decision.how)
+            with handle:
+                inputs, batch = self._prepare(handle, req)
+                result = await self._run(handle, req, inputs)
         except asyncio.CancelledError:
             if not self.aborting:
                 raise
             task.uncancel()
-            self._record_error(req, h.version, decision.how, Code.UNAVAILABLE, t0)
+            self._record(req, version, decision.how, Code.UNAVAILABLE.value, t0)
             raise ServingError(Code.UNAVAILABLE, "server is shutting down: the request did not "
-                               "finish within the drain timeout") from None
+                               "finish within the drain timeout", version, req.id) from None
+        except _ClientError as c:
+            self._record(req, None, decision.how, c.error.code.value, t0)
+            c.error.version, c.error.request_id = version, req.id
+            raise c.error from None
         except ServingError as e:
-            self._record_error(req, h.version, decision.how, e.code, t0)
+            self._record(req, version, decision.how, e.code.value, t0)
+            e.version, e.request_id = version, req.id
             raise
         finally:
             self.inflight -= 1
             self._running.discard(task)
-            h.release_handle()
+        resp = self._response(handle, req, result, decision.how)
         if self.metrics is not None:
-            self.metrics.record_request(req.model, h.version, decision.how, req.protocol, "OK",
-                                        time.perf_counter() - t0, *timing)
-        if decision.shadow is not None and decision.shadow != h.version:
+            self.metrics.record_request(req.model, version, decision.how, req.protocol, "OK",
+                                        time.perf_counter() - t0, result.queue_s,
+                                        result.compute_s, batch)
+        if decision.shadow is not None and decision.shadow != version:
             self._shadow(req, decision.shadow, resp)
         return resp
 
@@ -170,75 +198,113 @@ class InferenceService:
             log.warning("event=drain_timeout cut_off=%d", len(left))
         return len(left)
 
-    async def _run(self, h: Harness, req: InferRequest, how: str):
-        sig = h.loaded.signature
-        arrays, batch = validate(req.model, h.version, sig, req, self.limits.max_elements)
-        inputs = [dtypes.to_torch(t.data, t.datatype) for t in arrays]
-        t_run = time.perf_counter()
+    def _prepare(self, handle: Handle, req: InferRequest) -> tuple[list, int]:
+        """Decode (when the protocol needs the signature) and validate against the version
+        that will run it; torch tensors in signature order. Raises _ClientError."""
+        sig = handle.signature
+        try:
+            tensors, outputs = (req.decode(sig) if req.decode is not None
+                                else (req.inputs, req.outputs))
+            view = InferRequest(req.model, tensors, outputs=outputs)
+            arrays, batch = validate(req.model, handle.version, sig, view,
+                                     self.limits.max_elements)
+        except ServingError as e:
+            if e.code in CLIENT_CODES:
+                raise _ClientError(e) from None
+            raise
+        req.outputs = outputs
+        return [dtypes.to_torch(t.data, t.datatype) for t in arrays], batch
+
+    async def _run(self, handle: Handle, req: InferRequest, inputs, shadow: bool = False):
         try:
             async with asyncio.timeout(self.limits.request_timeout_s):
-                outs = await h.run(inputs)
+                return await (handle.run_shadow(inputs) if shadow else handle.run(inputs))
         except TimeoutError:
             raise ServingError(Code.DEADLINE_EXCEEDED, f"inference did not finish within "
                                f"{self.limits.request_timeout_s:g}s") from None
         except ServingError:
             raise
         except Exception as e:  # the model raised: the request fails, the server does not
-            log.error("event=forward_error servable=%s request_id=%s error=%r", h.sid, req.id, e)
-            raise ServingError(Code.INTERNAL, f"model '{req.model}' version {h.version} "
+            log.error("event=forward_error servable=%s request_id=%s error=%r", handle.sid,
+                      req.id, e)
+            raise ServingError(Code.INTERNAL, f"model '{req.model}' version {handle.version} "
                                f"raised {type(e).__name__}: {e}") from None
-        compute = time.perf_counter() - t_run
+
+    @staticmethod
+    def _response(handle: Handle, req: InferRequest, result, how: str) -> InferResponse:
+        sig = handle.signature
         tensors = []
-        for i, o in enumerate(outs):
+        for i, o in enumerate(result.outputs):
             name = sig.outputs[i].name if i < len(sig.outputs) else f"output{i}"
             if req.outputs is not None and name not in req.outputs:
                 continue
             arr, dt = dtypes.to_numpy(o)
             tensors.append(Tensor(name, dt, tuple(arr.shape), arr))
-        queue = getattr(outs, "queue_s", 0.0)
-        return (InferResponse(req.model, h.version, tensors, req.id, how),
-                (queue, compute - queue, batch))
+        return InferResponse(req.model, handle.version, tensors, req.id, how)
 
-    def _record_error(self, req: InferRequest, version, how: str, code: Code, t0: float) -> None:
-        if code in (Code.INTERNAL, Code.DEADLINE_EXCEEDED):
+    def _record(self, req: InferRequest, version, how: str, code: str, t0: float) -> None:
+        if code in (Code.INTERNAL.value, Code.DEADLINE_EXCEEDED.value):
             log.warning("event=request_failed model=%s version=%s request_id=%s code=%s",
-                        req.model, version, req.id, code.value)
+                        req.model, version, req.id, code)
         if self.metrics is not None:
-            self.metrics.record_request(req.model, version, how, req.protocol, code.value,
+            self.metrics.record_request(req.model, version, how, req.protocol, code,
                                         time.perf_counter() - t0, 0.0, 0.0, 0)
 
-    # ---- shadow traffic: bounded, never awaited by the caller ------------------------
+    # ---- shadow traffic: bounded, lower priority, never awaited by the caller --------
     def _shadow(self, req: InferRequest, version: int, primary: InferResponse) -> None:
         if self.shadow_inflight >= self.shadow_max_inflight:
-            self.shadow_dropped += 1
+            self._shadow_drop(req.model, version)
             return
         self.shadow_inflight += 1
         t = asyncio.get_running_loop().create_task(self._run_shadow(req, version, primary))
         self._shadow_tasks.add(t)
         t.add_done_callback(self._shadow_tasks.discard)
 
+    def _shadow_drop(self, model: str, version: int) -> None:
+        self.shadow_dropped += 1
+        if self.metrics is not None:
+            self.metrics.record_shadow_dropped(model, version)
+
     async def _run_shadow(self, req: InferRequest, version: int, primary: InferResponse) -> None:
         t0 = time.perf_counter()
         try:
-            h = self.manager.acquire(req.model, version)
+            handle = self.manager.acquire(req.model, version)
         except ServingError:
             self.shadow_inflight -= 1
+            self._shadow_drop(req.model, version)
             return
-        ok, diff, agree = True, None, None
+        code, diff, agree, result, batch = "OK", None, None, None, 0
         try:
-            resp, timing = await self._run(h, req, "shadow")
+            with handle:
+                inputs, batch = self._prepare(handle, req)
+                result = await self._run(handle, req, inputs, shadow=True)
+                resp = self._response(handle, req, result, "shadow")
             diff, agree = compare_outputs(primary, resp)
+        except ShadowDropped:
+            self._shadow_drop(req.model, version)
+            return
+        except _ClientError as c:
+            code = c.error.code.value
         except ServingError as e:
-            ok = False
-            log.info("event=shadow_error servable=%s request_id=%s error=%r", h.sid, req.id, e.message)
+            code = e.code.value
+            log.info("event=shadow_error servable=%s request_id=%s code=%s error=%r",
+                     handle.sid, req.id, code, e.message)
         finally:
-            h.release_handle()
             self.shadow_inflight -= 1
         if self.metrics is not None:
-            self.metrics.record_request(req.model, version, "shadow", req.protocol,
-                                        "OK" if ok else "INTERNAL", time.perf_counter() - t0,
-                                        *(timing if ok else (0.0, 0.0, 0)))
+            ok = code == "OK"
+            self.metrics.record_request(req.model, version, "shadow", req.protocol, code,
+                                        time.perf_counter() - t0,
+                                        result.queue_s if ok else 0.0,
+                                        result.compute_s if ok else 0.0, batch if ok else 0)
             self.metrics.record_shadow(req.model, primary.version, version, ok, diff, agree)
+
+
+class _ClientError(Exception):
+    """A request refused for the client's reason before its version ran it."""
+
+    def __init__(self, error: ServingError):
+        self.error = error
 
 
 def compare_outputs(a: InferResponse, b: InferResponse) -> tuple[float | None, bool | None]:

@@ -16,7 +16,7 @@ import logging
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +60,6 @@ class LoadedModel:
     memory_bytes: int = 0
     load_s: float = 0.0
     warmup_s: float = 0.0
-    notes: list[str] = field(default_factory=list)
     stream: object = None  # a CUDA stream per version so versions don't serialize
     forward_s: float | None = None  # warm forward time of the first warmup sample
     sample_numel: int = 0  # input elements of that sample
@@ -232,19 +231,16 @@ def load_version(path: Path, fmt: str, spec: ModelSpec) -> LoadedModel:
         raise
     except Exception as e:
         raise LoadError(f"{fmt}: {type(e).__name__}: {e}") from e
-    notes = []
     sig = spec.declared_signature()
     if sig is None:
         sig = derived or _derive_from_forward(module, spec)
-        notes.append("signature derived from the model (not declared in model.yaml)")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         mem = torch.cuda.memory_allocated(device) - before
         stream = torch.cuda.Stream(device)
     else:
         mem, stream = _param_bytes(module), None
-    lm = LoadedModel(module, device, sig, fmt, mem, time.perf_counter() - t0, notes=notes,
-                     stream=stream)
+    lm = LoadedModel(module, device, sig, fmt, mem, time.perf_counter() - t0, stream=stream)
     return lm
 
 
@@ -277,8 +273,19 @@ def warmup_inputs(lm: LoadedModel, version_dir: Path) -> list[list[torch.Tensor]
 
 
 def warmup(lm: LoadedModel, version_dir: Path) -> None:
-    """Run the samples, then time the first one warm (`forward_s`: the inline decision)."""
+    """Run the samples, then time the first one warm (`forward_s`: the inline decision).
+
+    A model whose signature was guessed (no `inputs:` in model.yaml, no input shapes in
+    the file, e.g. TorchScript) is not fed made-up shapes: it serves unwarmed, and the
+    log says what to declare."""
     t0 = time.perf_counter()
+    if (lm.signature.derived and any(s.shape == (-1,) for s in lm.signature.inputs)
+            and not (version_dir / "warmup.json").is_file()):
+        log.warning("event=warmup_skipped path=%s reason=%r", version_dir,
+                    "input shapes unknown: declare inputs: and outputs: in model.yaml "
+                    "(or ship a warmup.json) to warm it up before it serves")
+        lm.warmup_s = time.perf_counter() - t0
+        return
     try:
         rows = warmup_inputs(lm, version_dir)
         for row in rows:

@@ -2,9 +2,11 @@
 
 Owns one `Harness` per loaded (or loading) version and reconciles them against the
 repository. Runs on the event loop, which alone changes lifecycle state, so no locks:
-loads run on their own threads (bounded by a semaphore), forward passes on one executor
-thread per version. Availability-preserving: a version leaving the aspired set keeps
-serving until an aspired version of the model is AVAILABLE, then drains and unloads.
+loads run on their own threads (bounded by a semaphore), forward passes in each version's
+`Runner`. What to do next is decided by the pure `policy.plan` (availability-preserving by
+default: a version leaving the aspired set keeps serving until an aspired version of the
+model is AVAILABLE, then drains and unloads); this module only carries the actions out.
+Readers get `Snapshot` views (`view()`, `subscribe()`), requests get `Handle`s.
 """
 
 from __future__ import annotations
@@ -16,29 +18,30 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from runtime import errors
-from runtime.batcher import calibrate_loaded
+from runtime.batcher import batching_on, calibrate_loaded, make_batcher
 from runtime.loader import LoadedModel, LoadError, load_version, warmup
 from runtime.modelspec import ModelSpec
-from runtime.policy import select_versions
+from runtime.policy import HarnessInfo, plan, select_versions
+from runtime.runner import Runner
 from runtime.repository import (ModelFolder, VersionFolder, is_model_name, list_models,
                                 quiet_for, scan_model, scan_version)
 from runtime.settings import RepositorySettings
 from runtime.types import ServableId, VersionState
+from runtime.views import LifecycleEvent, ModelView, Snapshot, VersionView
 
 log = logging.getLogger("splitserve.manager")
 S = VersionState
 _generation = itertools.count(1)
 
 
-def _in_thread(fn, *args) -> asyncio.Future:
-    """Run fn on a fresh daemon thread: a hung load must not hold a pool worker forever."""
+def _in_thread(fn, *args, on_abandoned: Callable[[object], None] | None = None) -> asyncio.Future:
+    """Run fn on a fresh daemon thread: a hung load must not hold a pool worker forever.
+    If the future was cancelled (the load timed out), `on_abandoned(result)` runs on the
+    loop when the thread ends, so the memory it held is released and accounted."""
     loop = asyncio.get_running_loop()
     fut = loop.create_future()
 
@@ -50,7 +53,9 @@ def _in_thread(fn, *args) -> asyncio.Future:
 
         def settle():
             if fut.cancelled():
-                if res is not None and hasattr(res, "release"):
+                if on_abandoned is not None:
+                    on_abandoned(res)
+                elif res is not None and hasattr(res, "release"):
                     res.release()
                 return
             fut.set_exception(exc) if exc else fut.set_result(res)
@@ -63,10 +68,10 @@ def _in_thread(fn, *args) -> asyncio.Future:
 
 
 class Harness:
-    """One version generation: lifecycle state, in-flight count, loaded model, executor.
+    """One version generation: lifecycle state, loaded model, runner, in-flight count.
 
     A version overwritten in place gets a second harness (new fingerprint); the old one
-    keeps serving until the new one is AVAILABLE.
+    keeps serving until the new one is AVAILABLE. Only the manager and `Handle` touch it.
     """
 
     def __init__(self, sid: ServableId, folder: VersionFolder, spec: ModelSpec):
@@ -77,14 +82,12 @@ class Harness:
         self.state = S.START
         self.error: str | None = None
         self.loaded: LoadedModel | None = None
+        self.runner: Runner | None = None
         self.inflight = 0
         self.idle = asyncio.Event()
         self.idle.set()
-        self.executor: ThreadPoolExecutor | None = None
-        self.batcher = None  # runtime.batcher.Batcher when batching is on
-        self.batch_calibration: dict = {}  # measured on the load thread, used by the batcher
+        self.batch_calibration: dict = {}  # measured on the load thread (batching.exact)
         self.cancelled = False  # removed while loading: drop it when the load ends
-        self.inline_numel = 0  # requests up to this many input elements run on the loop
         self.state_since = time.time()
 
     @property
@@ -94,19 +97,54 @@ class Harness:
     def _set(self, state: VersionState, error: str | None = None) -> None:
         self.state, self.error, self.state_since = state, error, time.time()
 
-    async def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One forward pass off the loop (batched when this version batches)."""
-        if self.batcher is not None:
-            return await self.batcher.submit(inputs)
-        if self.inline_numel and sum(x.numel() for x in inputs) <= self.inline_numel:
-            return self.loaded.forward(inputs)  # tiny forward: cheaper than a thread hop
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.loaded.forward, inputs)
 
-    def release_handle(self) -> None:
-        self.inflight -= 1
-        if self.inflight == 0:
-            self.idle.set()
+class Handle:
+    """A request's pin on one AVAILABLE version: the one place in-flight is counted.
+
+    Made by `Manager.acquire` (counted from then on), released by leaving the `with`
+    block (or `release()`), exactly once. While any handle is out, the version does not
+    unload.
+    """
+
+    __slots__ = ("_h", "_open")
+
+    def __init__(self, h: Harness):
+        self._h = h
+        self._open = True
+        h.inflight += 1
+        h.idle.clear()
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self._open:
+            self._open = False
+            h = self._h
+            h.inflight -= 1
+            if h.inflight == 0:
+                h.idle.set()
+
+    @property
+    def sid(self) -> ServableId:
+        return self._h.sid
+
+    @property
+    def version(self) -> int:
+        return self._h.sid.version
+
+    @property
+    def signature(self):
+        return self._h.loaded.signature
+
+    def run(self, inputs):
+        return self._h.runner.run(inputs)
+
+    def run_shadow(self, inputs):
+        return self._h.runner.run_shadow(inputs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,12 +168,45 @@ class ModelEntry:
         self.serving: dict[int, Harness] = {}  # AVAILABLE harness per version
         self.ended: dict[int, VersionStatus] = {}  # last END/FAILED record per version
         self.disabled = False  # unloaded through the repository API
-        self.dirty = True
+        self.dirty = True  # a rescan is due
         self.task: asyncio.Task | None = None
         self.timer: asyncio.TimerHandle | None = None
 
     def available_versions(self) -> list[int]:
         return sorted(self.serving)
+
+    def visible(self) -> bool:
+        return self.spec is not None or bool(self.harnesses) or self.disabled
+
+    def view(self) -> ModelView:
+        mem: dict[int, int] = {}
+        for h in self.harnesses:
+            if h.loaded is not None:
+                mem[h.version] = mem.get(h.version, 0) + h.loaded.memory_bytes
+        present = frozenset(self.folder.versions) if self.folder else frozenset()
+        versions = []
+        for st in self.statuses():
+            h = self.serving.get(st.version)
+            if h is None:
+                h = next((x for x in self.harnesses if x.version == st.version
+                          and x.loaded is not None), None)
+            lm = h.loaded if h is not None else None
+            versions.append(VersionView(
+                st.version, st.state, st.error, st.since,
+                lm.signature if lm is not None else None,
+                lm.format if lm is not None else None,
+                str(lm.device) if lm is not None else None,
+                mem.get(st.version, 0), st.version in present))
+        spec = self.spec
+        return ModelView(
+            self.name, tuple(versions), present,
+            spec.declared_signature() if spec else None, self.spec_error, self.disabled,
+            spec is not None, None,
+            ({"preferred_batch_size": spec.batching.preferred_batch_sizes,
+              "max_queue_delay_microseconds": spec.batching.max_queue_delay_us}
+             if spec is not None and batching_on(spec) else None),
+            spec.max_batch_size if spec else 0,
+            spec.version_policy if spec else None)
 
     def statuses(self) -> list[VersionStatus]:
         live: dict[int, VersionStatus] = {}
@@ -147,24 +218,66 @@ class ModelEntry:
 
 
 class Manager:
-    """Reconciles the repository against loaded harnesses; hands out handles."""
+    """Reconciles the repository against loaded harnesses; hands out handles; publishes
+    a `Snapshot` to its subscribers on every change.
+
+    Subscribers are called synchronously at publication (the router must drop an
+    UNLOADING version before the next request is picked) and must not call back into the
+    manager synchronously: anything they want from it they schedule on the loop.
+    """
 
     def __init__(self, root: Path, settings: RepositorySettings,
                  referenced: Callable[[str], frozenset[int]] = lambda m: frozenset(),
-                 on_change: Callable[[str, list[int]], None] = lambda m, v: None,
-                 make_batcher: Callable[[Harness], object] | None = None,
-                 on_event: Callable[[str, Harness], None] = lambda kind, h: None):
+                 on_event: Callable[[LifecycleEvent], None] = lambda e: None,
+                 on_batch: Callable[[str, int, int, float], None] | None = None,
+                 shadow_max_waiting: int = 16):
         self.root = root
         self.settings = settings
-        self.referenced = referenced
-        self.on_change = on_change  # (model, AVAILABLE versions): the router rebuilds its table
-        self.on_event = on_event  # lifecycle events for metrics: "loaded", "failed", "unloaded"
-        self.make_batcher = make_batcher
+        self.referenced = referenced  # versions the routes name: they stay aspired
+        self.on_event = on_event  # lifecycle events (metrics)
+        self.on_batch = on_batch  # (model, version, rows, seconds) per executed batch
+        self.shadow_max_waiting = shadow_max_waiting
         self.models: dict[str, ModelEntry] = {}
+        self.abandoned_loads = 0  # timed-out load threads still running (memory held)
+        self.reconciles = 0  # finished reconcile passes (tests wait on it)
+        self._subscribers: list[Callable[[Snapshot, str | None], None]] = []
+        self._snapshot = Snapshot(0, {}, self._inflight)
         self._load_sem: asyncio.Semaphore | None = None
         self._changed = asyncio.Event()
         self._closing = False
         self._tasks: set[asyncio.Task] = set()
+
+    # ---- published views -------------------------------------------------------------
+    def view(self) -> Snapshot:
+        return self._snapshot
+
+    def subscribe(self, fn: Callable[[Snapshot, str | None], None]) -> None:
+        self._subscribers.append(fn)
+
+    def _inflight(self, model: str, version: int) -> int:
+        e = self.models.get(model)
+        return 0 if e is None else sum(h.inflight for h in e.harnesses if h.version == version)
+
+    def _publish(self, changed: str | None) -> None:
+        models = dict(self._snapshot.models)
+        names = [changed] if changed is not None else list(set(models) | set(self.models))
+        for name in names:
+            e = self.models.get(name)
+            if e is None or not e.visible():
+                models.pop(name, None)
+            else:
+                models[name] = e.view()
+        self._snapshot = Snapshot(self._snapshot.seq + 1, models, self._inflight,
+                                  self.abandoned_loads)
+        for fn in self._subscribers:
+            fn(self._snapshot, changed)
+
+    def require(self, model: str) -> ModelView:
+        """The model's view, or NOT_FOUND."""
+        v = self._snapshot.models.get(model)
+        if v is None:
+            raise errors.not_found(f"unknown model '{model}'")
+        return v
 
     # ---- lifecycle of the manager itself -------------------------------------------
     async def start(self) -> None:
@@ -220,10 +333,8 @@ class Manager:
             if h.state is S.AVAILABLE and (h.version not in serving or
                                            h.generation > serving[h.version].generation):
                 serving[h.version] = h
-        if serving.keys() != entry.serving.keys() or any(
-                serving[v] is not entry.serving[v] for v in serving):
-            entry.serving = serving
-            self.on_change(entry.name, entry.available_versions())
+        entry.serving = serving
+        self._publish(entry.name)
         self._wake()
 
     # ---- reconcile -----------------------------------------------------------------
@@ -234,9 +345,11 @@ class Manager:
                 try:
                     folder = await asyncio.to_thread(scan_model, entry.path, entry.spec)
                     self._apply(entry, folder)
-                except Exception:  # never let one bad folder stop the loop
-                    log.exception("event=reconcile_error model=%s", entry.name)
+                except Exception as e:  # never let one bad folder stop the loop
+                    log.error("event=reconcile_error model=%s error=%r", entry.name, e)
+                    log.debug("reconcile traceback", exc_info=True)
         finally:
+            self.reconciles += 1
             self._wake()  # settle() waits for this task to end
 
     def _wake(self) -> None:
@@ -250,31 +363,58 @@ class Manager:
         entry.spec_error = folder.spec_error
         if folder.spec is None:  # invalid model.yaml and nothing good seen before
             entry.folder = folder
+            self._publish(entry.name)
             return
+        if entry.spec is not None and folder.spec != entry.spec:
+            self._apply_in_place(entry, folder.spec)
         entry.spec, entry.folder = folder.spec, folder
         present = folder.versions
-        aspired = set() if entry.disabled or entry.path.is_symlink() or not entry.path.is_dir() else (
-            select_versions(folder.spec, present) | (set(self.referenced(entry.name)) & set(present)))
-        recheck = None
-        for v in sorted(aspired):
-            vf = present[v]
-            wait = self._not_ready_for(vf)
-            if wait is not None:
-                if wait >= 0:
-                    recheck = wait if recheck is None else min(recheck, wait)
-                continue
-            if any(h.version == v and h.folder.fingerprint == vf.fingerprint
-                   and h.state is not S.UNLOADING for h in entry.harnesses):
-                continue  # loading, loaded or failed with these very files
-            h = Harness(ServableId(entry.name, v), vf, folder.spec)
-            entry.harnesses.append(h)
-            self._spawn(self._load(entry, h))
-        self._plan_unloads(entry, aspired, present)
+        gone = entry.disabled or entry.path.is_symlink() or not entry.path.is_dir()
+        aspired = set() if gone else (select_versions(folder.spec, present) |
+                                      (set(self.referenced(entry.name)) & set(present)))
+        loadable, recheck = set(), None
+        for v in aspired:
+            wait = self._not_ready_for(present[v])
+            if wait is None:
+                loadable.add(v)
+            elif wait >= 0:
+                recheck = wait if recheck is None else min(recheck, wait)
+        infos = [HarnessInfo(h.generation, h.version, h.folder.fingerprint, h.state)
+                 for h in entry.harnesses]
+        actions = plan(infos, {v: present[v].fingerprint for v in aspired}, loadable,
+                       set(present), entry.disabled,
+                       folder.spec.version_swap == "resource_preserving")
+        by_gen = {h.generation: h for h in entry.harnesses}
+        for a in actions:
+            h = by_gen.get(a.gen)
+            if a.kind == "load":
+                h = Harness(ServableId(entry.name, a.version), present[a.version], folder.spec)
+                entry.harnesses.append(h)
+                self._spawn(self._load(entry, h))
+            elif a.kind == "cancel":
+                h.cancelled = True
+            elif a.kind == "forget":
+                entry.harnesses.remove(h)
+                entry.ended.pop(h.version, None)
+            elif a.kind == "unload":
+                self._spawn(self._unload(entry, h, a.reason))
         self._notify(entry)
         if recheck is not None:
             self.request_reconcile(entry.name, delay=recheck)
         if not entry.harnesses and not entry.path.is_dir():
             self.models.pop(entry.name, None)
+            self._publish(entry.name)
+
+    def _apply_in_place(self, entry: ModelEntry, spec: ModelSpec) -> None:
+        """model.yaml changed: settings that leave the weights valid apply to what serves."""
+        for h in entry.harnesses:
+            if h.spec.load_key() == spec.load_key():
+                h.spec = spec
+                if h.runner is not None:
+                    h.runner.update(max_queue_size=spec.queue_size(),
+                                    max_queue_delay_s=spec.batching.max_queue_delay_us / 1e6,
+                                    preferred_batch_sizes=spec.batching.preferred_batch_sizes)
+        log.info("event=model_yaml_changed model=%s", entry.name)
 
     def _not_ready_for(self, vf: VersionFolder) -> float | None:
         """Seconds to wait before this folder may be loaded, or None when it may be now."""
@@ -287,35 +427,6 @@ class Manager:
             return self.settings.incomplete_grace_s - quiet + 0.05
         return None
 
-    def _plan_unloads(self, entry: ModelEntry, aspired: set[int],
-                      present: dict[int, VersionFolder]) -> None:
-        current = {v: present[v].fingerprint for v in aspired}
-        # An aspired version is "settled" when its current files are AVAILABLE.
-        settled = {h.version for h in entry.harnesses
-                   if h.state is S.AVAILABLE and current.get(h.version) == h.folder.fingerprint}
-        newest_gen = {}
-        for h in entry.harnesses:
-            if h.state is S.AVAILABLE:
-                newest_gen[h.version] = max(newest_gen.get(h.version, 0), h.generation)
-        for h in list(entry.harnesses):
-            if h.state is S.LOADING or h.state is S.START:
-                if h.version not in aspired or current.get(h.version) != h.folder.fingerprint:
-                    h.cancelled = True
-                continue
-            if h.state is S.FAILED:
-                if current.get(h.version) != h.folder.fingerprint:
-                    entry.harnesses.remove(h)  # folder changed or gone: forget the failure
-                    entry.ended.pop(h.version, None)
-                continue
-            if h.state is not S.AVAILABLE:
-                continue
-            if h.version in aspired:
-                stale = current[h.version] != h.folder.fingerprint or h.generation < newest_gen[h.version]
-                if stale and h.version in settled:
-                    self._spawn(self._unload(entry, h, "replaced by new files"))
-            elif not aspired or settled:
-                self._spawn(self._unload(entry, h, "no longer aspired"))
-
     # ---- load / unload -------------------------------------------------------------
     def _load_and_warm(self, h: Harness) -> LoadedModel:
         lm = load_version(h.folder.path, h.folder.format or "model.pt2", h.spec)
@@ -323,6 +434,14 @@ class Manager:
             warmup(lm, h.folder.path)
         h.batch_calibration = calibrate_loaded(lm, h.spec)  # before AVAILABLE, not after
         return lm
+
+    def _abandoned(self, h: Harness, lm) -> None:
+        """A timed-out load's thread finished at last: give its memory back, say so."""
+        self.abandoned_loads -= 1
+        if lm is not None:
+            lm.release()
+        log.warning("event=abandoned_load_finished servable=%s released=%s", h.sid, lm is not None)
+        self._publish(None)
 
     async def _load(self, entry: ModelEntry, h: Harness) -> None:
         async with self._load_sem:
@@ -335,20 +454,24 @@ class Manager:
             t0 = time.perf_counter()
             if h.folder.format is None:
                 return self._fail(entry, h, h.folder.incomplete or "no model file")
-            fut = _in_thread(self._load_and_warm, h)
+            fut = _in_thread(self._load_and_warm, h, on_abandoned=lambda lm: self._abandoned(h, lm))
             try:
                 lm = await asyncio.wait_for(asyncio.shield(fut), timeout=h.spec.load_timeout_s)
             except TimeoutError:
                 fut.cancel()  # the thread releases the model if it ever finishes
+                self.abandoned_loads += 1
                 return self._fail(entry, h, f"load did not finish within load_timeout_s="
-                                            f"{h.spec.load_timeout_s:g}s")
+                                            f"{h.spec.load_timeout_s:g}s (its thread still runs "
+                                            f"and holds memory until it ends)")
             except LoadError as e:
-                reason = str(e)
+                log.debug("load traceback servable=%s", h.sid, exc_info=e)
+                reason = one_line(str(e))
                 if h.folder.incomplete and h.folder.incomplete not in reason:
                     reason = f"{reason} (folder incomplete: {h.folder.incomplete})"
                 return self._fail(entry, h, reason)
             except Exception as e:  # noqa: BLE001
-                return self._fail(entry, h, f"{type(e).__name__}: {e}")
+                log.debug("load traceback servable=%s", h.sid, exc_info=e)
+                return self._fail(entry, h, one_line(f"{type(e).__name__}: {e}"))
         now = await asyncio.to_thread(scan_version, entry.path, h.version, h.spec)
         if now.fingerprint != h.folder.fingerprint or h.cancelled or self._closing:
             why = "removed while loading" if h.cancelled else "files changed during load"
@@ -359,30 +482,37 @@ class Manager:
             self._notify(entry)
             return
         h.loaded = lm
-        # One forward thread per version with its own intra-op thread count: by default all
-        # cores but one, which stays with the event loop (torch's setting is per thread).
-        threads = self.settings.intra_op_threads or max(1, (os.cpu_count() or 2) - 1)
-        h.executor = ThreadPoolExecutor(1, thread_name_prefix=f"fwd-{h.sid}",
-                                        initializer=torch.set_num_threads, initargs=(threads,))
-        if self.make_batcher is not None:
-            h.batcher = self.make_batcher(h)
-        if (h.batcher is None and lm.device.type == "cpu" and lm.forward_s is not None
-                and lm.forward_s * 1e6 <= self.settings.inline_forward_us):
-            h.inline_numel = 4 * lm.sample_numel
+        h.runner = self._make_runner(h, lm)
         h._set(S.AVAILABLE)
         log.info("event=loaded servable=%s format=%s device=%s load_ms=%.1f warmup_ms=%.1f "
                  "total_ms=%.1f memory_bytes=%d", h.sid, lm.format, lm.device, lm.load_s * 1e3,
                  lm.warmup_s * 1e3, (time.perf_counter() - t0) * 1e3, lm.memory_bytes)
-        self.on_event("loaded", h)
+        self.on_event(LifecycleEvent("loaded", h.sid.model, h.version, None, lm.load_s,
+                                     lm.warmup_s, str(lm.device), lm.memory_bytes,
+                                     time.monotonic()))
         entry.ended.pop(h.version, None)
         entry.dirty = True
         self._kick(entry)  # re-plan: what this version replaces can now unload
         self._notify(entry)
 
+    def _make_runner(self, h: Harness, lm: LoadedModel) -> Runner:
+        # One forward thread per version with its own intra-op thread count: by default all
+        # cores but one, which stays with the event loop (torch's setting is per thread).
+        threads = self.settings.intra_op_threads or max(1, (os.cpu_count() or 2) - 1)
+        sid, spec = h.sid, h.spec
+        name = f"model '{sid.model}' version {sid.version}"
+        on_batch = None if self.on_batch is None else (
+            lambda rows, secs: self.on_batch(sid.model, sid.version, rows, secs))
+        return Runner.create(
+            name, lm, threads=threads, max_queue_size=spec.queue_size(),
+            make_batcher=lambda ex: make_batcher(name, lm, spec, ex, h.batch_calibration, on_batch),
+            inline_forward_us=self.settings.inline_forward_us,
+            shadow_max_waiting=self.shadow_max_waiting)
+
     def _fail(self, entry: ModelEntry, h: Harness, reason: str) -> None:
         h._set(S.FAILED, reason)
         log.error("event=load_failed servable=%s reason=%r", h.sid, reason)
-        self.on_event("failed", h)
+        self.on_event(LifecycleEvent("failed", h.sid.model, h.version, reason, at=time.monotonic()))
         self._notify(entry)
         if h.cancelled:
             self.request_reconcile(entry.name)
@@ -393,36 +523,32 @@ class Manager:
         h._set(S.UNLOADING)
         self._notify(entry)  # out of the routing table: no new requests reach it
         t0 = time.perf_counter()
+        h.runner.stop_shadows()  # waiting shadows must not hold the drain
         try:
             await asyncio.wait_for(h.idle.wait(), timeout=self.settings.unload_drain_timeout_s)
         except TimeoutError:
             log.warning("event=drain_timeout servable=%s inflight=%d", h.sid, h.inflight)
-        if h.batcher is not None:
-            h.batcher.close()  # stragglers that raced the table swap get UNAVAILABLE
-            await h.batcher.drain()  # queued requests finish; the scheduler task ends
         lm, h.loaded = h.loaded, None
-        if lm is not None:
-            # On the version's own executor: after every forward pass that was queued there.
-            await asyncio.get_running_loop().run_in_executor(h.executor, lm.release)
-        h.executor.shutdown(wait=False)
+        await h.runner.close(lm.release if lm is not None else (lambda: None))
         h._set(S.END)
         entry.harnesses.remove(h)
         if not any(x.version == h.version for x in entry.harnesses):
             entry.ended[h.version] = VersionStatus(h.version, S.END, None, h.state_since)
         log.info("event=unloaded servable=%s reason=%r drain_unload_ms=%.1f", h.sid, why,
                  (time.perf_counter() - t0) * 1e3)
-        self.on_event("unloaded", h)
+        self.on_event(LifecycleEvent("unloaded", h.sid.model, h.version, at=time.monotonic()))
         self._notify(entry)
         if not entry.harnesses and not entry.path.is_dir():
             self.models.pop(entry.name, None)
+            self._publish(entry.name)
         elif not self._closing:
             self.request_reconcile(entry.name)  # the folder may have come back meanwhile
 
     # ---- the data path -------------------------------------------------------------
-    def acquire(self, model: str, version: int) -> Harness:
-        """Pin an AVAILABLE version for one request (loop only; pair with release_handle)."""
+    def acquire(self, model: str, version: int) -> Handle:
+        """Pin an AVAILABLE version for one request (loop only): `with acquire(...) as h`."""
         entry = self.models.get(model)
-        if entry is None or (entry.spec is None and not entry.harnesses):
+        if entry is None or not entry.visible():
             raise errors.not_found(f"unknown model '{model}'")
         h = entry.serving.get(version)
         if h is None or h.state is not S.AVAILABLE:
@@ -437,24 +563,9 @@ class Manager:
                                        f"(not in its version policy or routes)")
             raise errors.unavailable(f"version {version} of model '{model}' is {st.state.value}"
                                      + (f": {st.error}" if st.error else ""))
-        h.inflight += 1
-        h.idle.clear()
-        return h
+        return Handle(h)
 
     # ---- queries and control -------------------------------------------------------
-    def entry(self, model: str) -> ModelEntry:
-        e = self.models.get(model)
-        if e is None or e.spec is None and not e.harnesses and not e.disabled:
-            raise errors.not_found(f"unknown model '{model}'")
-        return e
-
-    def model_names(self) -> list[str]:
-        return sorted(n for n, e in self.models.items() if e.spec is not None or e.harnesses)
-
-    def present_versions(self, model: str) -> set[int]:
-        e = self.models.get(model)
-        return set(e.folder.versions) if e and e.folder else set()
-
     async def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while not predicate():
@@ -468,24 +579,25 @@ class Manager:
         return True
 
     def state_of(self, model: str, version: int) -> VersionState | None:
+        m = self._snapshot.models.get(model)
+        v = m.version(version) if m is not None else None
+        return None if v is None else v.state
+
+    def _quiet(self, model: str) -> bool:
         e = self.models.get(model)
-        if e is None:
-            return None
-        for st in e.statuses():
-            if st.version == version:
-                return st.state
-        return None
+        return e is None or (e.timer is None and (e.task is None or e.task.done()) and
+                             all(h.state in (S.AVAILABLE, S.FAILED) for h in e.harnesses)
+                             and not e.dirty)
 
     async def settle(self, model: str, timeout: float) -> bool:
         """Wait until nothing of `model` is loading or unloading and no rescan is due."""
-        def quiet():
-            e = self.models.get(model)
-            return e is None or (e.timer is None and (e.task is None or e.task.done()) and
-                                 all(h.state in (S.AVAILABLE, S.FAILED) for h in e.harnesses)
-                                 and not e.dirty)
-        return await self.wait_until(quiet, timeout)
+        return await self.wait_until(lambda: self._quiet(model), timeout)
 
-    async def load_model(self, model: str, timeout: float = 120.0) -> ModelEntry:
+    async def settle_all(self, timeout: float) -> bool:
+        return await self.wait_until(lambda: all(self._quiet(m) for m in list(self.models)),
+                                     timeout)
+
+    async def load_model(self, model: str, timeout: float = 120.0) -> None:
         """Repository API load: (re-)enable and wait until settled."""
         path = self.root / model
         if not is_model_name(model) or path.is_symlink() or not path.is_dir():
@@ -501,10 +613,10 @@ class Manager:
         if not entry.serving and failed:
             raise errors.ServingError(errors.Code.INTERNAL, f"failed to load '{model}': " +
                                       "; ".join(f"version {s.version}: {s.error}" for s in failed))
-        return entry
 
     async def unload_model(self, model: str, timeout: float = 120.0) -> None:
-        entry = self.entry(model)
+        self.require(model)
+        entry = self.models[model]
         entry.disabled = True
         self.request_reconcile(model)
         await self.wait_until(lambda: not entry.harnesses or all(h.state in (S.FAILED,) for h in entry.harnesses), timeout)
@@ -519,3 +631,9 @@ class Manager:
             for h in list(e.harnesses):
                 if h.state is S.AVAILABLE:
                     await self._unload(e, h, "shutdown")
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """A reason fit for one log line and one API field: first line, bounded."""
+    first = text.strip().splitlines()[0] if text.strip() else text
+    return first if len(first) <= limit else first[:limit - 3] + "..."

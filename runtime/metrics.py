@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from runtime import errors
+from runtime.views import LifecycleEvent, Snapshot, VersionView
 
 log = logging.getLogger("splitserve.metrics")
 
@@ -34,8 +35,13 @@ PER_DECADE = 48
 # Exported Prometheus bounds (seconds); each is an exact fine edge.
 EXPORT_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                  0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Fixed batch-size bounds: a bucket set that never changes keeps rate() and
+# histogram_quantile() valid across scrapes.
+BATCH_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+RETIRE_AFTER_S = 300.0  # an ENDed version's series leave the scrape this long after
 STATES = ("START", "LOADING", "AVAILABLE", "UNLOADING", "END", "FAILED")
 UNKNOWN_MODEL = "_unknown"  # label for requests naming no model we know (not a valid name)
+CLIENT_CODES = ("INVALID_ARGUMENT", "TOO_LARGE", "NOT_FOUND", "CLIENT_TIMEOUT")
 ROUTED = ("split", "sticky")  # routes that follow the weights: what observed share counts
 PRIMARY_EXCLUDED = ("shadow",)
 
@@ -159,17 +165,23 @@ class Lifecycle:
 class Metrics:
     """Records requests, shadow comparisons, executed batches and lifecycle events.
 
-    `clock` (seconds, monotonic) drives the recent window; `wall` (epoch seconds) only
-    turns the last request time into Triton's `last_inference`. `manager` (set by Core)
-    supplies states, in-flight counts and memory at read time.
+    `views` returns the manager's published `Snapshot` (states, in-flight counts, memory
+    at read time); `clock` (seconds, monotonic) drives the recent window and retirement;
+    `wall` (epoch seconds) only turns the last request time into Triton's
+    `last_inference`. A version's series are retired `retire_after_s` after it ENDed (so
+    scrapes do not grow forever); their counts fold into the model totals
+    (`splitserve_model_requests`), which never go down.
     """
 
-    def __init__(self, router=None, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time, window_s: int = WINDOW_S):
+    def __init__(self, router=None, views: Callable[[], Snapshot] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time, window_s: int = WINDOW_S,
+                 retire_after_s: float = RETIRE_AFTER_S):
         if not 0 < window_s <= WINDOW_S:
             raise ValueError(f"window_s must be in 1..{WINDOW_S}")
         self.router = router
-        self.manager = None
+        self.views = views or (lambda: Snapshot())
+        self.retire_after_s = retire_after_s
         self.clock = clock
         self.wall = wall
         self.window_s = window_s
@@ -179,6 +191,9 @@ class Metrics:
         self._exec: dict[tuple[str, int], dict[int, list]] = {}  # from record_batch
         self._shadow: dict[tuple[str, int, int], ShadowStats] = {}
         self._life: dict[tuple[str, int], Lifecycle] = {}
+        self._shadow_dropped: dict[tuple[str, int], int] = {}
+        self._ended: dict[tuple[str, int], float] = {}  # clock() of END, until retired
+        self._retired: dict[tuple[str, str, str], int] = {}  # (model, protocol, code) -> n
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
 
@@ -188,7 +203,7 @@ class Metrics:
                        batch: int) -> None:
         """One finished request (code "OK" or an errors.Code value), by the version that
         served it (None when it never reached one). Durations in seconds."""
-        if version is None and self.manager is not None and model not in self.manager.models:
+        if version is None and self.views().model(model) is None and not self._model_known(model):
             model = UNKNOWN_MODEL  # client-chosen names must not grow the label set
         cell = self._cells.get((model, version, route, protocol, code))
         if cell is None:
@@ -268,50 +283,76 @@ class Metrics:
             st.agree_n += 1
             st.agree_yes += bool(argmax_agree)
 
-    def lifecycle_event(self, kind: str, harness) -> None:
-        """From the manager: "loaded", "failed" or "unloaded" for one harness."""
-        sid = harness.sid
-        life = self._life.get((sid.model, sid.version))
+    def record_shadow_dropped(self, model: str, version: int) -> None:
+        """A shadow copy for `version` was dropped (lane full, or the version unloading)."""
+        key = (model, version)
+        self._shadow_dropped[key] = self._shadow_dropped.get(key, 0) + 1
+
+    def lifecycle_event(self, ev: LifecycleEvent) -> None:
+        """From the manager: "loaded", "failed" or "unloaded" for one version."""
+        key = (ev.model, ev.version)
+        life = self._life.get(key)
         if life is None:
-            life = self._life[(sid.model, sid.version)] = Lifecycle()
-        if kind == "loaded" and harness.loaded is not None:
-            lm = harness.loaded
-            life.load_s, life.warmup_s = lm.load_s, lm.warmup_s
-            life.device, life.memory_bytes = str(lm.device), lm.memory_bytes
-        elif kind == "failed":
+            life = self._life[key] = Lifecycle()
+        if ev.kind == "loaded":
+            life.load_s, life.warmup_s = ev.load_s, ev.warmup_s
+            life.device, life.memory_bytes = ev.device, ev.memory_bytes
+            self._ended.pop(key, None)
+        elif ev.kind == "failed":
             life.failures += 1
-            life.last_error = harness.error
-            log.info("event=load_failure_counted servable=%s failures=%d reason=%r",
-                     sid, life.failures, harness.error)
+            life.last_error = ev.error
+        elif ev.kind == "unloaded":
+            self._ended[key] = self.clock()
+
+    # ---- retirement of ended versions ----------------------------------------------
+    def retire(self) -> None:
+        """Drop the series of versions ENDed more than retire_after_s ago (called on
+        read); their request counts move into the model totals."""
+        if not self._ended:
+            return
+        now = self.clock()
+        snap = self.views()
+        for key, at in list(self._ended.items()):
+            if now - at < self.retire_after_s:
+                continue
+            model, version = key
+            mv = snap.model(model)
+            vv = mv.version(version) if mv is not None else None
+            if vv is not None and vv.state.value != "END":
+                continue  # it came back
+            del self._ended[key]
+            for ck in [k for k in self._cells if k[0] == model and k[1] == version]:
+                cell = self._cells.pop(ck)
+                rk = (model, ck[3], ck[4])
+                self._retired[rk] = self._retired.get(rk, 0) + cell.n
+            for sk in [k for k in self._series if k[0] == model and k[1] == version]:
+                del self._series[sk]
+            self._by_version.pop(key, None)
+            self._exec.pop(key, None)
+            self._life.pop(key, None)
+            self._shadow_dropped.pop(key, None)
+            for shk in [k for k in self._shadow if k[0] == model and version in k[1:]]:
+                del self._shadow[shk]
+            log.info("event=metrics_retired model=%s version=%d", model, version)
 
     # ---- reads: shared helpers -----------------------------------------------------
-    def _entry(self, model: str):
-        m = self.manager
-        return None if m is None else m.models.get(model)
-
     def _model_known(self, model: str) -> bool:
-        e = self._entry(model)
-        if e is not None and (e.spec is not None or e.harnesses or e.disabled or e.ended):
+        if self.views().model(model) is not None:
             return True
         return any(m == model for (m, _v) in self._by_version)
 
     def _model_names(self) -> list[str]:
         names = {m for (m, _v) in self._by_version}
-        if self.manager is not None:
-            names.update(self.manager.model_names())
+        names.update(self.views().names())
         return sorted(names)
 
-    def _statuses(self, model: str) -> dict[int, object]:
-        e = self._entry(model)
-        return {} if e is None else {s.version: s for s in e.statuses()}
-
-    def _harnesses(self, model: str, version: int) -> list:
-        e = self._entry(model)
-        return [] if e is None else [h for h in e.harnesses if h.version == version]
+    def _statuses(self, model: str) -> dict[int, VersionView]:
+        mv = self.views().model(model)
+        return {} if mv is None else {v.version: v for v in mv.versions}
 
     def _memory(self, model: str, version: int) -> int:
-        return sum(h.loaded.memory_bytes for h in self._harnesses(model, version)
-                   if h.loaded is not None)
+        v = self._statuses(model).get(version)
+        return v.memory_bytes if v is not None else 0
 
     def _executions(self, model: str, version: int) -> dict[int, list]:
         """Executed batch size -> [count, compute seconds]."""
@@ -359,6 +400,7 @@ class Metrics:
         Unknown model or version: NOT_FOUND. Shadow requests count too (they ran on the
         version); compute_input/compute_output are folded into compute_infer (ns 0).
         """
+        self.retire()
         if isinstance(version, str):
             if version == "":
                 version = None
@@ -405,11 +447,12 @@ class Metrics:
             return {"count": int(count), "ns": int(secs * 1e9)}
 
         memory = []
-        for h in self._harnesses(model, version):
-            if h.loaded is not None:
-                dev = h.loaded.device
-                memory.append({"type": "GPU" if dev.type == "cuda" else "CPU",
-                               "id": dev.index or 0, "byte_size": int(h.loaded.memory_bytes)})
+        vv = self._statuses(model).get(version)
+        if vv is not None and vv.device is not None and vv.memory_bytes:
+            dev, _, idx = vv.device.partition(":")
+            memory.append({"type": "GPU" if dev == "cuda" else "CPU",
+                           "id": int(idx) if idx.isdigit() else 0,
+                           "byte_size": int(vv.memory_bytes)})
         return {
             "name": model,
             "version": str(version),
@@ -435,6 +478,7 @@ class Metrics:
         """Per-version A/B figures: exact counts, latency percentiles (all time and the
         recent window), configured/effective/observed shares, memory, shadow agreement.
         Observed share counts weight-routed (split and sticky) requests only."""
+        self.retire()
         if not self._model_known(model):
             raise errors.not_found(f"unknown model '{model}'")
         statuses = self._statuses(model)
@@ -492,13 +536,21 @@ class Metrics:
                 "device_memory_allocated_bytes": _cuda_allocated(life.device if life else None),
                 "load_failures": life.failures if life is not None else 0,
                 "shadow": self._shadow_summary(shadow_by_v.get(v)),
+                "shadow_dropped": self._shadow_dropped.get((model, v), 0),
             })
         out = []
         for v, (routed, rrouted, row) in rows.items():
             row["observed_share"] = _ratio(routed, routed_all)
             row["recent"]["observed_share"] = _ratio(rrouted, routed_recent)
             out.append(row)
-        return {"model": model, "window_s": self.window_s, "versions": out}
+        unrouted = [s for s in self._series.values() if s.model == model and s.version is None]
+        return {"model": model, "window_s": self.window_s, "versions": out,
+                # Refused before any version ran them (bad input, unknown version or
+                # label, nothing AVAILABLE): never part of a version's error rate.
+                "client_errors": sum(c.n for k, c in self._cells.items()
+                                     if k[0] == model and k[1] is None
+                                     and k[4] in CLIENT_CODES),
+                "unrouted_errors": sum(s.err for s in unrouted)}
 
     @staticmethod
     def _shadow_summary(items: list[tuple[int, ShadowStats]] | None) -> dict | None:
@@ -517,7 +569,9 @@ class Metrics:
 
     # ---- Prometheus families (built at scrape time) --------------------------------
     def families(self):
+        self.retire()
         yield self._requests_family()
+        yield self._model_totals_family()
         yield from self._histogram_families()
         yield from self._version_families()
         yield from self._routing_families()
@@ -532,12 +586,24 @@ class Metrics:
             f.add_metric([m, "" if v is None else str(v), r, p, c], cell.n)
         return f
 
+    def _model_totals_family(self):
+        f = CounterMetricFamily("splitserve_model_requests", "Finished requests per model, "
+                                "ended versions included (never goes down)",
+                                labels=["model", "protocol", "code"])
+        totals = dict(self._retired)
+        for (m, _v, _r, p, c), cell in list(self._cells.items()):
+            totals[(m, p, c)] = totals.get((m, p, c), 0) + cell.n
+        for (m, p, c), n in sorted(totals.items()):
+            f.add_metric([m, p, c], n)
+        return f
+
     def _histogram_families(self):
         lat = HistogramMetricFamily("splitserve_request_duration_seconds",
                                     "End-to-end latency of successful requests",
                                     labels=["model", "version", "route"])
         qf = HistogramMetricFamily("splitserve_queue_duration_seconds",
-                                   "Time successful requests waited in the batch queue",
+                                   "Time successful requests waited in the version's queue "
+                                   "(submitted -> forward pass started)",
                                    labels=["model", "version"])
         cf = HistogramMetricFamily("splitserve_compute_duration_seconds",
                                    "Forward-pass time of successful requests",
@@ -573,13 +639,14 @@ class Metrics:
         fails = CounterMetricFamily("splitserve_version_load_failures",
                                     "Failed loads (the reason is in the logs and the summary)",
                                     labels=labels)
+        snap = self.views()
         for model in self._model_names():
             for v, st in sorted(self._statuses(model).items()):
                 lv = [model, str(v)]
                 for name in STATES:
                     state.add_metric(lv + [name], 1.0 if st.state.value == name else 0.0)
-                inflight.add_metric(lv, float(sum(h.inflight for h in self._harnesses(model, v))))
-                mem.add_metric(lv, float(self._memory(model, v)))
+                inflight.add_metric(lv, float(snap.inflight(model, v)))
+                mem.add_metric(lv, float(st.memory_bytes))
         for (m, v), life in sorted(self._life.items()):
             lv = [m, str(v)]
             if life.load_s is not None:
@@ -587,7 +654,10 @@ class Metrics:
                 warm.add_metric(lv, life.warmup_s or 0.0)
             if life.failures:
                 fails.add_metric(lv, life.failures)
-        return inflight, state, load, warm, mem, fails
+        abandoned = GaugeMetricFamily("splitserve_abandoned_loads", "Loads past load_timeout_s "
+                                      "whose thread still runs and holds memory")
+        abandoned.add_metric([], float(snap.abandoned_loads))
+        return inflight, state, load, warm, mem, fails, abandoned
 
     def _routing_families(self):
         labels = ["model", "version"]
@@ -629,6 +699,11 @@ class Metrics:
                                   "Share of comparisons whose argmax agreed", labels=labels)
         diff = GaugeMetricFamily("splitserve_shadow_max_abs_diff",
                                  "Largest absolute output difference seen", labels=labels)
+        dropped = CounterMetricFamily("splitserve_shadow_dropped", "Shadow copies dropped "
+                                      "(lane full or version unloading): never run",
+                                      labels=["model", "version"])
+        for (m, v), n in sorted(self._shadow_dropped.items()):
+            dropped.add_metric([m, str(v)], n)
         for (m, p, v), st in sorted(self._shadow.items()):
             lv = [m, str(p), str(v)]
             comp.add_metric(lv, st.n)
@@ -637,7 +712,7 @@ class Metrics:
                 agree.add_metric(lv, st.agree_yes / st.agree_n)
             if st.diff_max is not None:
                 diff.add_metric(lv, st.diff_max)
-        return comp, fail, agree, diff
+        return comp, fail, agree, diff, dropped
 
     def _cuda_families(self):
         torch = sys.modules.get("torch")
@@ -678,12 +753,8 @@ def _buckets(counts: list[int]) -> list[tuple[str, float]]:
 
 
 def _batch_buckets(ex: dict[int, list]) -> list[tuple[str, float]]:
-    top = max(ex, default=1)
-    bounds = [1]
-    while bounds[-1] < top:
-        bounds.append(bounds[-1] * 2)
     out = [(floatToGoString(b), float(sum(c[0] for k, c in ex.items() if k <= b)))
-           for b in bounds]
+           for b in BATCH_BOUNDS]
     out.append(("+Inf", float(sum(c[0] for c in ex.values()))))
     return out
 

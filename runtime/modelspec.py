@@ -6,6 +6,7 @@ fault, and the caller keeps the model's last good spec.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,12 +69,15 @@ class SpecificPolicy(_Strict):
 
 
 class Batching(_Strict):
-    """Dynamic batching per version; off when max_batch_size is 0 or enabled is false."""
+    """Dynamic batching per version: opt-in (`enabled: true`) as in Triton, where
+    `max_batch_size` alone only marks the batch dimension. `exact: true` pads batches so
+    that answers are bit-identical to unbatched ones (calibrated at load: slower swaps)."""
 
-    enabled: bool = True
+    enabled: bool = False
+    exact: bool = False
     max_queue_delay_us: int = Field(default=2000, ge=0, le=10_000_000)
     preferred_batch_sizes: list[int] = Field(default_factory=list)
-    max_queue_size: int = Field(default=1024, ge=1, le=1_000_000)
+    max_queue_size: int | None = Field(default=None, ge=1, le=1_000_000)  # alias of the model's
 
     @model_validator(mode="before")
     @classmethod
@@ -87,8 +91,12 @@ class Batching(_Strict):
         return data
 
 
+# Fields whose change leaves the loaded weights valid: applied in place, never reloaded.
+IN_PLACE_FIELDS = ("version_policy", "load_timeout_s", "max_queue_size", "version_swap")
+IN_PLACE_BATCHING = ("max_queue_delay_us", "preferred_batch_sizes", "max_queue_size")
+
+
 class ModelSpec(_Strict):
-    platform: str | None = None  # informational; the format is detected from files
     inputs: list[TensorDecl] | None = None
     outputs: list[TensorDecl] | None = None
     max_batch_size: int = Field(default=0, ge=0, le=1_000_000)
@@ -99,6 +107,21 @@ class ModelSpec(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     batching: Batching = Batching()
     load_timeout_s: float = Field(default=120.0, gt=0)
+    max_queue_size: int = Field(default=1024, ge=1, le=1_000_000)  # per version, every path
+    # availability_preserving: the new version serves before the old one unloads (default);
+    # resource_preserving: unload first, then load (TF Serving's option for models too
+    # large to hold twice; requests to the model fail over or wait meanwhile).
+    version_swap: Literal["availability_preserving", "resource_preserving"] = "availability_preserving"
+
+    def queue_size(self) -> int:
+        return self.batching.max_queue_size or self.max_queue_size
+
+    def load_key(self) -> str:
+        """What the weights depend on: a change here reloads, anything else applies in place."""
+        data = self.model_dump(mode="json", exclude=set(IN_PLACE_FIELDS))
+        for k in IN_PLACE_BATCHING:
+            data["batching"].pop(k, None)
+        return json.dumps(data, sort_keys=True)
 
     @field_validator("device")
     @classmethod

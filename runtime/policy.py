@@ -1,10 +1,13 @@
-"""Pure decisions: which versions a policy wants, and what the manager does next."""
+"""Pure decisions: which versions a policy wants (`select_versions`), and what the
+manager does next for a model (`plan`). No I/O, no clock: table-tested."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence, Set as AbstractSet
+from dataclasses import dataclass
 
 from runtime.modelspec import LatestPolicy, ModelSpec, SpecificPolicy
+from runtime.types import VersionState
 
 
 def select_versions(spec: ModelSpec, present: Iterable[int]) -> set[int]:
@@ -17,3 +20,98 @@ def select_versions(spec: ModelSpec, present: Iterable[int]) -> set[int]:
         return set(policy.specific) & set(present)
     assert isinstance(policy, LatestPolicy)
     return set(present[-policy.latest:]) if present else set()
+
+
+# ---- the lifecycle plan ----------------------------------------------------------------
+
+S = VersionState
+
+
+@dataclass(frozen=True, slots=True)
+class HarnessInfo:
+    """What the plan needs of one harness: which generation of which files, in what state."""
+
+    gen: int
+    version: int
+    fingerprint: str
+    state: VersionState
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    kind: str  # "load", "unload", "cancel", "forget", "hold"
+    version: int
+    gen: int | None = None  # the harness acted on (None for load)
+    reason: str = ""
+
+
+def plan(harnesses: Sequence[HarnessInfo], aspired: Mapping[int, str],
+         loadable: AbstractSet[int], present: AbstractSet[int] = frozenset(),
+         disabled: bool = False, resource_preserving: bool = False) -> list[Action]:
+    """Pure: what the manager does next for one model.
+
+    `aspired` maps each version the model should serve to the fingerprint of its files now;
+    `loadable` is the subset whose folder is quiet and complete; `present` the numbered
+    folders on disk. Availability-preserving (default): a harness that leaves (its version is
+    no longer aspired, or its files were replaced) keeps serving until an aspired version of
+    the model is AVAILABLE with its current files, then unloads. Resource-preserving: it
+    unloads first, and nothing new loads while anything leaving still holds memory.
+    """
+    out: list[Action] = []
+    settled = {h.version for h in harnesses
+               if h.state is S.AVAILABLE and aspired.get(h.version) == h.fingerprint}
+    newest: dict[int, int] = {}
+    for h in harnesses:
+        if h.state is S.AVAILABLE:
+            newest[h.version] = max(newest.get(h.version, 0), h.gen)
+    leaving = 0
+    for h in harnesses:
+        current = aspired.get(h.version)
+        if h.state in (S.START, S.LOADING):
+            if current != h.fingerprint:
+                out.append(Action("cancel", h.version, h.gen, "no longer aspired while loading"
+                                  if current is None else "files changed while loading"))
+            continue
+        if h.state is S.FAILED:
+            if current != h.fingerprint:  # folder changed or gone: forget the failure
+                out.append(Action("forget", h.version, h.gen))
+            continue
+        if h.state is S.UNLOADING:
+            leaving += 1
+            continue
+        if h.state is not S.AVAILABLE:
+            continue
+        if current is not None:
+            stale = current != h.fingerprint or h.gen < newest[h.version]
+            if not stale:
+                continue
+            if resource_preserving or h.version in settled:
+                out.append(Action("unload", h.version, h.gen, "replaced by new files"))
+                leaving += 1
+            else:
+                out.append(Action("hold", h.version, h.gen, f"its new files are not "
+                                  f"AVAILABLE yet"))
+            continue
+        why = _leave_reason(h.version, present, disabled)
+        if resource_preserving or not aspired or settled:
+            out.append(Action("unload", h.version, h.gen, why))
+            leaving += 1
+        else:
+            out.append(Action("hold", h.version, h.gen, f"{why}; serves until version(s) "
+                              f"{', '.join(map(str, sorted(aspired)))} are AVAILABLE"))
+    if resource_preserving and leaving:
+        return out  # memory first: load once everything leaving has unloaded
+    for v in sorted(loadable):
+        fp = aspired[v]
+        if not any(h.version == v and h.fingerprint == fp and h.state is not S.UNLOADING
+                   for h in harnesses):
+            out.append(Action("load", v))
+    return out
+
+
+def _leave_reason(version: int, present: AbstractSet[int], disabled: bool) -> str:
+    if disabled:
+        return "the model was unloaded through the repository API"
+    if version not in present:
+        return "its folder was deleted"
+    return "the version policy no longer selects it and no route names it"

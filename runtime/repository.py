@@ -140,7 +140,7 @@ def scan_version(model_dir: Path, version: int, spec: ModelSpec | None) -> Versi
     h = hashlib.blake2b(digest_size=12)
     h.update(repr(files + extra).encode())
     if spec is not None:
-        h.update(spec.model_dump_json().encode())
+        h.update(spec.load_key().encode())  # in-place settings do not reload
     try:
         folder_mtime = vdir.stat().st_mtime_ns
     except OSError:

@@ -58,17 +58,25 @@ class Tensor:
 
 @dataclass(slots=True)
 class InferRequest:
-    """One protocol-neutral request. `version` pins; `label` pins by name; neither routes."""
+    """One protocol-neutral request. `version` pins; `label` pins by name; neither routes.
+
+    `headers` (HTTP headers or gRPC metadata) and `parameters` are the routing inputs the
+    inference core reads the sticky key from. A protocol whose body is typed by the
+    model's signature (TF Serving JSON) leaves `inputs` empty and gives `decode`, which the
+    core calls with the signature of the version it routed to.
+    """
 
     model: str
     inputs: list[Tensor]
     version: int | None = None
     label: str | None = None
-    routing_key: str | None = None
+    routing_key: str | None = None  # set by the core from headers/parameters
     outputs: list[str] | None = None  # requested output names; None = all
     id: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     protocol: str = "internal"  # rest_v2, grpc_v2, rest_tfs: for metrics only
+    headers: Any = None  # a read-only mapping; None: no headers
+    decode: Any = None  # Callable[[Signature], tuple[list[Tensor], list[str] | None]]
 
 
 @dataclass(slots=True)

@@ -91,8 +91,8 @@ class LiveServer:
         return self.call(self.core.manager.wait_until(predicate, timeout), timeout + 5)
 
     def available(self, model: str) -> list[int]:
-        e = self.core.manager.models.get(model)
-        return e.available_versions() if e else []
+        mv = self.core.manager.view().model(model)
+        return list(mv.available) if mv else []
 
     def stop(self):
         if not self._thread.is_alive():

@@ -68,3 +68,26 @@ def test_distribution_declares_exactly_our_packages():
     found = {".".join(p.parent.relative_to(ROOT).parts) for pkg in ("runtime", "router")
              for p in (ROOT / pkg).rglob("__init__.py")}
     assert declared == found
+
+
+MANAGER_INTERNALS = {"harnesses", "serving", "ended", "loaded", "batch_calibration", "runner",
+                     "generation", "state_since"}
+
+
+def test_only_the_manager_touches_harnesses_and_entries():
+    """Readers use the published views (runtime/views.py), never the manager's insides."""
+    for rel, _ in modules("runtime"):
+        if rel.as_posix() in ("runtime/manager.py", "runtime/runner.py"):
+            continue
+        tree = ast.parse((ROOT / rel).read_text(), str(rel))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "runtime.manager":
+                bad = {a.name for a in node.names} & {"Harness", "ModelEntry", "VersionStatus"}
+                assert not bad, f"{rel} imports {bad} from runtime.manager: use runtime.views"
+            if isinstance(node, ast.Attribute):
+                assert node.attr not in MANAGER_INTERNALS, \
+                    f"{rel}:{node.lineno} reads .{node.attr}: manager internals; use a view"
+                if node.attr == "models" and isinstance(node.value, ast.Attribute) \
+                        and node.value.attr == "manager":
+                    raise AssertionError(f"{rel}:{node.lineno} reads manager.models: use manager.view()")
+

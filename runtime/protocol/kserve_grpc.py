@@ -20,6 +20,7 @@ from runtime.repository import is_version_name
 from runtime import dtypes, errors
 from runtime.errors import Code, ServingError
 from runtime.protocol.pb import grpc_service_pb2 as pb
+from runtime.protocol.tensors import decode_bytes_elems, element_count, encode_bytes_elems
 from runtime.protocol.pb import model_config_pb2 as mc
 from runtime.types import InferRequest, InferResponse, Tensor
 
@@ -82,50 +83,6 @@ def set_param(target, key: str, value: Any) -> None:
         p.string_param = str(value)
 
 
-def _count(name: str, shape) -> int:
-    n = nonzero = 1
-    for d in shape:
-        if d < 0:
-            raise errors.invalid(f"input '{name}': shape {list(shape)} has a negative dimension")
-        n *= d
-        nonzero *= d or 1
-    if nonzero > 1 << 40:  # e.g. [0, 2**40, 2**40]: empty, yet no array can take that shape
-        raise errors.invalid(f"input '{name}': shape {list(shape)} has dimensions too large")
-    return n
-
-
-def _decode_bytes_elems(name: str, raw: bytes, count: int) -> np.ndarray:
-    """Triton's BYTES serialization: each element a 4-byte little-endian length + bytes."""
-    out = []
-    pos, size = 0, len(raw)
-    for _ in range(count):
-        if pos + 4 > size:
-            raise errors.invalid(f"input '{name}': raw BYTES contents end inside an element "
-                                 f"length ({len(out)} of {count} elements read)")
-        n = int.from_bytes(raw[pos:pos + 4], "little")
-        pos += 4
-        if pos + n > size:
-            raise errors.invalid(f"input '{name}': raw BYTES element {len(out)} of length {n} "
-                                 f"runs past the end of the contents")
-        out.append(raw[pos:pos + n])
-        pos += n
-    if pos != size:
-        raise errors.invalid(f"input '{name}': {size - pos} bytes left over after {count} BYTES "
-                             f"elements in raw contents")
-    arr = np.empty(count, dtype=object)
-    arr[:] = out
-    return arr
-
-
-def encode_bytes_elems(data: np.ndarray) -> bytes:
-    parts = []
-    for x in data.reshape(-1):
-        b = x if isinstance(x, bytes) else str(x).encode()
-        parts.append(len(b).to_bytes(4, "little"))
-        parts.append(b)
-    return b"".join(parts)
-
-
 def _from_contents(name: str, dt: str, contents, count: int) -> np.ndarray:
     field = CONTENTS_FIELD.get(dt)
     if field is None:
@@ -180,7 +137,7 @@ def decode_infer(msg: pb.ModelInferRequest, max_elements: int) -> InferRequest:
             raise errors.invalid(f"input '{name}': unknown datatype {dt!r}; expected one of "
                                  f"{', '.join(sorted(_ALL_TYPES))}")
         shape = tuple(t.shape)
-        count = _count(name, shape)
+        count = element_count(name, shape)
         total += count
         if total > max_elements:
             raise ServingError(Code.TOO_LARGE, f"request has more than {max_elements} "
@@ -191,7 +148,7 @@ def decode_infer(msg: pb.ModelInferRequest, max_elements: int) -> InferRequest:
                                      f"use one")
             buf = raw[i]
             if dt == "BYTES":
-                arr = _decode_bytes_elems(name, buf, count)
+                arr = decode_bytes_elems(name, buf, count)
             else:
                 need = count * _ITEMSIZE[dt]
                 if len(buf) != need:
@@ -232,7 +189,7 @@ def encode_infer(resp: InferResponse) -> pb.ModelInferResponse:
 def decode_output(t: pb.ModelInferResponse.InferOutputTensor, raw: bytes) -> np.ndarray:
     """One raw output -> numpy (clients and tests; BF16 stays uint16 bits)."""
     if t.datatype == "BYTES":
-        return _decode_bytes_elems(t.name, raw, math.prod(t.shape)).reshape(tuple(t.shape))
+        return decode_bytes_elems(t.name, raw, math.prod(t.shape)).reshape(tuple(t.shape))
     return np.frombuffer(raw, dtype=_NP[t.datatype]).reshape(tuple(t.shape))
 
 

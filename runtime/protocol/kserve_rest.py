@@ -15,6 +15,7 @@ import numpy as np
 import orjson
 
 from runtime import dtypes, errors
+from runtime.protocol.tensors import bf16_bits, bf16_values, decode_bytes_elems, element_count
 from runtime.types import InferRequest, InferResponse, Tensor
 
 HEADER_LEN = "inference-header-content-length"
@@ -29,41 +30,6 @@ def _shape(name: str, shape: Any) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _count(shape: tuple[int, ...]) -> int:
-    if math.prod(d or 1 for d in shape) > 1 << 40:  # e.g. [0, 2**40, 2**40]: no array fits
-        raise errors.invalid(f"shape {list(shape)} has dimensions too large")
-    return math.prod(shape) if shape else 1
-
-
-def _bf16_bits(values: np.ndarray) -> np.ndarray:
-    import torch
-
-    t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(torch.bfloat16)
-    return t.view(torch.int16).numpy().view(np.uint16)
-
-
-def _bf16_values(bits: np.ndarray) -> np.ndarray:
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(bits)).view(torch.bfloat16).float().numpy()
-
-
-def _decode_bytes_elems(name: str, raw: memoryview, count: int) -> np.ndarray:
-    out, pos = [], 0
-    for _ in range(count):
-        if pos + 4 > len(raw):
-            raise errors.invalid(f"input '{name}': truncated BYTES element length")
-        n = int.from_bytes(raw[pos:pos + 4], "little")
-        pos += 4
-        if pos + n > len(raw):
-            raise errors.invalid(f"input '{name}': BYTES element runs past the binary data")
-        out.append(bytes(raw[pos:pos + n]))
-        pos += n
-    if pos != len(raw):
-        raise errors.invalid(f"input '{name}': {len(raw) - pos} bytes left after {count} BYTES elements")
-    return np.array(out, dtype=object)
-
-
 def _decode_json_data(name: str, dt: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
     if not isinstance(data, list):
         data = [data]
@@ -71,7 +37,7 @@ def _decode_json_data(name: str, dt: str, shape: tuple[int, ...], data: Any) -> 
         if dt == "BYTES":
             arr = np.array([d.encode() if isinstance(d, str) else d for d in _flatten(data)], dtype=object)
         elif dt == "BF16":
-            arr = _bf16_bits(np.asarray(data, dtype=np.float32))
+            arr = bf16_bits(np.asarray(data, dtype=np.float32))
         elif dt == "BOOL":
             arr = np.asarray(data)
             if arr.size and arr.dtype != np.bool_:
@@ -82,8 +48,8 @@ def _decode_json_data(name: str, dt: str, shape: tuple[int, ...], data: Any) -> 
         raise errors.invalid(f"input '{name}': data does not fit datatype {dt}: {e}") from None
     if arr.dtype == object and dt != "BYTES":
         raise errors.invalid(f"input '{name}': ragged or non-numeric data for datatype {dt}")
-    if arr.size != _count(shape):
-        raise errors.invalid(f"input '{name}': shape {list(shape)} needs {_count(shape)} "
+    if arr.size != element_count(name, shape):
+        raise errors.invalid(f"input '{name}': shape {list(shape)} needs {element_count(name, shape)} "
                              f"elements, data has {arr.size}")
     return arr.reshape(shape)
 
@@ -141,7 +107,7 @@ def decode_infer(body: bytes, header_length: int | None, model: str, version: in
             raise errors.invalid(f"input '{name}': unknown datatype {dt!r}; expected one of "
                                  f"{', '.join(_ALL_TYPES)}")
         shape = _shape(name, t.get("shape"))
-        count = _count(shape)
+        count = element_count(name, shape)
         total += count
         if total > max_elements:
             raise errors.ServingError(errors.Code.TOO_LARGE, f"request has more than "
@@ -159,7 +125,7 @@ def decode_infer(body: bytes, header_length: int | None, model: str, version: in
             raw = binary[offset:offset + size]
             offset += size
             if dt == "BYTES":
-                arr = _decode_bytes_elems(name, raw, count).reshape(shape)
+                arr = decode_bytes_elems(name, raw, count).reshape(shape)
             else:
                 need = count * dtypes.ITEMSIZE[dt]
                 if size != need:
@@ -200,7 +166,7 @@ _NUMPY_OK = frozenset({"FP32", "FP64", "FP16", "INT8", "INT16", "INT32", "INT64"
 def _json_data(t: Tensor):
     arr = t.data.reshape(-1)
     if t.datatype == "BF16":
-        arr = _bf16_values(arr)
+        arr = bf16_values(arr)
     if t.datatype == "BYTES":
         return [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in arr]
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():

@@ -240,26 +240,38 @@ def _columnar(inputs: Any, specs: Sequence[TensorSpec]) -> list[Tensor]:
 def decode_predict(doc: dict, model: str, specs: Sequence[TensorSpec], max_elements: int, *,
                    version: int | None = None, label: str | None = None) -> tuple[InferRequest, str]:
     """Parsed predict body -> (InferRequest, ROW or COLUMNAR); `specs` type the JSON."""
-    if not specs:
-        raise errors.invalid(f"Failed to get input map for signature: DEFAULT (model '{model}' "
-                             f"declares no inputs)")
+    fmt = predict_format(doc)
+    req = InferRequest(model=model, inputs=decode_inputs(doc, model, specs, max_elements),
+                       version=version, label=label, protocol="rest_tfs")
+    return req, fmt
+
+
+def predict_format(doc: dict) -> str:
+    """ROW ("instances") or COLUMNAR ("inputs"): known before any signature is."""
     has_rows, has_cols = "instances" in doc, "inputs" in doc
     if has_rows and has_cols:
         raise errors.invalid("expecting only one of 'inputs' or 'instances' keys to exist")
     if not (has_rows or has_cols):
         raise errors.invalid("Missing 'inputs' or 'instances' key")
-    tensors = _row(doc["instances"], specs) if has_rows else _columnar(doc["inputs"], specs)
+    return ROW if has_rows else COLUMNAR
+
+
+def decode_inputs(doc: dict, model: str, specs: Sequence[TensorSpec],
+                  max_elements: int) -> list[Tensor]:
+    """The body's tensors, typed by the signature of the version that will run them."""
+    if not specs:
+        raise errors.invalid(f"Failed to get input map for signature: DEFAULT (model '{model}' "
+                             f"declares no inputs)")
+    tensors = _row(doc["instances"], specs) if predict_format(doc) == ROW else _columnar(doc["inputs"], specs)
     _check_size(tensors, max_elements)
-    req = InferRequest(model=model, inputs=tensors, version=version, label=label,
-                       protocol="rest_tfs")
-    return req, (ROW if has_rows else COLUMNAR)
+    return tensors
 
 
 # ---- response ----------------------------------------------------------------------
 
 def _values(t: Tensor) -> np.ndarray:
     if t.datatype == "BF16":
-        from runtime.protocol.kserve_rest import _bf16_values
+        from runtime.protocol.tensors import bf16_values as _bf16_values
         return _bf16_values(t.data).reshape(t.data.shape)
     if t.datatype == "FP16":
         return t.data.astype(np.float32)

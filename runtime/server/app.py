@@ -19,7 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.core import Core
-from runtime.server.http import json_response
+from runtime.errors import ServingError
+from runtime.server.http import error_response, json_response
 from runtime.settings import Settings
 
 log = logging.getLogger("splitserve.server")
@@ -48,6 +49,17 @@ def build_app(core: Core) -> FastAPI:
     async def _http(request: Request, exc: StarletteHTTPException):
         msg = exc.detail if exc.status_code != 404 else f"no such endpoint: {request.method} {request.url.path}"
         return json_response({"error": msg}, exc.status_code)
+
+    # The one error handler: every route raises ServingError; this turns it into the answer.
+    @app.exception_handler(ServingError)
+    async def _serving(request: Request, exc: ServingError):
+        return error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):  # a bug, not the client's fault
+        log.error("event=http_internal_error path=%s error=%r", request.url.path, exc)
+        log.debug("traceback", exc_info=exc)
+        return json_response({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500)
 
     # rest_metrics first: its literal /v2/models/stats must win over /v2/models/{model}.
     for name in ("rest_metrics", "rest_v2", "rest_tfs", "rest_control"):

@@ -1,10 +1,13 @@
-"""Shared REST plumbing: the one error-code -> HTTP status table, JSON responses,
-body limits and the bearer-token check for state-changing endpoints."""
+"""Shared REST plumbing: the one error-code -> HTTP status table and error answer, JSON
+responses, body limits.
+
+A full queue (RESOURCE_EXHAUSTED) answers 429 with `Retry-After`: load balancers and
+clients back off and retry, where a 503 makes some of them mark the pod down.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 
 import orjson
 from fastapi import Request
@@ -16,10 +19,10 @@ from runtime.repository import is_version_name
 
 HTTP_STATUS = {
     Code.INVALID_ARGUMENT: 400,
-    Code.FAILED_PRECONDITION: 400,
+    Code.FAILED_PRECONDITION: 409,
     Code.NOT_FOUND: 404,
     Code.UNAVAILABLE: 503,
-    Code.RESOURCE_EXHAUSTED: 503,
+    Code.RESOURCE_EXHAUSTED: 429,
     Code.DEADLINE_EXCEEDED: 504,
     Code.UNAUTHENTICATED: 401,
     Code.TOO_LARGE: 413,
@@ -33,8 +36,20 @@ def json_response(obj, status: int = 200, headers: dict | None = None) -> Respon
                     media_type="application/json", headers=headers)
 
 
-def error_response(e: ServingError, headers: dict | None = None) -> Response:
-    return json_response({"error": e.message}, HTTP_STATUS[e.code], headers)
+RETRY_AFTER_S = "1"
+
+
+def error_response(e: ServingError) -> Response:
+    """The one error answer: {"error": message}, the mapped status, and the headers that
+    attribute it (x-request-id; x-model-version when a version produced it)."""
+    headers = {}
+    if e.request_id:
+        headers["x-request-id"] = e.request_id
+    if e.version is not None:
+        headers["x-model-version"] = str(e.version)
+    if e.code is Code.RESOURCE_EXHAUSTED:
+        headers["retry-after"] = RETRY_AFTER_S
+    return json_response({"error": e.message}, HTTP_STATUS[e.code], headers or None)
 
 
 async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> bytes:
@@ -63,17 +78,6 @@ async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> by
     except ClientDisconnect:
         raise ServingError(Code.INVALID_ARGUMENT, "client disconnected before sending the whole body") from None
     return b"".join(chunks)
-
-
-def check_token(request: Request, token: str | None) -> None:
-    """Raise UNAUTHENTICATED unless `Authorization: Bearer <token>` matches (when set)."""
-    if not token:
-        return
-    got = request.headers.get("authorization", "")
-    scheme, _, value = got.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-        raise ServingError(Code.UNAUTHENTICATED, "this endpoint changes serving state and needs "
-                           "'Authorization: Bearer <token>' with the server's token")
 
 
 def parse_version(v: str) -> int:

@@ -7,34 +7,27 @@ import orjson
 from fastapi import APIRouter, Request
 
 from runtime.core import Core
-from runtime.errors import ServingError, invalid
-from runtime.server.http import check_token, error_response, json_response, read_body
+from runtime.errors import invalid
+from runtime.server.http import json_response, read_body
 
 MAX_ROUTING_BODY = 64 * 1024
 
 
 def build(core: Core) -> APIRouter:
     r = APIRouter()
-    token = core.settings.server.token
 
     @r.get("/v1/models/{model}/routing")
     async def get_routing(model: str):
-        try:
-            return json_response(core.control.routing(model))
-        except ServingError as e:
-            return error_response(e)
+        return json_response(core.control.routing(model))
 
     @r.put("/v1/models/{model}/routing")
     async def put_routing(request: Request, model: str):
+        core.control.authorize(request.headers.get("authorization"), f"put_routing model={model}")
+        body = await read_body(request, MAX_ROUTING_BODY, core.settings.limits.request_timeout_s)
         try:
-            check_token(request, token)
-            body = await read_body(request, MAX_ROUTING_BODY, core.settings.limits.request_timeout_s)
-            try:
-                obj = orjson.loads(body)
-            except orjson.JSONDecodeError as e:
-                raise invalid(f"routing body is not valid JSON: {e}") from None
-            return json_response(await core.control.put_routing(model, obj))
-        except ServingError as e:
-            return error_response(e)
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            raise invalid(f"routing body is not valid JSON: {e}") from None
+        return json_response(await core.control.put_routing(model, obj))
 
     return r

@@ -13,8 +13,7 @@ from fastapi.responses import Response
 from prometheus_client.exposition import choose_encoder
 
 from runtime.core import Core
-from runtime.errors import ServingError
-from runtime.server.http import error_response, json_response, parse_version
+from runtime.server.http import json_response, parse_version
 
 
 def build(core: Core) -> APIRouter:
@@ -27,11 +26,8 @@ def build(core: Core) -> APIRouter:
         return Response(encoder(metrics.registry), media_type=content_type)
 
     def _stats(model: str | None, version: str | None) -> Response:
-        try:
-            v = parse_version(version) if version is not None else None
-            return json_response(metrics.statistics(model, v))
-        except ServingError as e:
-            return error_response(e)
+        v = parse_version(version) if version is not None else None
+        return json_response(metrics.statistics(model, v))
 
     @r.get("/v2/models/stats")
     async def all_stats():
@@ -47,9 +43,6 @@ def build(core: Core) -> APIRouter:
 
     @r.get("/v1/models/{model}/metrics")
     async def summary(model: str):
-        try:
-            return json_response(metrics.summary(model))
-        except ServingError as e:
-            return error_response(e)
+        return json_response(metrics.summary(model))
 
     return r

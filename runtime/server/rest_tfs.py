@@ -1,5 +1,7 @@
 """TF Serving REST API (/v1/models/...): predict, model status, model metadata.
-Thin: decode, call the core, encode.
+Thin: decode, call the core, encode. TF Serving's JSON is typed by the model's signature,
+so predict hands the core a `decode` step: the core routes and pins a version first, then
+decodes against that version's signature (a canary that renamed an input still works).
 
 Routes are specific on purpose: the predict verbs sit behind a literal ':' in the path,
 so nothing here shadows other /v1/models/{m}/... endpoints (routing, metrics).
@@ -13,11 +15,9 @@ from fastapi.responses import Response
 from runtime import errors
 from runtime.core import Core
 from runtime.errors import ServingError
-from runtime.inference import new_request_id
-from runtime.manager import ModelEntry
 from runtime.protocol import tfserving_rest as tfs
-from runtime.server.http import error_response, json_response, parse_version, read_body
-from runtime.types import Signature
+from runtime.server.http import json_response, parse_version, read_body
+from runtime.types import InferRequest
 
 _OTHER_VERBS = ("classify", "regress")
 
@@ -27,32 +27,21 @@ def build(core: Core) -> APIRouter:
     limits = core.settings.limits
 
     def check_label(model: str, label: str) -> None:
+        """TF Serving's own wording for a label the model does not define (400)."""
         if label not in core.router.get_config(model).labels:
             names = ", ".join(core.router.get_config(model).labels) or "none defined"
             raise errors.invalid(f"Unrecognized servable version label: {label} "
                                  f"(model '{model}' has labels: {names})")
 
-    def label_version(model: str, label: str) -> int:
-        """The version a label serves now (or, while it moves, the one it points at)."""
-        check_label(model, label)
-        v = core.router.table(model).labels.get(label)
-        return v if v is not None else core.router.get_config(model).labels[label]
-
-    def pick_version(entry: ModelEntry, version: str | None, label: str | None) -> int | None:
+    def pick_version(model: str, version: str | None, label: str | None) -> int | None:
+        """For status and metadata reads: the version named, or the one a label serves."""
         if version is not None:
             return parse_version(version)
         if label is not None:
-            return label_version(entry.name, label)
+            check_label(model, label)
+            v = core.router.table(model).labels.get(label)
+            return v if v is not None else core.router.get_config(model).labels[label]
         return None
-
-    def signature_for(entry: ModelEntry, v: int | None) -> Signature | None:
-        """The signature that types the JSON: that version's, else the newest serving one's,
-        else the declared one (the core then reports why the version cannot serve)."""
-        if v in entry.serving:
-            return entry.serving[v].loaded.signature
-        if entry.serving:
-            return entry.serving[max(entry.serving)].loaded.signature
-        return entry.spec.declared_signature() if entry.spec else None
 
     def malformed(request: Request) -> ServingError:
         return errors.invalid(f"Malformed request: {request.method} {request.url.path}")
@@ -60,33 +49,26 @@ def build(core: Core) -> APIRouter:
     # ---- predict -------------------------------------------------------------------
     async def predict(request: Request, model: str, method: str, version: str | None = None,
                       label: str | None = None) -> Response:
-        rid = None
-        try:
-            method = method.lower()
-            if method in _OTHER_VERBS:
-                raise errors.invalid(f":{method} is not supported: splitserve serves predict only "
-                                     f"(POST .../{model}:predict)")
-            if method != "predict":
-                raise malformed(request)
-            v = parse_version(version) if version is not None else None
-            body = await read_body(request, limits.max_body_bytes, limits.request_timeout_s)
-            doc = tfs.parse_request(body)  # malformed JSON is a 400 before any lookup
-            entry = core.manager.entry(model)
-            if label is not None:
-                check_label(model, label)
-                sig = signature_for(entry, core.router.table(model).labels.get(label))
-            else:
-                sig = signature_for(entry, v)
-            req, fmt = tfs.decode_predict(doc, model, sig.inputs if sig else (),
-                                          limits.max_elements, version=v, label=label)
-            rid = req.id = new_request_id()
-            # TF Serving bodies have no 'parameters': top-level keys stand in for them.
-            req.routing_key = core.router.sticky_key(model, request.headers, doc)
-            resp = await core.inference.infer(req)
-            out = tfs.encode_predict(resp, fmt)
-        except ServingError as e:
-            return error_response(e, {"x-request-id": rid} if rid else None)
-        return Response(out, media_type="application/json",
+        method = method.lower()
+        if method in _OTHER_VERBS:
+            raise errors.invalid(f":{method} is not supported: splitserve serves predict only "
+                                 f"(POST .../{model}:predict)")
+        if method != "predict":
+            raise malformed(request)
+        v = parse_version(version) if version is not None else None
+        body = await read_body(request, limits.max_body_bytes, limits.request_timeout_s)
+        doc = tfs.parse_request(body)  # malformed JSON is a 400 before any lookup
+        fmt = tfs.predict_format(doc)
+        core.manager.require(model)
+        if label is not None:
+            check_label(model, label)
+        # Route and pin first; the JSON is typed by the signature of the version that runs it.
+        req = InferRequest(model=model, inputs=[], version=v, label=label, protocol="rest_tfs",
+                           headers=request.headers, parameters=doc,  # top-level keys stand in
+                           decode=lambda sig: (tfs.decode_inputs(doc, model, sig.inputs,
+                                                                 limits.max_elements), None))
+        resp = await core.inference.infer(req)
+        return Response(tfs.encode_predict(resp, fmt), media_type="application/json",
                         headers={"x-model-version": str(resp.version), "x-route": resp.route,
                                  "x-request-id": resp.id})
 
@@ -105,22 +87,19 @@ def build(core: Core) -> APIRouter:
     # ---- model status --------------------------------------------------------------
     async def status(request: Request, model: str, version: str | None = None,
                      label: str | None = None) -> Response:
-        try:
-            if ":" in model:
-                raise errors.invalid(f"Malformed request: GET {request.url.path} "
-                                     f"(:predict takes POST)")
-            entry = core.manager.entry(model)
-            v = pick_version(entry, version, label)
-            statuses = entry.statuses()
-            if v is not None:
-                statuses = [s for s in statuses if s.version == v]
-                if not statuses:
-                    raise errors.not_found(f"Could not find version {v} of model {model}")
-            elif not statuses:
-                raise errors.not_found(f"Could not find any versions of model {model}")
-            return json_response(tfs.model_status(statuses))
-        except ServingError as e:
-            return error_response(e)
+        if ":" in model:
+            raise errors.invalid(f"Malformed request: GET {request.url.path} "
+                                 f"(:predict takes POST)")
+        mv = core.manager.require(model)
+        v = pick_version(model, version, label)
+        statuses = list(mv.versions)
+        if v is not None:
+            statuses = [s for s in statuses if s.version == v]
+            if not statuses:
+                raise errors.not_found(f"Could not find version {v} of model {model}")
+        elif not statuses:
+            raise errors.not_found(f"Could not find any versions of model {model}")
+        return json_response(tfs.model_status(statuses))
 
     @r.get("/v1/models/{model}")
     async def status_model(request: Request, model: str):
@@ -136,22 +115,19 @@ def build(core: Core) -> APIRouter:
 
     # ---- model metadata ------------------------------------------------------------
     async def metadata(model: str, version: str | None = None, label: str | None = None) -> Response:
-        try:
-            entry = core.manager.entry(model)
-            v = pick_version(entry, version, label)
-            if v is None:
-                if not entry.serving:
-                    raise errors.not_found(f"Servable not found for request: Latest({model}): "
-                                           f"no version is AVAILABLE")
-                v = max(entry.serving)
-            h = entry.serving.get(v)
-            if h is None:
-                st = {s.version: s for s in entry.statuses()}.get(v)
-                why = f"; it is {st.state.value}" + (f": {st.error}" if st.error else "") if st else ""
-                raise errors.not_found(f"Servable not found for request: Specific({model}, {v}){why}")
-            return json_response(tfs.model_metadata(model, v, h.loaded.signature))
-        except ServingError as e:
-            return error_response(e)
+        mv = core.manager.require(model)
+        v = pick_version(model, version, label)
+        if v is None:
+            if not mv.available:
+                raise errors.not_found(f"Servable not found for request: Latest({model}): "
+                                       f"no version is AVAILABLE")
+            v = mv.available[-1]
+        sig, _ = mv.signature(v)
+        if sig is None:
+            st = mv.version(v)
+            why = f"; it is {st.state.value}" + (f": {st.error}" if st.error else "") if st else ""
+            raise errors.not_found(f"Servable not found for request: Specific({model}, {v}){why}")
+        return json_response(tfs.model_metadata(model, v, sig))
 
     @r.get("/v1/models/{model}/metadata")
     async def metadata_model(model: str):

@@ -3,16 +3,18 @@ model config and repository endpoints). Thin: decode, call the core, encode."""
 
 from __future__ import annotations
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.routing import Route
 
 from runtime import metadata
 from runtime.core import Core
-from runtime.errors import ServingError
+from runtime.errors import invalid
 from runtime.protocol import kserve_rest
-from runtime.server.http import (check_token, error_response, json_response, parse_version,
-                                 read_body)
+from runtime.server.http import json_response, parse_version, read_body
+
+MAX_INDEX_BODY = 64 * 1024  # {"ready": true} needs a few bytes
 
 SERVER_NAME = "splitserve"
 EXTENSIONS = ["model_repository", "model_configuration", "binary_tensor_data", "statistics",
@@ -32,7 +34,6 @@ def fast_routes(core: Core) -> list[Route]:
 def _build(core: Core) -> tuple[APIRouter, list[Route]]:
     r = APIRouter()
     limits = core.settings.limits
-    token = core.settings.server.token
 
     @r.get("/v2/health/live")
     async def live():
@@ -48,71 +49,51 @@ def _build(core: Core) -> tuple[APIRouter, list[Route]]:
         from runtime import __version__
         return json_response({"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS})
 
-    async def _meta(model: str, version: str | None):
-        try:
-            v = parse_version(version) if version is not None else None
-            return json_response(metadata.model_metadata(core.manager, model, v))
-        except ServingError as e:
-            return error_response(e)
+    def _v(version: str | None) -> int | None:
+        return parse_version(version) if version is not None else None
 
     @r.get("/v2/models/{model}")
     async def model_meta(model: str):
-        return await _meta(model, None)
+        return json_response(metadata.model_metadata(core.manager.view(), model))
 
     @r.get("/v2/models/{model}/versions/{version}")
     async def version_meta(model: str, version: str):
-        return await _meta(model, version)
+        return json_response(metadata.model_metadata(core.manager.view(), model, _v(version)))
 
-    async def _ready(model: str, version: str | None):
-        try:
-            v = parse_version(version) if version is not None else None
-            ok = core.control.ready(model, v)
-        except ServingError as e:
-            return error_response(e)
+    def _ready(model: str, version: str | None):
+        ok = core.control.ready(model, _v(version))
         return json_response({"name": model, "ready": ok}, 200 if ok else 503)
 
     @r.get("/v2/models/{model}/ready")
     async def model_ready(model: str):
-        return await _ready(model, None)
+        return _ready(model, None)
 
     @r.get("/v2/models/{model}/versions/{version}/ready")
     async def version_ready(model: str, version: str):
-        return await _ready(model, version)
-
-    async def _config(model: str, version: str | None):
-        try:
-            v = parse_version(version) if version is not None else None
-            return json_response(metadata.model_config(core.manager, model, v))
-        except ServingError as e:
-            return error_response(e)
+        return _ready(model, version)
 
     @r.get("/v2/models/{model}/config")
     async def model_config(model: str):
-        return await _config(model, None)
+        return json_response(metadata.model_config(core.manager.view(), model))
 
     @r.get("/v2/models/{model}/versions/{version}/config")
     async def version_config(model: str, version: str):
-        return await _config(model, version)
+        return json_response(metadata.model_config(core.manager.view(), model, _v(version)))
 
     async def _infer(request: Request, model: str, version: str | None) -> Response:
-        rid = None
-        try:
-            v = parse_version(version) if version is not None else None
-            body = await read_body(request, limits.max_body_bytes, limits.request_timeout_s)
-            hl = request.headers.get(kserve_rest.HEADER_LEN)
-            if hl is not None:
-                try:
-                    hl = int(hl)
-                except ValueError:
-                    raise ServingError(kserve_rest.errors.Code.INVALID_ARGUMENT,
-                                       f"Inference-Header-Content-Length must be an integer, got {hl!r}") from None
-            req, binary = kserve_rest.decode_infer(body, hl, model, v, limits.max_elements)
-            rid = req.id
-            req.routing_key = core.router.sticky_key(model, request.headers, req.parameters)
-            resp = await core.inference.infer(req)
-            out, header_len = kserve_rest.encode_infer(resp, binary)
-        except ServingError as e:
-            return error_response(e, {"x-request-id": rid} if rid else None)
+        v = _v(version)
+        body = await read_body(request, limits.max_body_bytes, limits.request_timeout_s)
+        hl = request.headers.get(kserve_rest.HEADER_LEN)
+        if hl is not None:
+            try:
+                hl = int(hl)
+            except ValueError:
+                raise invalid(f"Inference-Header-Content-Length must be an integer, "
+                              f"got {hl!r}") from None
+        req, binary = kserve_rest.decode_infer(body, hl, model, v, limits.max_elements)
+        req.headers = request.headers
+        resp = await core.inference.infer(req)
+        out, header_len = kserve_rest.encode_infer(resp, binary)
         headers = {"x-model-version": str(resp.version), "x-route": resp.route,
                    "x-request-id": resp.id}
         if header_len is None:
@@ -137,33 +118,26 @@ def _build(core: Core) -> tuple[APIRouter, list[Route]]:
 
     @r.post("/v2/repository/index")
     async def repository_index(request: Request):
-        body = await request.body()
+        body = await read_body(request, MAX_INDEX_BODY, limits.request_timeout_s)
         ready_only = False
         if body.strip():
             try:
-                import orjson
                 doc = orjson.loads(body)
-                ready_only = bool(doc.get("ready", False)) if isinstance(doc, dict) else False
             except ValueError:
-                return json_response({"error": "malformed JSON request body"}, 400)
-        return json_response(metadata.repository_index(core.manager, ready_only))
+                raise invalid("malformed JSON request body: expected {\"ready\": true|false}") from None
+            ready_only = bool(doc.get("ready", False)) if isinstance(doc, dict) else False
+        return json_response(metadata.repository_index(core.manager.view(), core.root, ready_only))
 
     @r.post("/v2/repository/models/{model}/load")
     async def load(request: Request, model: str):
-        try:
-            check_token(request, token)
-            await core.control.load(model)
-        except ServingError as e:
-            return error_response(e)
+        core.control.authorize(request.headers.get("authorization"), f"load model={model}")
+        await core.control.load(model)
         return json_response({})
 
     @r.post("/v2/repository/models/{model}/unload")
     async def unload(request: Request, model: str):
-        try:
-            check_token(request, token)
-            await core.control.unload(model)
-        except ServingError as e:
-            return error_response(e)
+        core.control.authorize(request.headers.get("authorization"), f"unload model={model}")
+        await core.control.unload(model)
         return json_response({})
 
     return r, fast

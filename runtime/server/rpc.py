@@ -11,7 +11,7 @@ per-element Python work.
 from __future__ import annotations
 
 import asyncio
-import hmac
+import functools
 import json
 import logging
 
@@ -53,14 +53,37 @@ SHM_UNSUPPORTED = ("shared memory is not supported by splitserve; send tensors i
 STREAM_WINDOW = 64  # requests one ModelStreamInfer stream may have in flight
 
 
-async def _abort(context, e: ServingError, request_id: str | None = None):
-    md = (("x-request-id", request_id),) if request_id else ()
-    await context.abort(GRPC_STATUS[e.code], e.message, md)
+def _guarded(method):
+    """The one error handler of a unary servicer method: ServingError -> its status code
+    and message (with x-request-id / x-model-version trailing metadata when known); any
+    other exception is a bug: INTERNAL with a one-line message, traceback at debug."""
+    @functools.wraps(method)
+    async def call(self, request, context):
+        try:
+            return await method(self, request, context)
+        except ServingError as e:
+            await context.abort(GRPC_STATUS[e.code], e.message, _attribution(e))
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as e:  # noqa: BLE001
+            log.error("event=grpc_internal_error method=%s error=%r", method.__name__, e)
+            log.debug("traceback", exc_info=e)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+    return call
+
+
+def _attribution(e: ServingError) -> tuple:
+    md = []
+    if e.request_id:
+        md.append(("x-request-id", e.request_id))
+    if e.version is not None:
+        md.append(("x-model-version", str(e.version)))
+    return tuple(md)
 
 
 class _Metadata:
-    """Invocation metadata as the read-only mapping `Router.sticky_key` expects, built
-    only when something looks (most models have no sticky header)."""
+    """Invocation metadata as the read-only mapping the inference core reads the sticky
+    key from, built only when something looks (most models have no sticky header)."""
 
     __slots__ = ("_context", "_d")
 
@@ -86,17 +109,8 @@ class _Metadata:
         return key in self._dict()
 
 
-def check_token(context, token: str | None) -> None:
-    """UNAUTHENTICATED unless metadata `authorization: Bearer <token>` matches (when set)."""
-    if not token:
-        return
-    got = _Metadata(context).get("authorization", "")
-    if isinstance(got, bytes):
-        got = got.decode("latin-1")
-    scheme, _, value = got.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-        raise ServingError(Code.UNAUTHENTICATED, "this call changes serving state and needs "
-                           "metadata 'authorization: Bearer <token>' with the server's token")
+def _authorize(core: Core, context, action: str) -> None:
+    core.control.authorize(_Metadata(context).get("authorization"), action)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -104,7 +118,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, core: Core):
         self.core = core
-        self.token = core.settings.server.token
         self.max_elements = core.settings.limits.max_elements
 
     # ---- health and metadata ------------------------------------------------------
@@ -114,56 +127,50 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=self.core.ready())
 
+    @_guarded
     async def ModelReady(self, request, context):
         # Like Triton: an unknown model or version is "not ready", not an error.
+        v = _version(request.version)
         try:
-            v = _version(request.version)
             ok = self.core.control.ready(request.name, v)
         except ServingError as e:
             if e.code is Code.NOT_FOUND:
                 return pb.ModelReadyResponse(ready=False)
-            await _abort(context, e)
+            raise
         return pb.ModelReadyResponse(ready=ok)
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__,
                                          extensions=EXTENSIONS)
 
+    @_guarded
     async def ModelMetadata(self, request, context):
-        try:
-            meta = metadata.model_metadata(self.core.manager, request.name, _version(request.version))
-        except ServingError as e:
-            await _abort(context, e)
+        meta = metadata.model_metadata(self.core.manager.view(), request.name,
+                                       _version(request.version))
         return codec.model_metadata(meta)
 
+    @_guarded
     async def ModelConfig(self, request, context):
-        try:
-            cfg = metadata.model_config(self.core.manager, request.name, _version(request.version))
-            return codec.model_config(cfg)
-        except ServingError as e:
-            await _abort(context, e)
+        cfg = metadata.model_config(self.core.manager.view(), request.name,
+                                    _version(request.version))
+        return codec.model_config(cfg)
 
+    @_guarded
     async def ModelStatistics(self, request, context):
-        try:
-            stats = self.core.metrics.statistics(request.name or None, _version(request.version))
-            return codec.model_statistics(stats)
-        except ServingError as e:
-            await _abort(context, e)
+        stats = self.core.metrics.statistics(request.name or None, _version(request.version))
+        return codec.model_statistics(stats)
 
     # ---- inference ----------------------------------------------------------------
+    @_guarded
     async def ModelInfer(self, request, context):
-        core = self.core
-        req = None
         try:
             req = codec.decode_infer(request, self.max_elements)
-            req.routing_key = core.router.sticky_key(req.model, _Metadata(context), req.parameters)
-            resp = await core.inference.infer(req)
-            out = codec.encode_infer(resp)
         except ServingError as e:
-            await _abort(context, e, req.id if req is not None else request.id)
-        except Exception as e:  # a bug, not the client's fault: say so, keep serving
-            log.exception("event=grpc_infer_error model=%s", request.model_name)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+            e.request_id = e.request_id or request.id or None
+            raise
+        req.headers = _Metadata(context)
+        resp = await self.core.inference.infer(req)
+        out = codec.encode_infer(resp)
         context.set_trailing_metadata((("x-model-version", out.model_version),
                                        ("x-route", resp.route), ("x-request-id", out.id)))
         return out
@@ -173,7 +180,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         req = None
         try:
             req = codec.decode_infer(request, self.max_elements)
-            req.routing_key = core.router.sticky_key(req.model, md, req.parameters)
+            req.headers = md
             resp = await core.inference.infer(req)
             out = codec.encode_infer(resp)
         except ServingError as e:
@@ -183,7 +190,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     model_name=request.model_name, model_version=request.model_version,
                     id=(req.id if req is not None else request.id) or ""))
         except Exception as e:
-            log.exception("event=grpc_stream_infer_error model=%s", request.model_name)
+            log.error("event=grpc_stream_infer_error model=%s error=%r", request.model_name, e)
+            log.debug("traceback", exc_info=e)
             return pb.ModelStreamInferResponse(error_message=f"internal error: {type(e).__name__}: {e}")
         if req.parameters.get("triton_enable_empty_final_response"):
             # Not decoupled: this one response is also the final one.
@@ -217,24 +225,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     t.cancel()
 
     # ---- repository -----------------------------------------------------------------
+    @_guarded
     async def RepositoryIndex(self, request, context):
-        return codec.repository_index(metadata.repository_index(self.core.manager, request.ready))
+        return codec.repository_index(metadata.repository_index(
+            self.core.manager.view(), self.core.root, request.ready))
 
+    @_guarded
     async def RepositoryModelLoad(self, request, context):
-        try:
-            check_token(context, self.token)
-            _no_load_parameters(request)
-            await self.core.control.load(request.model_name)
-        except ServingError as e:
-            await _abort(context, e)
+        _authorize(self.core, context, f"load model={request.model_name}")
+        _no_load_parameters(request)
+        await self.core.control.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
+    @_guarded
     async def RepositoryModelUnload(self, request, context):
-        try:
-            check_token(context, self.token)
-            await self.core.control.unload(request.model_name)
-        except ServingError as e:
-            await _abort(context, e)
+        _authorize(self.core, context, f"unload model={request.model_name}")
+        await self.core.control.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     # ---- shared memory: not supported (Triton answers UNIMPLEMENTED = UNSUPPORTED) ---
@@ -296,27 +302,22 @@ class RoutingServicer(mpb_grpc.RoutingServiceServicer):
 
     def __init__(self, core: Core):
         self.core = core
-        self.token = core.settings.server.token
 
+    @_guarded
     async def GetRouting(self, request, context):
-        try:
-            state = self.core.control.routing(request.model)
-        except ServingError as e:
-            await _abort(context, e)
+        state = self.core.control.routing(request.model)
         return mpb.RoutingState(model=request.model, state_json=json.dumps(state, default=_jsonable))
 
+    @_guarded
     async def SetRouting(self, request, context):
+        _authorize(self.core, context, f"put_routing model={request.model}")
         try:
-            check_token(context, self.token)
-            try:
-                obj = json.loads(request.config_json) if request.config_json.strip() else None
-            except ValueError as e:
-                raise ServingError(Code.INVALID_ARGUMENT, f"config_json is not valid JSON: {e}") from None
-            if not isinstance(obj, dict):
-                raise ServingError(Code.INVALID_ARGUMENT, "config_json must be a JSON object")
-            state = await self.core.control.put_routing(request.model, obj)
-        except ServingError as e:
-            await _abort(context, e)
+            obj = json.loads(request.config_json) if request.config_json.strip() else None
+        except ValueError as e:
+            raise ServingError(Code.INVALID_ARGUMENT, f"config_json is not valid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise ServingError(Code.INVALID_ARGUMENT, "config_json must be a JSON object")
+        state = await self.core.control.put_routing(request.model, obj)
         return mpb.RoutingState(model=request.model, state_json=json.dumps(state, default=_jsonable))
 
 

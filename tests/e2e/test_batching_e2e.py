@@ -13,7 +13,7 @@ import torch
 from conftest import MLP_YAML, expected_output, wait_until
 
 BATCHING_YAML = MLP_YAML.replace(
-    "batching:\n  enabled: false", "batching:\n  enabled: true").replace(
+    "batching:\n  enabled: false", "batching:\n  enabled: true\n  exact: true").replace(
     "max_queue_delay_us: 500", "max_queue_delay_us: 20000")
 assert "enabled: true" in BATCHING_YAML and "max_queue_delay_us: 20000" in BATCHING_YAML
 
@@ -34,7 +34,7 @@ async def _concurrently(url: str, xs: list[np.ndarray]) -> list[httpx.Response]:
 
 
 def _batcher(srv, version: int):
-    return srv.on_loop(lambda: srv.core.manager.models["mlp"].serving[version].batcher)
+    return srv.on_loop(lambda: srv.core.manager.models["mlp"].serving[version].runner.batcher)
 
 
 def test_concurrent_requests_batched_and_bit_identical_to_alone(make_repo, serve):

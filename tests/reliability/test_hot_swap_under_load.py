@@ -70,10 +70,10 @@ class Timeline:
             router._rebuild = rebuild
             inner = manager.on_event
 
-            def on_event(kind, h):
-                if h.sid.model == model:
-                    self.lifecycle.append((time.monotonic(), kind, h.version))
-                inner(kind, h)
+            def on_event(ev):
+                if ev.model == model:
+                    self.lifecycle.append((time.monotonic(), ev.kind, ev.version))
+                inner(ev)
             manager.on_event = on_event
             self.points.append((time.monotonic(), self.routable(router)))
         srv.on_loop(install)
@@ -257,9 +257,9 @@ def test_empty_version_folder_is_not_failed_before_files_arrive(make_repo, serve
     events: list[tuple[str, int]] = []
     inner = srv.core.manager.on_event
 
-    def rec(kind, h):
-        events.append((kind, h.version))
-        inner(kind, h)
+    def rec(ev):
+        events.append((ev.kind, ev.version))
+        inner(ev)
     srv.core.manager.on_event = rec
     (repo / "mlp" / "2").mkdir()
     time.sleep(1.0)

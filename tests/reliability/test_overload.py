@@ -2,7 +2,7 @@
 
 A slow model (forward sleeps DELAY s, one executor thread per version). More concurrent
 requests than the server admits -- by `limits.max_inflight`, or by a batcher's
-`max_queue_size` -- are refused fast with 503 (REST) / RESOURCE_EXHAUSTED (gRPC); the
+`max_queue_size` -- are refused fast with 429 + Retry-After (REST) / RESOURCE_EXHAUSTED (gRPC); the
 admitted ones complete with a latency bounded by the work admitted ahead of them; when
 the load drops the server answers everything again.
 """
@@ -103,7 +103,7 @@ def test_over_max_inflight_is_refused_fast(make_repo, serve):
     ok, refused = summarize(f"max_inflight={limit}", results)
     assert len(ok) >= limit and len(refused) >= 10
     for proto, code, _, msg in refused:
-        assert code == (503 if proto == "rest" else grpc.StatusCode.RESOURCE_EXHAUSTED), (proto, code, msg)
+        assert code == (429 if proto == "rest" else grpc.StatusCode.RESOURCE_EXHAUSTED), (proto, code, msg)
         assert "limit" in msg and str(limit) in msg, msg
     assert max(r[2] for r in refused) < 1.0, "refusals were not fast"
     # admitted requests ran one after another: bounded by the work admitted ahead of them
@@ -119,11 +119,11 @@ def test_over_max_inflight_is_refused_fast(make_repo, serve):
 def test_over_batch_queue_is_refused_fast(make_repo, serve):
     repo = make_repo({})
     write_slow_model(repo, "slow", delay=DELAY, extra_yaml=(
-        "batching: {enabled: true, max_queue_size: 2, max_queue_delay_us: 0}"))
+        "batching: {enabled: true, exact: true, max_queue_size: 2, max_queue_delay_us: 0}"))
     yaml_path = repo / "slow" / "model.yaml"
     yaml_path.write_text(yaml_path.read_text().replace("max_batch_size: 8", "max_batch_size: 2"))
     srv = serve(repo)
-    h = srv.core.manager.models["slow"].serving[1]
+    h = srv.core.manager.models["slow"].serving[1].runner
     assert h.batcher is not None
     assert wait_until(lambda: bool(h.batcher.row_multiple), 30), "batch calibration never ended"
     recovered(srv, 1)
@@ -131,7 +131,7 @@ def test_over_batch_queue_is_refused_fast(make_repo, serve):
     ok, refused = summarize("batch queue max_queue_size=2, max_batch_size=2", results)
     assert len(ok) >= 3 and len(refused) >= 8
     for proto, code, _, msg in refused:
-        assert code == (503 if proto == "rest" else grpc.StatusCode.RESOURCE_EXHAUSTED), (proto, code, msg)
+        assert code == (429 if proto == "rest" else grpc.StatusCode.RESOURCE_EXHAUSTED), (proto, code, msg)
         assert "queue" in msg and "full" in msg, msg
     assert max(r[2] for r in refused) < 1.0
     # at most one running batch + one queued batch of 2 ahead of any admitted request

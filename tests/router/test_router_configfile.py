@@ -9,7 +9,6 @@ from router import (
     RouteConfig,
     RoutingError,
     load_config_file,
-    persist_all_configs,
     persist_config_file,
 )
 
@@ -136,17 +135,6 @@ def test_persist_creates_a_missing_file(tmp_path):
     assert load_config_file(p) == {"m": config}
     assert oct(p.stat().st_mode & 0o777) == oct(0o644)
 
-
-def test_persist_all(path):
-    configs = {
-        "resnet": RouteConfig.from_json({"labels": {"stable": 1}, "weights": {"stable": 1}}),
-        "new": RouteConfig(),
-    }
-    persist_all_configs(path, configs)
-    assert load_config_file(path) == configs
-    text = path.read_text()
-    assert "stable: 1   # the version we trust" in text and "canary" not in text and "bert" not in text
-    assert "port: 8500" in text
 
 
 def test_persist_refuses_to_overwrite_an_unparsable_file(tmp_path):

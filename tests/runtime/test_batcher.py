@@ -390,26 +390,20 @@ def test_outputs_without_batch_dim_fall_back_to_one_by_one(executor):
 
 # ---- make_batcher -----------------------------------------------------------------------
 
-class _H:
-    def __init__(self, spec, loaded, executor):
-        from runtime.types import ServableId
-        self.sid, self.spec, self.loaded, self.executor = ServableId("mlp", 1), spec, loaded, executor
-
-
 @pytest.mark.parametrize("yaml_extra", ["max_batch_size: 0\nbatching: {enabled: true}",
                                         "max_batch_size: 8\nbatching: {enabled: false}"])
 def test_make_batcher_off(yaml_extra):
     spec = parse_spec(yaml_extra)
-    assert make_batcher(_H(spec, None, None)) is None
+    assert make_batcher("m", None, spec, None) is None
 
 
 def test_make_batcher_on_calibrates_the_signature_shape(executor):
-    text = (BUNDLED / "model.yaml").read_text().replace("enabled: false", "enabled: true")
+    text = (BUNDLED / "model.yaml").read_text().replace("enabled: false", "enabled: true\n  exact: true")
     spec = parse_spec(text + "\n")
     lm = load_version(BUNDLED / "1", "model.safetensors", spec)
 
     async def main():
-        b = make_batcher(_H(spec, lm, executor))
+        b = make_batcher("model 'mlp' version 1", lm, spec, executor)
         assert b is not None and b.max_batch_size == 64 and b.delay == pytest.approx(0.0005)
         out = await b.submit([rows(3)])
         b.close()
@@ -422,7 +416,7 @@ def test_make_batcher_on_calibrates_the_signature_shape(executor):
 
 
 def test_precalibrated_harness_and_batches_reported_to_metrics(executor):
-    text = (BUNDLED / "model.yaml").read_text().replace("enabled: false", "enabled: true")
+    text = (BUNDLED / "model.yaml").read_text().replace("enabled: false", "enabled: true\n  exact: true")
     spec = parse_spec(text + "\n")
     lm = load_version(BUNDLED / "2", "model.pt2", spec)
     pre = calibrate_loaded(lm, spec)  # what the load thread does before AVAILABLE
@@ -435,12 +429,11 @@ def test_precalibrated_harness_and_batches_reported_to_metrics(executor):
         def record_batch(self, model, version, size, secs):
             self.calls.append((model, version, size))
 
-    h = _H(spec, lm, executor)
-    h.batch_calibration = pre
     m = M()
 
     async def main():
-        b = make_batcher(h, m)
+        b = make_batcher("model 'mlp' version 1", lm, spec, executor, pre,
+                         lambda rows, secs: m.record_batch("mlp", 1, rows, secs))
         assert b.row_multiple == pre  # nothing left to calibrate on the executor
         await asyncio.gather(*(b.submit([rows(1, seed=i)]) for i in range(3)))
         b.close()

@@ -40,9 +40,9 @@ class Recorder:
         self.events = []
         inner = srv.core.manager.on_event
 
-        def rec(kind, h):
-            self.events.append((kind, h.version))
-            inner(kind, h)
+        def rec(ev):
+            self.events.append((ev.kind, ev.version))
+            inner(ev)
         srv.core.manager.on_event = rec
 
 

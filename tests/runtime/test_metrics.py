@@ -4,8 +4,6 @@ shadow figures, Triton statistics shape, Prometheus text from the custom collect
 from __future__ import annotations
 
 import time
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,9 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router import RouteConfig, Router
 from runtime.errors import Code, ServingError
-from runtime.manager import ModelEntry
-from runtime.metrics import EDGES, EXPORT_BOUNDS, Metrics, quantile
-from runtime.types import ServableId, VersionState
+from runtime.metrics import BATCH_BOUNDS, EDGES, EXPORT_BOUNDS, Metrics, quantile
+from runtime.types import VersionState
+from runtime.views import LifecycleEvent, ModelView, Snapshot, VersionView
 
 
 class Clock:
@@ -36,22 +34,32 @@ def fail(m, version=1, route="pinned", code="INVALID_ARGUMENT", latency=0.001, m
     m.record_request(model, version, route, "rest_v2", code, latency, 0.0, 0.0, 0)
 
 
-def harness(model, version, state=VersionState.AVAILABLE, memory=1000, inflight=0, gen=1,
-            error=None):
-    loaded = None
-    if state in (VersionState.AVAILABLE, VersionState.UNLOADING):
-        loaded = SimpleNamespace(memory_bytes=memory, load_s=0.25, warmup_s=0.05,
-                                 device=SimpleNamespace(type="cpu", index=None, __str__=lambda s: "cpu"))
-    return SimpleNamespace(sid=ServableId(model, version), version=version, generation=gen,
-                           state=state, error=error, state_since=0.0, inflight=inflight,
-                           loaded=loaded)
+def version(v, state=VersionState.AVAILABLE, memory=1000, error=None) -> VersionView:
+    loaded = state in (VersionState.AVAILABLE, VersionState.UNLOADING)
+    return VersionView(v, state, error, 0.0, None, "model.pt2" if loaded else None,
+                       "cpu" if loaded else None, memory if loaded else 0)
 
 
-def manager_with(*harnesses, model="m"):
-    entry = ModelEntry(model, Path("/nonexistent") / model)
-    entry.spec = object()
-    entry.harnesses = list(harnesses)
-    return SimpleNamespace(models={model: entry}, model_names=lambda: [model])
+class Views:
+    """A hand-built published view: what the manager would publish (no manager needed)."""
+
+    def __init__(self, *versions, model="m", inflight=None):
+        self.model = model
+        self.inflight = dict(inflight or {})
+        self.set(*versions)
+
+    def set(self, *versions):
+        mv = ModelView(self.model, tuple(sorted(versions, key=lambda x: x.version)))
+        self.snap = Snapshot(1, {self.model: mv}, lambda m, v: self.inflight.get(v, 0))
+
+    def __call__(self) -> Snapshot:
+        return self.snap
+
+
+def event(kind, v, model="m", error=None):
+    return LifecycleEvent(kind, model, v, error, 0.25 if kind == "loaded" else None,
+                          0.05 if kind == "loaded" else None,
+                          "cpu" if kind == "loaded" else None, 4096 if kind == "loaded" else 0)
 
 
 def prom(m) -> dict:
@@ -103,8 +111,7 @@ def test_unknown_model_is_not_found():
 
 
 def test_unknown_model_names_share_one_label():
-    m = Metrics(Router())
-    m.manager = manager_with(harness("m", 1))
+    m = Metrics(Router(), views=Views(version(1)))
     for name in ("a", "b", "c"):
         fail(m, None, route="unrouted", code="NOT_FOUND", model=name)
     fail(m, None, route="unrouted", code="UNAVAILABLE")  # a known model keeps its name
@@ -292,12 +299,11 @@ def test_executed_batches_from_a_batcher_replace_request_batches():
 
 # ---- manager-backed figures: state, memory, in-flight, lifecycle ----------------------
 def test_state_memory_inflight_and_lifecycle_from_the_manager():
-    m = Metrics(Router(), clock=Clock())
-    h1 = harness("m", 1, memory=4096, inflight=2)
-    bad = harness("m", 2, state=VersionState.FAILED, error="no model file", gen=2)
-    m.manager = manager_with(h1, bad)
-    m.lifecycle_event("loaded", h1)
-    m.lifecycle_event("failed", bad)
+    bad = version(2, state=VersionState.FAILED, error="no model file")
+    views = Views(version(1, memory=4096), bad, inflight={1: 2})
+    m = Metrics(Router(), views=views, clock=Clock())
+    m.lifecycle_event(event("loaded", 1))
+    m.lifecycle_event(event("failed", 2, error="no model file"))
     rows = {v["version"]: v for v in m.summary("m")["versions"]}
     assert rows["1"]["state"] == "AVAILABLE" and rows["1"]["memory_bytes"] == 4096
     assert rows["2"]["state"] == "FAILED" and rows["2"]["reason"] == "no model file"
@@ -322,9 +328,8 @@ def test_state_memory_inflight_and_lifecycle_from_the_manager():
     assert "no model file" not in text  # the reason is not a label
 
     # unloaded: END, no memory, and the version drops out of the summary (no traffic)
-    h1.state, h1.loaded = VersionState.END, None
-    m.manager.models["m"].harnesses = [bad]
-    m.lifecycle_event("unloaded", h1)
+    views.set(bad)
+    m.lifecycle_event(event("unloaded", 1))
     rows = {v["version"]: v for v in m.summary("m")["versions"]}
     assert set(rows) == {"2"}
 
@@ -353,7 +358,22 @@ def test_prometheus_histograms_are_cumulative_and_match_counts():
         assert counts == [len(lats)], name
     b = {s.labels["le"]: s.value for s in fams["splitserve_batch_size"].samples
          if s.name.endswith("_bucket")}
-    assert b == {"1.0": 0, "2.0": 8, "+Inf": 8}
+    assert b == {**{f"{float(x)}": (0 if x < 2 else 8) for x in BATCH_BOUNDS}, "+Inf": 8}
+
+
+def test_batch_size_buckets_never_change_between_scrapes():
+    """A fixed `le` set keeps rate() and histogram_quantile() valid (issue 10)."""
+    m = Metrics(Router(), clock=Clock())
+
+    def les():
+        fams, _ = prom(m)
+        return [s.labels["le"] for s in fams["splitserve_batch_size"].samples
+                if s.name.endswith("_bucket")]
+    ok(m, 1, batch=1)
+    first = les()
+    ok(m, 1, batch=48)
+    ok(m, 1, batch=700)
+    assert les() == first == [f"{float(x)}" for x in BATCH_BOUNDS] + ["+Inf"]
 
 
 def test_each_metrics_has_its_own_registry():
@@ -378,8 +398,7 @@ def test_statistics_fit_the_grpc_message_field_for_field():
     json_format = pytest.importorskip("google.protobuf.json_format")
     from runtime.protocol.pb import grpc_service_pb2 as pb
 
-    m = Metrics(Router(), clock=Clock())
-    m.manager = manager_with(harness("m", 1, memory=2048))
+    m = Metrics(Router(), views=Views(version(1, memory=2048)), clock=Clock())
     ok(m, 1, batch=2)
     fail(m, 1)
     st = m.statistics("m")

@@ -1,0 +1,164 @@
+"""Running forward passes of one version: its executor thread, its one bounded queue,
+its dynamic batcher when batching is on, and a lower-priority lane for shadow copies.
+
+A request's path visits the manager once (to pin a version, see `Handle`); everything
+after that happens here. Three ways to run, chosen per version at load:
+- batched: `Batcher.submit` (the batcher owns the queue and the executor hand-off);
+- on the executor: one thread per version with its own intra-op thread count;
+- inline on the event loop, for tiny CPU models whose forward costs less than the hop.
+Every way goes through the same bound (`max_queue_size` requests waiting or running)
+and reports the same timings: queue time from submit to start, compute time.
+
+Shadows never delay or starve primary traffic: they have their own bound, wait until no
+primary request of the version is waiting or running, and run one at a time. When a
+version starts unloading, waiting shadows are dropped at once so they cannot hold its drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from runtime.errors import Code, ServingError
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    outputs: list
+    queue_s: float  # submitted -> its forward pass started
+    compute_s: float  # its forward pass (the whole batch's, when batched)
+    batch_size: int  # rows in the pass that ran it (padding excluded)
+
+
+class ShadowDropped(ServingError):
+    """A shadow copy refused (its lane is full, or the version is unloading)."""
+
+    def __init__(self, message: str):
+        super().__init__(Code.RESOURCE_EXHAUSTED, message)
+
+
+class Runner:
+    """Forward passes of one loaded version. All methods run on the event loop."""
+
+    def __init__(self, name: str, forward, executor: ThreadPoolExecutor, *,
+                 max_queue_size: int = 1024, batcher=None, inline_numel: int = 0,
+                 shadow_max_waiting: int = 16):
+        self.name = name  # "model 'm' version N", for messages
+        self.forward = forward
+        self.executor = executor
+        self.batcher = batcher
+        self.inline_numel = inline_numel  # inputs up to this many elements run inline
+        self.max_queue_size = max_queue_size
+        self.shadow_max_waiting = shadow_max_waiting
+        self.pending = 0  # primary requests waiting or running
+        self.rejected = 0
+        self.shadow_waiting = 0
+        self.shadow_dropped = 0
+        self._primary_idle = asyncio.Event()
+        self._primary_idle.set()
+        self._shadow_turn = asyncio.Lock()
+        self._shadows_closed = False
+
+    @classmethod
+    def create(cls, name: str, loaded, *, threads: int, max_queue_size: int,
+               make_batcher=None, inline_forward_us: float = 0.0,
+               shadow_max_waiting: int = 16) -> "Runner":
+        executor = ThreadPoolExecutor(1, thread_name_prefix=f"fwd-{name}",
+                                      initializer=torch.set_num_threads, initargs=(threads,))
+        batcher = make_batcher(executor) if make_batcher is not None else None
+        inline = 0
+        if (batcher is None and loaded.device.type == "cpu" and loaded.forward_s is not None
+                and loaded.forward_s * 1e6 <= inline_forward_us):
+            inline = 4 * loaded.sample_numel
+        return cls(name, loaded.forward, executor, max_queue_size=max_queue_size,
+                   batcher=batcher, inline_numel=inline, shadow_max_waiting=shadow_max_waiting)
+
+    # ---- primary traffic -------------------------------------------------------------
+    async def run(self, inputs: list[torch.Tensor]) -> RunResult:
+        if self.pending >= self.max_queue_size:
+            self.rejected += 1
+            raise ServingError(Code.RESOURCE_EXHAUSTED, f"queue of {self.name} is full "
+                               f"({self.max_queue_size} requests waiting or running, "
+                               f"max_queue_size); retry later")
+        self.pending += 1
+        self._primary_idle.clear()
+        try:
+            return await self._execute(inputs)
+        finally:
+            self.pending -= 1
+            if self.pending == 0:
+                self._primary_idle.set()
+
+    async def _execute(self, inputs: list[torch.Tensor]) -> RunResult:
+        if self.batcher is not None:
+            r = await self.batcher.submit(inputs)
+            return RunResult(list(r), r.queue_s, r.compute_s, r.batch_size)
+        rows = int(inputs[0].shape[0]) if inputs and inputs[0].dim() else 1
+        if self.inline_numel and sum(x.numel() for x in inputs) <= self.inline_numel:
+            t0 = time.perf_counter()
+            outs = self.forward(inputs)  # tiny forward: cheaper than a thread hop
+            return RunResult(outs, 0.0, time.perf_counter() - t0, rows)
+        t_submit = time.perf_counter()
+        outs, t_start, t_end = await asyncio.get_running_loop().run_in_executor(
+            self.executor, _timed, self.forward, inputs)
+        return RunResult(outs, max(0.0, t_start - t_submit), t_end - t_start, rows)
+
+    # ---- shadow copies ---------------------------------------------------------------
+    async def run_shadow(self, inputs: list[torch.Tensor]) -> RunResult:
+        """Run a shadow copy when no primary request waits; ShadowDropped when it cannot."""
+        if self._shadows_closed:
+            self.shadow_dropped += 1
+            raise ShadowDropped(f"{self.name} is unloading: shadow copy dropped")
+        if self.shadow_waiting >= self.shadow_max_waiting:
+            self.shadow_dropped += 1
+            raise ShadowDropped(f"shadow lane of {self.name} is full "
+                                f"({self.shadow_max_waiting} waiting): shadow copy dropped")
+        self.shadow_waiting += 1
+        try:
+            async with self._shadow_turn:
+                while self.pending and not self._shadows_closed:
+                    await self._primary_idle.wait()
+                if self._shadows_closed:
+                    self.shadow_dropped += 1
+                    raise ShadowDropped(f"{self.name} is unloading: shadow copy dropped")
+                return await self._execute(inputs)
+        finally:
+            self.shadow_waiting -= 1
+
+    def stop_shadows(self) -> None:
+        """Unloading: drop waiting shadows now, refuse new ones."""
+        self._shadows_closed = True
+        self._primary_idle.set()  # wake waiters so they see the flag
+
+    # ---- settings and shutdown -------------------------------------------------------
+    def update(self, *, max_queue_size: int, max_queue_delay_s: float,
+               preferred_batch_sizes) -> None:
+        """Settings that do not touch the weights apply in place (model.yaml edits)."""
+        self.max_queue_size = max_queue_size
+        if self.batcher is not None:
+            self.batcher.max_queue_size = max_queue_size
+            self.batcher.delay = max(0.0, max_queue_delay_s)
+            self.batcher.preferred = sorted({p for p in preferred_batch_sizes
+                                             if 1 <= p <= self.batcher.max_batch_size})
+
+    async def close(self, release) -> None:
+        """After the version's handles are gone: finish queued work, then `release` the
+        model on the executor thread (after every forward queued there), then stop it."""
+        self.stop_shadows()
+        if self.batcher is not None:
+            self.batcher.close()  # stragglers that raced the table swap get UNAVAILABLE
+            await self.batcher.drain()
+        await asyncio.get_running_loop().run_in_executor(self.executor, release)
+        self.forward = None
+        self.executor.shutdown(wait=False)
+
+
+def _timed(forward, inputs):
+    """Executor thread: the forward pass with its start and end times."""
+    t0 = time.perf_counter()
+    outs = forward(inputs)
+    return outs, t0, time.perf_counter()
