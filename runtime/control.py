@@ -15,16 +15,19 @@ from router import (Router, RouteConfig, RoutingError, load_config_file, persist
                     validate_against)
 from runtime import errors
 from runtime.manager import Manager
+from runtime.settings import FileSettings, Settings
 from runtime.types import VersionState
 
 log = logging.getLogger("splitserve.control")
 
 
 class Control:
-    def __init__(self, manager: Manager, router: Router, config_path: Path | None):
+    def __init__(self, manager: Manager, router: Router, config_path: Path | None,
+                 settings: Settings | None = None):
         self.manager = manager
         self.router = router
         self.config_path = config_path
+        self.file_settings = FileSettings(settings) if settings is not None else None
         self._write_lock = asyncio.Lock()
 
     # ---- routing ------------------------------------------------------------------
@@ -60,6 +63,8 @@ class Control:
         """Apply the config file (hot reload). An invalid file is logged and ignored."""
         if self.config_path is None:
             return False
+        if self.file_settings is not None:  # server:/limits:/...: live keys applied, others WARNING
+            self.file_settings.reload()
         try:
             configs = load_config_file(self.config_path)
             for model, cfg in configs.items():

@@ -36,7 +36,7 @@ class Core:
         self.metrics.manager = self.manager
         self.inference = InferenceService(self.manager, self.router, settings.limits,
                                           self.metrics, settings.shadow_max_inflight)
-        self.control = Control(self.manager, self.router, settings.config_path)
+        self.control = Control(self.manager, self.router, settings.config_path, settings)
         self.watcher: Watcher | None = None
         self._cfg_timer: asyncio.TimerHandle | None = None  # debounces config-file events
         self.started = False
