@@ -186,7 +186,9 @@ class JsonFormatter(logging.Formatter):
             doc["exc"] = self.formatException(record.exc_info)
         if record.stack_info:
             doc["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(doc, ensure_ascii=False, allow_nan=True)
+        line = json.dumps(doc, ensure_ascii=False)
+        # valid JSON, but splitlines() and some collectors break lines there
+        return line.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
 
 
 def set_level(level: str) -> None:

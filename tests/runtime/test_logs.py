@@ -71,6 +71,11 @@ def test_kv_is_one_line_with_newlines_and_tracebacks():
     assert isinstance(got["ts"], str) and got["ts"].endswith("Z")  # one token, no space in it
 
 
+def test_json_escapes_unicode_line_separators():
+    line = JsonFormatter().format(record("event=x reason=%r", "a\u2028b\x85c"))
+    assert len(line.splitlines()) == 1 and json.loads(line)["reason"] == "a\u2028b\x85c"
+
+
 def test_one_line_leaves_clean_messages_alone():
     m = "event=x reason='a b' cfg={'a': 1}"
     assert one_line(m) is m
@@ -96,7 +101,9 @@ def test_kv_round_trips_through_parse(fields):
 def test_any_message_formats_as_one_line(msg):
     line = KvFormatter().format(record("%s", msg))
     assert len(line.splitlines()) == 1
-    json.loads(JsonFormatter().format(record("%s", msg)))  # never raises
+    doc = JsonFormatter().format(record("%s", msg))
+    assert len(doc.splitlines()) == 1
+    json.loads(doc)  # never raises
 
 
 def test_levels_are_checked():
