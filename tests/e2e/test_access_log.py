@@ -130,6 +130,7 @@ def test_errors_are_capped_per_second_and_the_skipped_counted(monkeypatch):
     assert [f.get("suppressed") for f in log.fields()] == [None, None, None, 7]
 
 
+@pytest.mark.slow
 def test_config_edit_switches_access_log_and_limits_live(make_repo, serve, tmp_path):
     cfg = tmp_path / "splitserve.yaml"
     cfg.write_text("server: {access_log: 'off', http_port: 8000}\nlimits: {max_body_bytes: 67108864}\nmodels: {}\n")
