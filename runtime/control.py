@@ -17,6 +17,7 @@ from router import (Router, RouteConfig, RoutingError, load_config_file, persist
                     validate_against)
 from runtime import errors
 from runtime.manager import Manager
+from runtime.settings import FileSettings, Settings
 from runtime.types import VersionState
 
 log = logging.getLogger("splitserve.control")
@@ -26,24 +27,26 @@ class Control:
     """Every state change, whatever the protocol: one token check, one audit line each."""
 
     def __init__(self, manager: Manager, router: Router, config_path: Path | None,
-                 token: str | None = None):
+                 settings: Settings | None = None):
         self.manager = manager
         self.router = router
         self.config_path = config_path
-        self.token = token
+        self.settings = settings
+        self.file_settings = FileSettings(settings) if settings is not None else None
         self._write_lock = asyncio.Lock()
 
     # ---- authorization ------------------------------------------------------------
     def authorize(self, authorization: str | bytes | None, action: str) -> None:
         """UNAUTHENTICATED unless `authorization` is `Bearer <token>` (when a token is set).
         `authorization` is the HTTP header or gRPC metadata value as received."""
-        if not self.token:
+        token = self.settings.server.token if self.settings is not None else None
+        if not token:
             return
         if isinstance(authorization, bytes):
             authorization = authorization.decode("latin-1")
         scheme, _, value = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(),
-                                                                 self.token.encode()):
+                                                                 token.encode()):
             self.refused(action, "missing or wrong bearer token")
             raise errors.ServingError(errors.Code.UNAUTHENTICATED, "this call changes serving "
                                       "state and needs 'Authorization: Bearer <token>' with "
@@ -89,6 +92,8 @@ class Control:
         """Apply the config file (hot reload). An invalid file is logged and ignored."""
         if self.config_path is None:
             return False
+        if self.file_settings is not None:  # server:/limits:/...: live keys applied, others WARNING
+            self.file_settings.reload()
         try:
             configs = load_config_file(self.config_path)
             snap = self.manager.view()

@@ -44,8 +44,7 @@ class Core:
         self._available: dict[str, tuple[int, ...]] = {}
         self.inference = InferenceService(self.manager, self.router, settings.limits,
                                           self.metrics, settings.shadow_max_inflight)
-        self.control = Control(self.manager, self.router, settings.config_path,
-                               settings.server.token)
+        self.control = Control(self.manager, self.router, settings.config_path, settings)
         self.watcher: Watcher | None = None
         self._cfg_timer: asyncio.TimerHandle | None = None  # debounces config-file events
         self.started = False

@@ -20,6 +20,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.core import Core
 from runtime.errors import ServingError
+from runtime.server.access_log import AccessLog
+from runtime.server.banner import serving_line
 from runtime.server.http import error_response, json_response
 from runtime.settings import Settings
 
@@ -72,6 +74,7 @@ def build_app(core: Core) -> FastAPI:
         app.include_router(mod.build(core))
     from runtime.server.rest_v2 import fast_routes
     app.router.routes[:0] = fast_routes(core)
+    app.add_middleware(AccessLog, settings=core.settings.server)  # reads its mode per request
     return app
 
 
@@ -118,8 +121,7 @@ class Server:
             rpc = None
         if rpc is not None:
             self._grpc, self.grpc_port = await rpc.start(self.core, s.host, s.grpc_port)
-        log.info("event=serving http=%s:%s grpc=%s:%s repository=%s", s.host, self.http_port,
-                 s.host, self.grpc_port, self.core.root)
+        log.info("%s", serving_line(self.core, s.host, self.http_port, self.grpc_port))
 
     async def stop(self) -> None:
         if self._stopped.is_set():
