@@ -407,3 +407,43 @@ def test_statistics_fit_the_grpc_message_field_for_field():
     assert (s.name, s.version, s.inference_count, s.execution_count) == ("m", "1", 2, 1)
     assert s.inference_stats.fail.count == 1 and s.batch_stats[0].batch_size == 2
     assert s.memory_usage[0].byte_size == 2048 and s.memory_usage[0].type == "CPU"
+
+
+def test_ended_versions_retire_and_model_totals_never_go_down():
+    clock = Clock()
+    views = Views(version(1), version(2))
+    m = Metrics(Router(), views=views, clock=clock, retire_after_s=300)
+    for _ in range(5):
+        ok(m, 1)
+    for _ in range(3):
+        ok(m, 2)
+    fail(m, 1, code="INTERNAL")
+
+    def totals():
+        fams, _ = prom(m)
+        return {(s.labels["code"]): s.value for s in fams["splitserve_model_requests"].samples
+                if s.name.endswith("_total")}, {
+            s.labels["version"] for s in fams["splitserve_requests"].samples}
+    assert totals() == ({"OK": 8, "INTERNAL": 1}, {"1", "2"})
+    views.set(version(1, state=VersionState.END), version(2))
+    m.lifecycle_event(event("unloaded", 1))
+    clock.t += 299
+    assert totals()[1] == {"1", "2"}  # not yet
+    clock.t += 2
+    assert totals() == ({"OK": 8, "INTERNAL": 1}, {"2"})  # series gone, totals kept
+    assert "1" not in {v["version"] for v in m.summary("m")["versions"]}
+    ok(m, 2)
+    assert totals()[0] == {"OK": 9, "INTERNAL": 1}
+
+
+def test_a_version_that_comes_back_before_retirement_keeps_its_series():
+    clock = Clock()
+    views = Views(version(1))
+    m = Metrics(Router(), views=views, clock=clock, retire_after_s=10)
+    ok(m, 1)
+    views.set(version(1, state=VersionState.END))
+    m.lifecycle_event(event("unloaded", 1))
+    views.set(version(1))
+    m.lifecycle_event(event("loaded", 1))
+    clock.t += 60
+    assert m.summary("m")["versions"][0]["requests"] == 1
