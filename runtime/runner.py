@@ -6,8 +6,8 @@ after that happens here. Three ways to run, chosen per version at load:
 - batched: `Batcher.submit` (the batcher owns the queue and the executor hand-off);
 - on the executor: one thread per version with its own intra-op thread count;
 - inline on the event loop, for tiny CPU models whose forward costs less than the hop.
-Every way goes through the same bound (`max_queue_size` requests waiting or running)
-and reports the same timings: queue time from submit to start, compute time.
+Every way has the same bound (`max_queue_size` requests waiting, as in Triton) and
+reports the same timings: queue time from submit to start, compute time.
 
 Shadows never delay or starve primary traffic: they have their own bound, wait until no
 primary request of the version is waiting or running, and run one at a time. When a
@@ -54,7 +54,7 @@ class Runner:
         self.inline_numel = inline_numel  # inputs up to this many elements run inline
         self.max_queue_size = max_queue_size
         self.shadow_max_waiting = shadow_max_waiting
-        self.pending = 0  # primary requests waiting or running
+        self.pending = 0  # primary requests waiting or running (shadows wait until 0)
         self.rejected = 0
         self.shadow_waiting = 0
         self.shadow_dropped = 0
@@ -79,11 +79,13 @@ class Runner:
 
     # ---- primary traffic -------------------------------------------------------------
     async def run(self, inputs: list[torch.Tensor]) -> RunResult:
-        if self.pending >= self.max_queue_size:
+        # As in Triton, the bound counts requests waiting, not the one running; batched,
+        # the batcher's own queue holds that bound.
+        if self.batcher is None and self.pending > self.max_queue_size:
             self.rejected += 1
             raise ServingError(Code.RESOURCE_EXHAUSTED, f"queue of {self.name} is full "
-                               f"({self.max_queue_size} requests waiting or running, "
-                               f"max_queue_size); retry later")
+                               f"({self.max_queue_size} requests waiting, max_queue_size); "
+                               f"retry later")
         self.pending += 1
         self._primary_idle.clear()
         try:
