@@ -505,3 +505,28 @@ def test_tritonclient_talks_to_a_servicer_built_from_our_code():
         client.close()
     finally:
         server.stop(grace=None)
+
+
+def test_our_stub_talks_to_a_servicer_built_from_our_code():
+    """A live gRPC call with nothing but our generated code: .ci/run also runs this on the
+    oldest protobuf pyproject states, where tritonclient's own gencode cannot load."""
+    import grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_EchoServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(ch)
+            assert stub.ServerLive(grpc_service_pb2.ServerLiveRequest(), timeout=10).live
+            req = grpc_service_pb2.ModelInferRequest(model_name="echo", id="x1")
+            req.inputs.add(name="X", datatype="FP32", shape=[2])
+            req.raw_input_contents.append(b"\x00\x00\x80?\x00\x00\x00@")
+            resp = stub.ModelInfer(req, timeout=10)
+            assert (resp.model_name, resp.id, resp.outputs[0].name) == ("echo", "x1", "X_ECHO")
+            assert list(resp.raw_output_contents) == [b"\x00\x00\x80?\x00\x00\x00@"]
+            cfg = stub.ModelConfig(grpc_service_pb2.ModelConfigRequest(name="echo"), timeout=10)
+            assert cfg.config.input[0].data_type == model_config_pb2.TYPE_FP32
+    finally:
+        server.stop(grace=None)
