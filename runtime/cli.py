@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-DEFAULT_CONFIG = Path("configs/splitserve.yaml")
+from runtime.defaultconfig import DEFAULT_CONFIG, TEMPLATE, seed_default_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,8 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--repository", type=Path, default=Path("model_repository"),
                    help="model repository: <model>/<version>/ folders (default: ./model_repository)")
     s.add_argument("--config", type=Path, default=None,
-                   help="routing/server config YAML (default: ./configs/splitserve.yaml when present); "
-                        "watched and hot-reloaded; API changes are persisted here")
+                   help="routing/server config YAML (default: ./configs/splitserve.yaml when present, "
+                        "first copied from ./configs/splitserve.example.yaml when only that "
+                        "exists); watched and hot-reloaded; API changes are persisted here")
     s.add_argument("--host", default=None,
                    help="address to bind both servers to (default: 127.0.0.1, loopback only)")
     s.add_argument("--http-port", type=int, default=None, help="REST port (default 8000; 0 = any free)")
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from pydantic import ValidationError
 
+    seeded = args.config is None and seed_default_config()
     try:
         settings = build_settings(args)
     except ValidationError as e:
@@ -88,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from runtime.logs import setup_logging
     setup_logging(settings.log_level, args.log_format)
+    if seeded:
+        logging.getLogger("splitserve.cli").info(
+            "event=config_created path=%s from=%s", DEFAULT_CONFIG, TEMPLATE)
     from runtime.server.app import Server
 
     if not Path(settings.repository.path).is_dir():
@@ -104,6 +109,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # e.g. the port is taken
         print(f"splitserve: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # protobuf's VersionError: a package's gencode is newer than it
+        if type(e).__name__ != "VersionError":
+            raise
+        from google.protobuf import __version__ as pb_version
+        print(f"splitserve: protobuf {pb_version} cannot load an installed package's generated"
+              f" code ({' '.join(str(e).split()[:14])} ...): a later pip install changed"
+              " protobuf under it; install splitserve and your other packages in one command,"
+              " e.g. pip install -e . 'tritonclient[http,grpc]'", file=sys.stderr)
         return 2
     return 0
 

@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[2]
 HTTP = re.compile(r"event=serving\b.*?\bhttp=(\S+):(\d+)")
 GRPC = re.compile(r"event=serving\b.*?\bgrpc=(\S+):(\d+)")
 
@@ -22,6 +23,10 @@ class ServeProcess:
         cmd = [sys.executable, "-m", "runtime", "serve", "--http-port", "0", "--grpc-port", "0",
                *args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # the checkout's packages, after any PYTHONPATH the caller set (.ci/run puts a
+        # protobuf build first): cwd may be a scratch folder without them
+        env["PYTHONPATH"] = os.pathsep.join(
+            [p for p in (env.get("PYTHONPATH"), str(ROOT)) if p])
         env.pop("SPLITSERVE_TOKEN", None)
         self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
