@@ -17,7 +17,8 @@ import stat
 import sys
 from pathlib import Path
 
-DEFAULT_CONFIG = Path("configs/splitserve.yaml")
+from runtime.defaultconfig import DEFAULT_CONFIG, TEMPLATE, seed_default_config
+
 MAX_TOKEN_FILE_BYTES = 4096
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _HOSTNAME = re.compile(r"(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
@@ -73,8 +74,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="model repository: <model>/<version>/ folders (default: the config's "
                         "repository.path, else ./model_repository)")
     s.add_argument("--config", type=Path, default=None,
-                   help="routing/server config YAML (default: ./configs/splitserve.yaml when present); "
-                        "watched and hot-reloaded; API changes are persisted here")
+                   help="routing/server config YAML (default: ./configs/splitserve.yaml when present, "
+                        "first copied from ./configs/splitserve.example.yaml when only that "
+                        "exists); watched and hot-reloaded; API changes are persisted here")
     s.add_argument("--host", type=_host, default=None,
                    help="address to bind both servers to (default: 127.0.0.1, loopback only)")
     s.add_argument("--http-port", type=_port, default=None, help="REST port (default 8000; 0 = any free)")
@@ -218,6 +220,7 @@ def _check_paths(settings) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     notes: list[str] = []
+    seeded = args.config is None and seed_default_config()
     try:
         settings = build_settings(args, notes=notes)
         _check_paths(settings)
@@ -234,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
              "access_log=%s auth=%s", os.getpid(), Path(settings.repository.path).resolve(),
              settings.config_path, s.host, s.http_port, s.host, s.grpc_port, s.access_log,
              "token" if s.token else "none")
+    if seeded:
+        log.info("event=config_created path=%s from=%s", DEFAULT_CONFIG, TEMPLATE)
     from router import RoutingError
     from runtime.server.app import Server
     try:
@@ -245,6 +250,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # e.g. the port is taken
         print(f"splitserve: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # protobuf's VersionError: a package's gencode is newer than it
+        if type(e).__name__ != "VersionError":
+            raise
+        from google.protobuf import __version__ as pb_version
+        print(f"splitserve: protobuf {pb_version} cannot load an installed package's generated"
+              f" code ({' '.join(str(e).split()[:14])} ...): a later pip install changed"
+              " protobuf under it; install splitserve and your other packages in one command,"
+              " e.g. pip install -e . 'tritonclient[http,grpc]'", file=sys.stderr)
         return 2
     return 0
 

@@ -17,9 +17,18 @@ Two fixes are applied to protoc's output:
   server next to a Triton client would otherwise fail at import with
   "duplicate file name".
 
---check generates into a temporary folder and compares. Lines that only stamp
-the generator's version are compared separately: when only they differ, the
-check passes and says which grpcio-tools made the checked-in code.
+The generator is pinned (GENERATOR below, also pinned in pyproject's dev
+extras): protoc stamps its own protobuf version into the _pb2 modules, and a
+protobuf runtime older than that stamp refuses to import them (VersionError).
+An old generator makes code that imports on every runtime from its stamp up,
+so the pin sets the oldest protobuf we support (`protobuf>=` in pyproject,
+kept equal by tests/protocol/test_pb_fresh.py). Today: grpcio-tools 1.80.1,
+protoc 31.1, gencode 6.31.1, which runs on protobuf 6.31.1 .. 7.x, so the
+server runs beside tritonclient (which pins protobuf<7). Bump it only with a
+reason, and never past a protobuf that common clients cannot install.
+
+--check generates into a temporary folder and compares byte for byte; it
+refuses to run with any other grpcio-tools than the pinned one.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 OUT_DIR = ROOT / "runtime" / "protocol" / "pb"
 PACKAGE = "runtime.protocol.pb"
+GENERATOR = "1.80.1"  # grpcio-tools; see the module docstring before changing it
 
 INIT_TEMPLATE = '''\
 """Generated protobuf and gRPC code for splitserve's wire protocols.
@@ -62,21 +72,19 @@ POOL = _descriptor_pool.DescriptorPool()
 GENERATED_WITH = {{"grpcio-tools": "{tools_version}"}}
 '''
 
-# Lines whose only content is the generator's version; see --check.
-_VERSION_STAMPS = [
-    re.compile(r"^# Protobuf Python Version: .*$", re.M),
-    re.compile(
-        r"(_runtime_version\.ValidateProtobufRuntimeVersion\(\s*"
-        r"_runtime_version\.Domain\.\w+,\s*)\d+,\s*\d+,\s*\d+,",
-        re.M,
-    ),
-    re.compile(r"^GRPC_GENERATED_VERSION = .*$", re.M),
-    re.compile(r"^GENERATED_WITH = .*$", re.M),
-]
-
-
 def _tools_version() -> str:
-    return importlib.metadata.version("grpcio-tools")
+    try:
+        return importlib.metadata.version("grpcio-tools")
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+def _require_generator() -> None:
+    """Exit with a one-line reason unless the pinned grpcio-tools is installed."""
+    have = _tools_version()
+    if have != GENERATOR:
+        sys.exit(f"gen_proto: needs grpcio-tools=={GENERATOR} (the pinned generator; this"
+                 f" environment has {have}): pip install -e '.[dev]'")
 
 
 def _protos() -> list[Path]:
@@ -110,6 +118,7 @@ def _use_own_pool(text: str) -> str:
 
 def generate(out_dir: Path) -> None:
     """Write the whole generated package into out_dir (which must be empty)."""
+    _require_generator()
     try:  # imported here so --help works without grpcio-tools
         import grpc_tools
         from grpc_tools import protoc
@@ -151,12 +160,6 @@ def _listing(d: Path) -> dict[str, str]:
     }
 
 
-def _mask(text: str) -> str:
-    for rx in _VERSION_STAMPS:
-        text = rx.sub(lambda m: (m.group(1) if rx.groups else "") + "<version>", text)
-    return text
-
-
 def check() -> int:
     """0 when OUT_DIR matches a fresh generation; 1 (with a report) when stale."""
     if not OUT_DIR.is_dir():
@@ -167,16 +170,12 @@ def check() -> int:
         generate(Path(tmp))
         fresh, current = _listing(Path(tmp)), _listing(OUT_DIR)
     problems: list[str] = []
-    stamps_differ = False
     for name in sorted(fresh.keys() | current.keys()):
         if name not in current:
             problems.append(f"missing: {name}")
         elif name not in fresh:
             problems.append(f"not generated from proto/ (remove it): {name}")
         elif fresh[name] != current[name]:
-            if _mask(fresh[name]) == _mask(current[name]):
-                stamps_differ = True
-                continue
             diff = difflib.unified_diff(
                 current[name].splitlines(), fresh[name].splitlines(),
                 f"checked-in/{name}", f"fresh/{name}", n=1, lineterm="",
@@ -194,11 +193,7 @@ def check() -> int:
             print(f"  {p}", file=sys.stderr)
         print("  regenerate with: python tools/gen_proto.py", file=sys.stderr)
         return 1
-    if stamps_differ:
-        print(f"gen_proto --check: {rel} is fresh (it differs only in the generator"
-              f" version stamps; this environment has grpcio-tools {_tools_version()})")
-    else:
-        print(f"gen_proto --check: {rel} is fresh")
+    print(f"gen_proto --check: {rel} is fresh (grpcio-tools {GENERATOR})")
     return 0
 
 

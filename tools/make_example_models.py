@@ -1,5 +1,9 @@
 """Writes example model versions: `python tools/make_example_models.py [--out DIR]`.
 
+`--version-dir DIR [--seed N]` writes one new version of the example MLP (a
+model.pt2, new weights) into DIR, ready to publish by rename (the README's A/B
+walkthrough builds its version 3 this way).
+
 The bundled repository was made by this script; tests and benchmarks call `write_*`
 to build fresh versions (different seeds give different weights, so a test can tell
 which version answered).
@@ -65,7 +69,16 @@ def write_model_folder(model_dir: Path, yaml_text: str | None = None) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=ROOT / "model_repository")
+    ap.add_argument("--version-dir", type=Path, default=None,
+                    help="write only one new version (model.pt2) into this folder")
+    ap.add_argument("--seed", type=int, default=3, help="weights seed for --version-dir")
     args = ap.parse_args()
+    if args.version_dir is not None:
+        if args.version_dir.exists() and any(args.version_dir.iterdir()):
+            raise SystemExit(f"make_example_models: {args.version_dir} is not empty")
+        write_pt2(args.version_dir, seed=args.seed)
+        print(f"wrote {args.version_dir}/model.pt2 (seed {args.seed})")
+        return
     mdir = args.out / "mlp"
     if args.out.resolve() != (ROOT / "model_repository").resolve():
         write_model_folder(mdir)

@@ -10,6 +10,7 @@ servicer built from our generated code.
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from concurrent import futures
@@ -19,7 +20,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pb = pytest.importorskip("runtime.protocol.pb")
+# A plain import, never importorskip: a broken generated package (or a protobuf
+# runtime that refuses it) must fail the run, not skip it.
+import runtime.protocol.pb as pb  # noqa: E402
 from runtime.protocol.pb import (  # noqa: E402
     grpc_service_pb2,
     grpc_service_pb2_grpc,
@@ -73,6 +76,59 @@ def test_generated_code_is_fresh():
         "runtime/protocol/pb is stale; run: python tools/gen_proto.py\n"
         + proc.stdout + proc.stderr
     )
+
+
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _floor(requirements: list[str], name: str) -> tuple[int, ...]:
+    for req in requirements:
+        m = re.fullmatch(rf"{re.escape(name)}\s*>=\s*([\d.]+)", req.strip())
+        if m:
+            return tuple(int(x) for x in m.group(1).split("."))
+    pytest.fail(f"pyproject.toml: no '{name}>=X' in {requirements}")
+
+
+def _gencode_versions() -> set[tuple[int, ...]]:
+    """The protobuf version each generated _pb2 module demands at import."""
+    found = set()
+    for path in (ROOT / "runtime" / "protocol" / "pb").glob("*_pb2.py"):
+        m = re.search(r"ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,"
+                      r"\s*(\d+),\s*(\d+),\s*(\d+),", path.read_text())
+        assert m, f"{path.name}: no runtime version check found"
+        found.add(tuple(int(x) for x in m.groups()))
+    return found
+
+
+def test_pyproject_states_the_oldest_protobuf_the_generated_code_runs_on():
+    """`protobuf>=X` in pyproject is exactly the gencode version: never a runtime that
+    refuses our code (VersionError at import), and not needlessly new (tritonclient and
+    other packages pin protobuf<7, so the floor must stay a 6.x)."""
+    deps = _pyproject()["project"]["dependencies"]
+    assert _gencode_versions() == {_floor(deps, "protobuf")}
+    assert _floor(deps, "protobuf") < (7,), "tritonclient pins protobuf<7"
+
+
+def test_grpc_stubs_need_no_newer_grpcio_than_pyproject_states():
+    deps = _pyproject()["project"]["dependencies"]
+    for path in (ROOT / "runtime" / "protocol" / "pb").glob("*_pb2_grpc.py"):
+        m = re.search(r"^GRPC_GENERATED_VERSION = '([\d.]+)'$", path.read_text(), re.M)
+        assert m, path.name
+        assert tuple(int(x) for x in m.group(1).split(".")) <= _floor(deps, "grpcio"), path.name
+
+
+def test_the_generator_pin_is_one_version():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import gen_proto
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    dev = _pyproject()["project"]["optional-dependencies"]["dev"]
+    assert f"grpcio-tools=={gen_proto.GENERATOR}" in dev
+    assert pb.GENERATED_WITH == {"grpcio-tools": gen_proto.GENERATOR}
 
 
 def test_proto_sources_are_not_a_package():
@@ -447,5 +503,30 @@ def test_tritonclient_talks_to_a_servicer_built_from_our_code():
         with pytest.raises(Exception, match="(?i)unimplemented"):
             client.get_server_metadata(client_timeout=10)
         client.close()
+    finally:
+        server.stop(grace=None)
+
+
+def test_our_stub_talks_to_a_servicer_built_from_our_code():
+    """A live gRPC call with nothing but our generated code: .ci/run also runs this on the
+    oldest protobuf pyproject states, where tritonclient's own gencode cannot load."""
+    import grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_EchoServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(ch)
+            assert stub.ServerLive(grpc_service_pb2.ServerLiveRequest(), timeout=10).live
+            req = grpc_service_pb2.ModelInferRequest(model_name="echo", id="x1")
+            req.inputs.add(name="X", datatype="FP32", shape=[2])
+            req.raw_input_contents.append(b"\x00\x00\x80?\x00\x00\x00@")
+            resp = stub.ModelInfer(req, timeout=10)
+            assert (resp.model_name, resp.id, resp.outputs[0].name) == ("echo", "x1", "X_ECHO")
+            assert list(resp.raw_output_contents) == [b"\x00\x00\x80?\x00\x00\x00@"]
+            cfg = stub.ModelConfig(grpc_service_pb2.ModelConfigRequest(name="echo"), timeout=10)
+            assert cfg.config.input[0].data_type == model_config_pb2.TYPE_FP32
     finally:
         server.stop(grace=None)

@@ -100,15 +100,15 @@ def test_state_changing_endpoints_need_the_token(guarded):
     print(f"\n  security: {refused} unauthenticated state changes refused, none applied")
 
 
-def test_default_bind_is_loopback(tmp_path):
+def test_default_bind_is_loopback(tmp_path, make_repo):
     from runtime.settings import ServerSettings, Settings
     assert ServerSettings().host == "127.0.0.1" and Settings().server.host == "127.0.0.1"
     from runtime.cli import _parser, build_settings
     args = _parser().parse_args(["serve", "--repository", str(tmp_path)])
     assert build_settings(args).server.host == "127.0.0.1"
 
-    repo = tmp_path / "repo"
-    shutil.copytree(ROOT / "model_repository", repo)
+    # a repository built for the test, never the checkout's (it may hold a user's leftovers)
+    repo = make_repo({"mlp": {1: "st1", 2: "pt2_2"}})
     proc, http, grpc_port = spawn_cli(repo, tmp_path)  # no --host, no config
     try:
         wait_ready(proc, http)

@@ -18,4 +18,4 @@ from google.protobuf import descriptor_pool as _descriptor_pool
 POOL = _descriptor_pool.DescriptorPool()
 
 # The generator that wrote this package (its protoc stamps the _pb2 modules).
-GENERATED_WITH = {"grpcio-tools": "1.85.1"}
+GENERATED_WITH = {"grpcio-tools": "1.80.1"}

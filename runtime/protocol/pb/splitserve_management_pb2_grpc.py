@@ -5,7 +5,7 @@ import warnings
 
 from . import splitserve_management_pb2 as splitserve__management__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.80.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class RoutingServiceStub:
+class RoutingServiceStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -46,7 +46,7 @@ class RoutingServiceStub:
                 _registered_method=True)
 
 
-class RoutingServiceServicer:
+class RoutingServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def GetRouting(self, request, context):
@@ -89,7 +89,7 @@ def add_RoutingServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class RoutingService:
+class RoutingService(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
