@@ -20,8 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a model repository",
                        description="Watch a model repository and serve its versions.")
-    s.add_argument("--repository", type=Path, default=Path("model_repository"),
-                   help="model repository: <model>/<version>/ folders (default: ./model_repository)")
+    s.add_argument("--repository", default="model_repository",
+                   help="model repository: <model>/<version>/ folders (default: ./model_repository), "
+                        "or s3://BUCKET/PREFIX, gs://..., az://... (mirrored into a local cache)")
     s.add_argument("--config", type=Path, default=None,
                    help="routing/server config YAML (default: ./configs/splitserve.yaml when present); "
                         "watched and hot-reloaded; API changes are persisted here")
@@ -68,7 +69,14 @@ def build_settings(args: argparse.Namespace):
     if args.grpc_port is not None:
         srv.grpc_port = args.grpc_port
     srv.token = args.token or os.environ.get("SPLITSERVE_TOKEN") or srv.token
-    settings.repository.path = args.repository
+    if "://" in str(args.repository):  # object storage: see runtime/mirror.py
+        from runtime.objectstore import check_url
+        try:
+            settings.repository.url = check_url(args.repository)
+        except ValueError as e:
+            raise SystemExit(f"splitserve: {e}") from None
+    else:
+        settings.repository.path = Path(args.repository)
     if args.polling:
         settings.repository.polling = True
     if args.log_level:
@@ -90,17 +98,21 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_level, args.log_format)
     from runtime.server.app import Server
 
-    if not Path(settings.repository.path).is_dir():
+    if not settings.repository.url and not Path(settings.repository.path).is_dir():
         print(f"splitserve: model repository {settings.repository.path} is not a directory",
               file=sys.stderr)
         return 2
     from router import RoutingError
+    from runtime.objectstore import StoreError
     try:
         asyncio.run(Server(settings).serve_forever())
     except KeyboardInterrupt:
         pass
     except RoutingError as e:
         print(f"splitserve: config {settings.config_path} rejected: {e.message}", file=sys.stderr)
+        return 2
+    except StoreError as e:  # the object-storage repository cannot be listed or cached
+        print(f"splitserve: model repository: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. the port is taken
         print(f"splitserve: {e}", file=sys.stderr)

@@ -15,6 +15,7 @@ from runtime.control import Control
 from runtime.inference import InferenceService
 from runtime.manager import Manager
 from runtime.metrics import Metrics
+from runtime.mirror import Mirror
 from runtime.repository import scan_model
 from runtime.settings import Settings
 from runtime.watch import Watcher
@@ -25,7 +26,10 @@ log = logging.getLogger("splitserve.core")
 class Core:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.root = Path(settings.repository.path).resolve()
+        # An object-storage repository is mirrored into a local folder, served from there.
+        self.mirror = Mirror(settings.repository.url, settings.repository.store) \
+            if settings.repository.url else None
+        self.root = self.mirror.cache_dir if self.mirror else Path(settings.repository.path).resolve()
         self.router = Router()
         self.metrics = Metrics(self.router)
         self.manager = Manager(self.root, settings.repository,
@@ -34,6 +38,8 @@ class Core:
                                make_batcher=lambda h: make_batcher(h, self.metrics),
                                on_event=self.metrics.lifecycle_event)
         self.metrics.manager = self.manager
+        if self.mirror is not None:
+            self.metrics.registry.register(self.mirror.collector())
         self.inference = InferenceService(self.manager, self.router, settings.limits,
                                           self.metrics, settings.shadow_max_inflight)
         self.control = Control(self.manager, self.router, settings.config_path)
@@ -50,6 +56,8 @@ class Core:
 
     async def start(self, wait_s: float = 300.0) -> None:
         """Read the routing config, start watching, load what the repository aspires."""
+        if self.mirror is not None:
+            await self.mirror.start()  # first sync; StoreError when the store can't be listed
         if not self.root.is_dir():
             raise FileNotFoundError(f"model repository {self.root} is not a directory")
         loop = asyncio.get_running_loop()
@@ -88,6 +96,8 @@ class Core:
 
     async def stop(self) -> None:
         self.stopping = True
+        if self.mirror is not None:
+            await self.mirror.stop()
         if self.watcher is not None:
             self.watcher.stop()
         await self.manager.close()
