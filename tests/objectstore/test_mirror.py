@@ -8,6 +8,7 @@ import json
 import pytest
 
 from runtime.mirror import MANIFEST, Mirror
+from s3fixtures import bucket, publish, s3_server  # noqa: F401 - fixtures
 from runtime.objectstore import StoreError
 from runtime.settings import StoreSettings
 

@@ -1,5 +1,6 @@
-"""A real S3-compatible server (moto's, in this process) on loopback port 0, behind a
-WSGI wrapper that records every LIST request, and a fresh bucket per test."""
+"""Fixtures for tests/objectstore (imported by the test modules: a conftest here would shadow
+the top-level one). A real S3-compatible server (moto's, in this process) on loopback port 0,
+behind a WSGI wrapper that records every LIST request, and a fresh bucket per test."""
 
 from __future__ import annotations
 
