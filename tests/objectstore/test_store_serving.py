@@ -145,22 +145,34 @@ def test_list_requests_stay_within_the_configured_rate(bucket, publish, serve, t
     assert "splitserve_store_list_requests_total 4.0" in httpx.get(f"{srv.http}/metrics").text
 
 
-def _serve_cli(url: str, tmp_path: Path) -> subprocess.CompletedProcess:
+def test_a_missing_bucket_at_start_is_a_clear_error_and_nothing_is_served(bucket, tmp_path):
+    import asyncio
+
+    import pytest
+
+    from runtime.core import Core
+    from runtime.objectstore import StoreError
+    from runtime.settings import Settings
+    s = Settings()
+    s.repository.url = "s3://no-such-bucket-here/models"
+    s.repository.store = store(tmp_path)
+    core = Core(s)
+    with pytest.raises(StoreError) as e:
+        asyncio.run(core.start())
+    assert str(e.value) == ("s3://no-such-bucket-here/models: listing failed: NoSuchBucket: "
+                            "The specified bucket does not exist (HTTP 404 Not Found)")
+    assert not core.started and core.manager.models == {}
+
+
+def test_wrong_credentials_at_start_exit_2_with_one_line(bucket, publish, tmp_path, s3_server):
+    publish("mlp", 1, "st1")
+    s3_server.enforce_auth(True)  # the key in the environment is unknown to the store
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
-    return subprocess.run([sys.executable, "-m", "runtime", "serve", "--repository", url,
-                           "--http-port", "0", "--grpc-port", "0", "--config", "/dev/null"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
-
-
-def test_missing_bucket_or_wrong_credentials_at_start_is_a_clear_error(bucket, tmp_path, s3_server):
-    r = _serve_cli("s3://no-such-bucket-here/models", tmp_path)
-    assert r.returncode == 2
-    assert [ln for ln in r.stderr.splitlines() if ln.startswith("splitserve:")] == [
-        "splitserve: model repository: s3://no-such-bucket-here/models: listing failed: "
-        "NoSuchBucket: The specified bucket does not exist (HTTP 404 Not Found)"]
-    s3_server.enforce_auth(True)
-    r = _serve_cli(bucket.url(), tmp_path)
+    r = subprocess.run([sys.executable, "-m", "runtime", "serve", "--repository", bucket.url(),
+                        "--http-port", "0", "--grpc-port", "0", "--config", "/dev/null"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert r.returncode == 2
     assert [ln for ln in r.stderr.splitlines() if ln.startswith("splitserve:")] == [
         f"splitserve: model repository: {bucket.url()}: listing failed: InvalidAccessKeyId: The AWS "
         "Access Key Id you provided does not exist in our records. (HTTP 403 Forbidden)"]
+    assert not list((tmp_path / "xdg" / "splitserve" / "mirror").glob("*/mlp"))
