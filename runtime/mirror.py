@@ -60,7 +60,8 @@ def group(objects: list[ObjectInfo]) -> tuple[dict[str, dict[str, ObjectInfo]], 
     for o in objects:
         parts = o.key.split("/")
         if (len(parts) < 2 or not is_model_name(parts[0])
-                or any(p in ("", ".", "..") or p.startswith(".") or p == "__pycache__" for p in parts)):
+                or any(p in ("", ".", "..") or p.startswith(".") or p == "__pycache__"
+                       or "\x00" in p or "\\" in p for p in parts)):
             skipped.append(o.key)
         elif len(parts) == 2:
             units.setdefault(parts[0], {})[parts[1]] = o
@@ -267,7 +268,7 @@ class Mirror:
         # Model files before versions (a version may need the model's model.py); a model's
         # files are removed only after its versions.
         order = sorted(keys, key=lambda k: (1 if "/" in k else 0 if k in units else 2, k))
-        pending = incomplete = 0
+        waiting = pending = incomplete = 0  # units / versions waiting for a quiet listing
         for k in order:
             target = units.get(k, {})
             sig = self._seen[k].sig
@@ -275,19 +276,21 @@ class Mirror:
                 continue
             seen = self._seen[k]
             if seen.listings < 2 or now - seen.since < self.settings.quiet_s:
-                pending += 1
+                waiting += 1
+                pending += "/" in k
                 continue
             if not target:
                 self._remove(k)
                 continue
+            why = self._too_big(target)
             if "/" in k:
-                why = listed_problem(target, units.get(k.split("/")[0], {})) or self._too_big(target)
+                why = listed_problem(target, units.get(k.split("/")[0], {})) or why
                 if why is None and self._bad.get(k) == sig:
                     why = "its fetched files failed the completeness checks (waiting for a new upload)"
-                if why is not None:
-                    incomplete += 1
-                    self._note(k, sig, why)
-                    continue
+            if why is not None:
+                incomplete += "/" in k
+                self._note(k, sig, why)
+                continue
             try:
                 self._apply(k, target, sig)
             except StoreError as e:
@@ -308,7 +311,7 @@ class Mirror:
         f.up = 1
         f.last_success = time.time()
         f.last_duration_s = time.monotonic() - t0
-        return pending > 0
+        return waiting > 0
 
     def _mirrored_sig(self, unit: str) -> Sig:
         return tuple(sorted((rel, v[0], v[1]) for rel, v in self._manifest.get(unit, {}).items()))
@@ -392,8 +395,8 @@ class Mirror:
                 for rel in self._manifest.get(unit, {}):
                     (local / rel).unlink(missing_ok=True)
             model = self.cache_dir / unit.split("/")[0]
-            if model.is_dir() and not any(model.iterdir()):
-                model.rmdir()
+            if model.is_dir() and all(p.name == "__pycache__" for p in model.iterdir()):
+                self._discard(model)  # nothing of the store's left (bytecode of model.py aside)
         except OSError as e:
             self.figures.errors["local"] += 1
             log.warning("event=store_apply_failed unit=%s reason=%r", unit, f"{type(e).__name__}: {e}")

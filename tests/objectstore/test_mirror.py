@@ -78,6 +78,8 @@ def test_deleting_a_version_removes_it_and_an_empty_model_goes_too(bucket, publi
     assert (m.cache_dir / "mlp/2").exists()  # gone from one listing only: not yet
     m.sync_once()
     assert not (m.cache_dir / "mlp/2").exists() and (m.cache_dir / "mlp/1").is_dir()
+    (m.cache_dir / "mlp/__pycache__").mkdir()  # what importing model.py leaves behind
+    (m.cache_dir / "mlp/__pycache__/model.cpython-311.pyc").write_bytes(b"")
     bucket.delete_prefix("models/mlp/")
     m.sync_once()
     m.sync_once()
