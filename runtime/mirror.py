@@ -202,10 +202,8 @@ class Mirror:
         self.tmp.mkdir(mode=0o700)
         # The folder is the mirror's: a unit whose local copy is gone is fetched again,
         # and a folder the manifest does not know is removed.
-        for unit in list(self._manifest):
-            path = c / unit
-            if not (path.is_dir() if "/" in unit else path.is_dir() and all(
-                    (path / rel).is_file() for rel in self._manifest[unit])):
+        for unit, files in list(self._manifest.items()):
+            if not all((c / unit / rel).is_file() for rel in files):
                 del self._manifest[unit]
         for model in [p for p in c.iterdir() if p.name not in (MANIFEST, TMP)]:
             if model.name not in self._manifest and not any(u.startswith(model.name + "/") for u in self._manifest):

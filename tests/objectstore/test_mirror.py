@@ -110,6 +110,10 @@ def test_a_restart_on_the_same_cache_fetches_nothing(bucket, publish, tmp_path):
     again = mirror_of(bucket, tmp_path)
     again.first_sync()
     assert again.figures.objects_fetched == 0 and again.figures.versions["mirrored"] == 1
+    (again.cache_dir / "mlp/1/model.safetensors").unlink()  # a damaged cache is repaired
+    third = mirror_of(bucket, tmp_path)
+    third.first_sync()
+    assert third.figures.objects_fetched == 1 and (third.cache_dir / "mlp/1/model.safetensors").is_file()
 
 
 def test_a_truncated_upload_is_never_mirrored_and_not_fetched_again(bucket, publish, tmp_path, version_cache):

@@ -73,7 +73,8 @@ def record_loads(srv) -> list:
 def test_publish_upload_file_by_file_and_delete_with_zero_failed_requests(
         bucket, publish, serve, tmp_path, version_cache):
     publish("mlp", 1, "st1")
-    srv = serve(tmp_path / "unused", url=bucket.url(), store=store(tmp_path))
+    # quiet_s: longer than the gap between two back-to-back uploads on a loaded machine
+    srv = serve(tmp_path / "unused", url=bucket.url(), store=store(tmp_path, quiet_s=1.5))
     assert srv.available("mlp") == [1]
     mirror, cache = srv.core.mirror, srv.core.root
     loads = record_loads(srv)
