@@ -248,6 +248,8 @@ class Mirror:
             return False
         f.list_requests += pages
         self._pages = pages
+        if f.up == 0 and f.syncs_failed:
+            log.info("event=store_list_recovered url=%s objects=%d", self.url, len(objects))
         units, skipped = group(objects)
         if skipped and self._noted.get("") != tuple(skipped[:20]):
             self._noted[""] = tuple(skipped[:20])
