@@ -70,9 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a model repository",
                        description="Watch a model repository and serve its versions. A flag "
                                    "overrides the config file's value only when given.")
-    s.add_argument("--repository", type=Path, default=None,
+    s.add_argument("--repository", default=None,
                    help="model repository: <model>/<version>/ folders (default: the config's "
-                        "repository.path, else ./model_repository)")
+                        "repository.path, else ./model_repository), or s3://BUCKET/PREFIX, "
+                        "gs://..., az://... (mirrored into a local cache)")
     s.add_argument("--config", type=Path, default=None,
                    help="routing/server config YAML (default: ./configs/splitserve.yaml when present, "
                         "first copied from ./configs/splitserve.example.yaml when only that "
@@ -169,11 +170,19 @@ def build_settings(args: argparse.Namespace, env: dict | None = None, notes: lis
                          ("server.http_port", "--http-port", args.http_port),
                          ("server.grpc_port", "--grpc-port", args.grpc_port),
                          ("server.access_log", "--access-log", args.access_log),
-                         ("repository.path", "--repository", args.repository),
                          ("repository.polling", "--polling", True if args.polling else None),
                          ("log_level", "--log-level", args.log_level)):
         if v is not None:
             given[key] = (flag, v)
+    if args.repository is not None:
+        if "://" in args.repository:  # object storage: see runtime/mirror.py
+            from runtime.objectstore import check_url
+            try:
+                given["repository.url"] = ("--repository", check_url(args.repository))
+            except ValueError as e:
+                raise CliError(str(e)) from None
+        else:
+            given["repository.path"] = ("--repository", Path(args.repository))
     if args.token_file is not None:
         token, warns = read_token_file(args.token_file)
         given["server.token"] = ("--token-file", token)
@@ -211,6 +220,8 @@ def build_settings(args: argparse.Namespace, env: dict | None = None, notes: lis
 
 
 def _check_paths(settings) -> None:
+    if settings.repository.url:
+        return  # mirrored into a local cache folder the mirror makes
     repo = Path(settings.repository.path)
     if not repo.is_dir():
         hint = "" if repo.exists() else " (does not exist)"
@@ -241,12 +252,16 @@ def main(argv: list[str] | None = None) -> int:
         log.info("event=config_created path=%s from=%s", DEFAULT_CONFIG, TEMPLATE)
     from router import RoutingError
     from runtime.server.app import Server
+    from runtime.objectstore import StoreError
     try:
         asyncio.run(Server(settings).serve_forever())
     except KeyboardInterrupt:
         pass
     except RoutingError as e:
         print(f"splitserve: error: config {settings.config_path} rejected: {e.message}", file=sys.stderr)
+        return 2
+    except StoreError as e:  # the object-storage repository cannot be listed or cached
+        print(f"splitserve: model repository: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. the port is taken
         print(f"splitserve: error: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ from runtime.control import Control
 from runtime.inference import InferenceService
 from runtime.manager import Manager
 from runtime.metrics import Metrics
+from runtime.mirror import Mirror
 from runtime.repository import scan_model
 from runtime.settings import Settings
 from runtime.watch import Watcher
@@ -32,7 +33,10 @@ class Core:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.root = Path(settings.repository.path).resolve()
+        # An object-storage repository is mirrored into a local folder, served from there.
+        self.mirror = Mirror(settings.repository.url, settings.repository.store) \
+            if settings.repository.url else None
+        self.root = self.mirror.cache_dir if self.mirror else Path(settings.repository.path).resolve()
         self.router = Router()
         self.metrics = Metrics(self.router, views=lambda: self.manager.view())
         self.manager = Manager(self.root, settings.repository,
@@ -42,6 +46,8 @@ class Core:
                                shadow_max_waiting=settings.shadow_max_inflight)
         self.manager.subscribe(self._on_view)
         self._available: dict[str, tuple[int, ...]] = {}
+        if self.mirror is not None:
+            self.metrics.registry.register(self.mirror.collector())
         self.inference = InferenceService(self.manager, self.router, settings.limits,
                                           self.metrics, settings.shadow_max_inflight)
         self.control = Control(self.manager, self.router, settings.config_path, settings)
@@ -69,6 +75,8 @@ class Core:
 
     async def start(self, wait_s: float = 300.0) -> None:
         """Read the routing config, start watching, load what the repository aspires."""
+        if self.mirror is not None:
+            await self.mirror.start()  # first sync; StoreError when the store can't be listed
         if not self.root.is_dir():
             raise FileNotFoundError(f"model repository {self.root} is not a directory")
         loop = asyncio.get_running_loop()
@@ -106,6 +114,8 @@ class Core:
 
     async def stop(self) -> None:
         self.stopping = True
+        if self.mirror is not None:
+            await self.mirror.stop()
         if self.watcher is not None:
             self.watcher.stop()
         await self.manager.close()

@@ -62,8 +62,23 @@ class LimitSettings(_S):
     max_inflight: int = Field(default=4096, ge=1)  # admitted requests across all models
 
 
+class StoreSettings(_S):
+    """A repository on object storage (`repository.url`), mirrored into `cache_dir`."""
+    poll_interval_s: float = Field(default=30.0, gt=0)  # listing period while nothing changes
+    max_lists_per_minute: int = Field(default=12, ge=1)  # LIST requests in any 60 s window
+    quiet_s: float = Field(default=5.0, ge=0)  # a changed listing must hold this long
+    cache_dir: Path | None = None  # default: ~/.cache/splitserve/mirror/<url>-<hash>
+    max_objects: int = Field(default=100_000, ge=1)  # a larger listing is refused
+    max_object_bytes: int = Field(default=64 << 30, ge=1)
+    list_timeout_s: float = Field(default=30.0, gt=0)
+    fetch_timeout_s: float = Field(default=3600.0, gt=0)
+
+
 class RepositorySettings(_S):
     path: Path = Path("model_repository")
+    # s3://, gs://, az:// BUCKET/PREFIX: mirrored into store.cache_dir and served from there
+    url: str | None = Field(default=None, pattern=r"^(s3|s3a|gs|az|azure|abfs|abfss)://[^/]+")
+    store: StoreSettings = StoreSettings()
     quiet_s: float = Field(default=0.5, ge=0)  # debounce: a folder must be still this long
     incomplete_grace_s: float = Field(default=10.0, ge=0)  # then an incomplete folder fails
     polling: bool = False  # polling observer for network file systems
