@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ERROR")
     s.add_argument("--log-format", choices=("kv", "json"), default="kv",
                    help="one line per event: key=value (default) or JSON")
+    from runtime.opscli import add_subcommands  # status, route, publish, experiment (stdlib only)
+    add_subcommands(sub)
     return p
 
 
@@ -79,6 +81,9 @@ def build_settings(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "ops", None) is not None:
+        from runtime.opscli import run
+        return run(args)
     from pydantic import ValidationError
 
     try:

@@ -50,7 +50,7 @@ def build_app(core: Core) -> FastAPI:
         return json_response({"error": msg}, exc.status_code)
 
     # rest_metrics first: its literal /v2/models/stats must win over /v2/models/{model}.
-    for name in ("rest_metrics", "rest_v2", "rest_tfs", "rest_control"):
+    for name in ("rest_metrics", "rest_v2", "rest_tfs", "rest_control", "rest_ui"):
         try:
             mod = importlib.import_module(f"runtime.server.{name}")
         except ModuleNotFoundError as e:
