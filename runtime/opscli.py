@@ -94,7 +94,8 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
-def cmd_status(args: argparse.Namespace, out=sys.stdout) -> int:
+def cmd_status(args: argparse.Namespace, out=None) -> int:
+    out = out or sys.stdout
     api = Api(args.url, timeout_s=args.timeout)
     index = api.call("POST", "/v2/repository/index", {})
     names = sorted({row["name"] for row in index})
@@ -158,7 +159,8 @@ def _parse_assignments(items: list[str], what: str) -> list[tuple[str, str]]:
     return out
 
 
-def cmd_route(args: argparse.Namespace, out=sys.stdout) -> int:
+def cmd_route(args: argparse.Namespace, out=None) -> int:
+    out = out or sys.stdout
     weights = []
     for key, value in _parse_assignments(args.weights, "weight"):
         try:
@@ -229,7 +231,8 @@ def _next_version(model_dir: Path) -> int:
     return max(present, default=0) + 1
 
 
-def cmd_publish(args: argparse.Namespace, out=sys.stdout) -> int:
+def cmd_publish(args: argparse.Namespace, out=None) -> int:
+    out = out or sys.stdout
     src, repo, model = Path(args.src), Path(args.repository), args.model
     if not src.is_dir():
         raise OpsError(f"{src} is not a directory")
@@ -282,7 +285,8 @@ def cmd_publish(args: argparse.Namespace, out=sys.stdout) -> int:
 
 # ---- experiment --------------------------------------------------------------------------
 
-def cmd_experiment(args: argparse.Namespace, out=sys.stdout) -> int:
+def cmd_experiment(args: argparse.Namespace, out=None) -> int:
+    out = out or sys.stdout
     api = Api(args.url, args.token, args.timeout)
     path = _model_path(args.model) + "/experiment"
     try:
@@ -332,7 +336,7 @@ def add_subcommands(sub) -> None:
                        description="Read the model's routing, change what is named, write it "
                                    "back whole, and show the effective result. Example: "
                                    "splitserve route mlp stable=90 canary=10 --label canary=3")
-    r.add_argument("model")
+    r.add_argument("model", help="model name")
     r.add_argument("weights", nargs="*", metavar="KEY=WEIGHT",
                    help="weight per label or version number (other weights are kept)")
     r.add_argument("--label", action="append", metavar="LABEL=VERSION", help="point a label at a version")
@@ -353,7 +357,7 @@ def add_subcommands(sub) -> None:
     e = sub.add_parser("experiment", help="show or steer a model's experiment",
                        description="Show the experiment's state and decisions, or promote, roll "
                                    "back, pause or resume it (servers with experiments support).")
-    e.add_argument("model")
+    e.add_argument("model", help="model name")
     e.add_argument("action", choices=EXPERIMENT_ACTIONS)
     common(e, token=True)
     e.set_defaults(ops=cmd_experiment)
