@@ -334,7 +334,8 @@ def add_subcommands(sub) -> None:
 
     r = sub.add_parser("route", help="change weights or labels of a model's routing",
                        description="Read the model's routing, change what is named, write it "
-                                   "back whole, and show the effective result. Example: "
+                                   "back whole, and show the effective result. KEY=WEIGHT "
+                                   "pairs come right after MODEL. Example: "
                                    "splitserve route mlp stable=90 canary=10 --label canary=3")
     r.add_argument("model", help="model name")
     r.add_argument("weights", nargs="*", metavar="KEY=WEIGHT",

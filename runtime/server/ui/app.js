@@ -338,8 +338,8 @@
         view.parts.charts.append(box);
         view.charts[spec.key] = new uPlot({
           width, height: 170, series, plugins: [eventsPlugin(view)], legend: {show: true},
-          // At least two minutes on the time axis, so a fresh page is not all sub-second ticks.
-          scales: {x: {time: true, range: (u, lo, hi) => [Math.min(lo, hi - 120), hi]}, y: spec.percent ? {range: [0, 1]} : {auto: true}},
+          // At least 90 s on the time axis, so a fresh page is not all sub-second ticks.
+          scales: {x: {time: true, range: (u, lo, hi) => [Math.min(lo, hi - 90), hi]}, y: spec.percent ? {range: [0, 1]} : {auto: true}},
           axes: [{}, {values: (u, ticks) => ticks.map((t) => spec.percent ? (100 * t).toFixed(0) + "%" : t)}],
         }, chartData(view, versions, spec), box);
       }
