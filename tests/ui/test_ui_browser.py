@@ -41,7 +41,8 @@ def _browser_paths() -> tuple[str, str] | None:
 
 
 @pytest.fixture
-def browser(tmp_path):
+def browser(tmp_path, monkeypatch):
+    monkeypatch.setenv("SE_AVOID_STATS", "true")  # selenium: no telemetry, even if its manager runs
     found = _browser_paths()
     if found is None:
         if os.environ.get("SPLITSERVE_REQUIRE_BROWSER") == "1":

@@ -390,13 +390,19 @@
     const parts = [h("h3", {}, "Experiment"), dl];
     const guard = x.guardrails;
     if (guard && typeof guard === "object") {
-      const rows = Object.entries(guard).map(([name, g]) => h("tr", {},
+      const named = Array.isArray(guard) ? guard.map((g, i) => [(g && (g.name || g.metric)) || String(i), g])
+                                         : Object.entries(guard);
+      const rows = named.map(([name, g]) => h("tr", {},
         h("td", {}, name),
         h("td", {class: g && g.alarm ? "bad" : ""}, g && g.alarm ? "ALARM" : "ok"),
         h("td", {}, g && typeof g === "object" ? Object.entries(g).filter(([k]) => k !== "alarm")
           .map(([k, v]) => `${k}=${typeof v === "number" ? +v.toPrecision(4) : JSON.stringify(v)}`).join(" ") : String(g))));
       parts.push(h("table", {class: "guardrails"}, h("thead", {}, h("tr", {}, h("th", {}, "Guardrail"),
         h("th", {}, "Status"), h("th", {}, "Evidence"))), h("tbody", {}, rows)));
+    }
+    if (x.srm && typeof x.srm === "object") {
+      parts.push(h("p", {class: x.srm.flagged ? "bad" : "muted"},
+        `Sample ratio check: p = ${x.srm.p_value ?? "–"}` + (x.srm.flagged ? " (mismatch flagged)" : "")));
     }
     const decisions = Array.isArray(x.decisions) ? x.decisions : [];
     parts.push(h("h4", {}, "Decisions"));
