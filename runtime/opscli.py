@@ -104,7 +104,7 @@ def cmd_status(args: argparse.Namespace, out=None) -> int:
             raise OpsError(f"no model named {args.model!r} (models: {', '.join(names) or 'none'})")
         names = [args.model]
     header = ("MODEL", "VERSION", "STATE", "LABELS", "WEIGHT", "EFFECTIVE", "SHARE", "REQUESTS",
-              "ERRORS", "P50_MS", "P99_MS")
+              "ERRORS", "ERROR_RATE", "P50_MS", "P99_MS")
     rows, notes = [], []
     for name in names:
         summary = api.call("GET", _model_path(name) + "/metrics")
@@ -112,23 +112,22 @@ def cmd_status(args: argparse.Namespace, out=None) -> int:
         if not versions:
             unloaded = [r for r in index if r["name"] == name]
             why = unloaded[0].get("reason", "") if unloaded else ""
-            rows.append((name, "-", "UNAVAILABLE", "-", "-", "-", "-", "0", "-", "-", "-"))
+            rows.append((name, "-", "UNAVAILABLE", "-", "-", "-", "-", "0", "0", "-", "-", "-"))
             if why:
-                notes.append(f"  {name}: {why}")
+                notes.append(f"  {name}: {' '.join(why.split())}")
             continue
+        # The recent window when the model saw traffic in it; the whole run otherwise (one
+        # basis per model, so the shares add up).
+        use_recent = any((v.get("recent") or {}).get("requests") for v in versions)
         for v in versions:
-            recent = v.get("recent") or {}
-            # The recent window when it saw traffic; the whole run otherwise.
-            src = recent if recent.get("requests") else v
+            src = (v.get("recent") or {}) if use_recent else v
             lat = src.get("latency_ms") or {}
-            share = recent.get("observed_share") if recent.get("requests") else v.get("observed_share")
             rows.append((name, v["version"], v.get("state") or "-", ",".join(v.get("label") or []) or "-",
-                         _pct(v.get("weight")), _pct(v.get("effective_weight")), _pct(share),
-                         str(v.get("requests", 0)),
-                         f"{v.get('errors', 0)} ({_pct(v.get('error_rate'))})" if v.get("errors") else "0",
+                         _pct(v.get("weight")), _pct(v.get("effective_weight")), _pct(src.get("observed_share")),
+                         str(v.get("requests", 0)), str(v.get("errors", 0)), _pct(v.get("error_rate")),
                          _ms(lat.get("p50")), _ms(lat.get("p99"))))
             if v.get("state") == "FAILED" and v.get("reason"):
-                notes.append(f"  {name} v{v['version']} FAILED: {v['reason']}")
+                notes.append(f"  {name} v{v['version']} FAILED: {' '.join(v['reason'].split())}")
     _table([header, *rows], out)
     if notes:
         print("\n".join(notes), file=out)

@@ -50,17 +50,21 @@ def test_status_table(live, capsys):
     with httpx.Client(base_url=live.http, timeout=30) as http:
         for i in range(40):
             assert http.post("/v2/models/mlp/infer", json=BODY, headers={"x-user-id": f"u{i}"}).status_code == 200
+        bad = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [0.5] * 3}]}
+        assert http.post("/v2/models/mlp/versions/2/infer", json=bad).status_code == 400
     rc, out, err = run(capsys, "status", "--url", live.http)
     assert rc == 0, err
     lines = out.splitlines()
     assert lines[0].split() == ["MODEL", "VERSION", "STATE", "LABELS", "WEIGHT", "EFFECTIVE", "SHARE",
-                                "REQUESTS", "ERRORS", "P50_MS", "P99_MS"]
+                                "REQUESTS", "ERRORS", "ERROR_RATE", "P50_MS", "P99_MS"]
     rows = {cols[1]: cols for cols in (line.split() for line in lines[1:])}
     assert rows["1"][:6] == ["mlp", "1", "AVAILABLE", "stable", "90.0%", "90.0%"]
     assert rows["2"][:6] == ["mlp", "2", "AVAILABLE", "canary", "10.0%", "10.0%"]
-    assert int(rows["1"][7]) + int(rows["2"][7]) == 40
+    assert int(rows["1"][7]) + int(rows["2"][7]) == 41
+    assert rows["2"][8] == "1" and rows["2"][9] == f"{100 / int(rows['2'][7]):.1f}%"
     assert float(rows["1"][6].rstrip("%")) + float(rows["2"][6].rstrip("%")) == pytest.approx(100, abs=0.2)
-    assert float(rows["1"][10]) > 0  # p99 in ms
+    assert rows["1"][8:10] == ["0", "0.0%"]
+    assert float(rows["1"][11]) >= float(rows["1"][10]) > 0  # p99 >= p50, in ms
     rc, out, err = run(capsys, "status", "--url", live.http, "--model", "nosuch")
     assert rc == 1 and err.count("\n") == 1 and "no model named 'nosuch'" in err
 
