@@ -20,6 +20,7 @@ from runtime.types import VersionState
 pytest.importorskip("selenium")
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -73,12 +74,26 @@ def _broken_version(path: Path) -> None:
 
 
 def _wait(drv, predicate, timeout: float = 30, what: str = "condition"):
-    return WebDriverWait(drv, timeout, poll_frequency=0.1).until(
+    return WebDriverWait(drv, timeout, poll_frequency=0.1,
+                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(
         lambda d: predicate(d), message=f"timed out waiting for {what}")
 
 
-def _cell(drv, version: str, field: str) -> str:
-    return drv.find_element(By.CSS_SELECTOR, f'#model-mlp tr[data-version="{version}"] td[data-field="{field}"]').text
+TABLE_JS = """
+const out = {};
+for (const tr of document.querySelectorAll('#model-mlp table.versions-table tbody tr')) {
+  const cell = (f) => { const td = tr.querySelector('td[data-field="' + f + '"]'); return td ? td.textContent : null; };
+  const reason = tr.querySelector('.reason');
+  out[tr.dataset.version] = {text: tr.innerText, weight: cell('weight'), effective: cell('effective'),
+                             observed: cell('observed'), reason: reason ? reason.textContent : null};
+}
+return out;
+"""
+
+
+def _table(drv) -> dict:
+    """version -> {text, weight, effective, observed, reason} of the versions table, as shown."""
+    return drv.execute_script(TABLE_JS)
 
 
 def test_page_shows_split_and_changes_a_weight(make_repo, serve, tmp_path, browser):
@@ -97,19 +112,15 @@ def test_page_shows_split_and_changes_a_weight(make_repo, serve, tmp_path, brows
         drv = browser
         drv.get(srv.http + "/ui")
         assert drv.current_url.endswith("/ui/")
-        _wait(drv, lambda d: d.find_elements(By.CSS_SELECTOR, '#model-mlp tr[data-version="2"]'),
-              what="the versions table")
-        rows = {r.get_attribute("data-version"): r for r in
-                drv.find_elements(By.CSS_SELECTOR, "#model-mlp table.versions-table tbody tr")}
+        # The table is rebuilt on every poll: read it in one script call (atomic in the page).
+        rows = _wait(drv, lambda d: (t := _table(d)) and len(t) == 3 and t, what="the versions table")
         assert set(rows) == {"1", "2", "3"}
-        assert "AVAILABLE" in rows["1"].text and "stable" in rows["1"].text
-        assert "AVAILABLE" in rows["2"].text and "canary" in rows["2"].text
-        assert "FAILED" in rows["3"].text
-        reason = rows["3"].find_element(By.CSS_SELECTOR, ".reason").text
-        assert "weights do not fit the architecture" in reason, reason
-        assert _cell(drv, "1", "weight") == "90.0%" and _cell(drv, "2", "weight") == "10.0%"
-        observed = {v: _cell(drv, v, "observed") for v in ("1", "2")}
-        assert all(o.endswith("%") for o in observed.values()), observed
+        assert "AVAILABLE" in rows["1"]["text"] and "stable" in rows["1"]["text"]
+        assert "AVAILABLE" in rows["2"]["text"] and "canary" in rows["2"]["text"]
+        assert "FAILED" in rows["3"]["text"]
+        assert "weights do not fit the architecture" in rows["3"]["reason"], rows["3"]
+        assert rows["1"]["weight"] == "90.0%" and rows["2"]["weight"] == "10.0%"
+        assert all(rows[v]["observed"].endswith("%") for v in ("1", "2")), rows
         # The charts appear once a couple of polls have been recorded.
         _wait(drv, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#model-mlp .chart canvas")) == 3,
               what="three charts")
@@ -139,7 +150,7 @@ def test_page_shows_split_and_changes_a_weight(make_repo, serve, tmp_path, brows
         routing = http.get("/v1/models/mlp/routing").json()
         assert routing["weights"] == {"stable": 70, "canary": 30}
         assert routing["labels"] == {"stable": 1, "canary": 2} and routing["sticky"] == {"header": "x-user-id"}
-        _wait(drv, lambda d: _cell(d, "2", "weight") == "30.0%", what="the new weight in the table")
+        _wait(drv, lambda d: _table(d).get("2", {}).get("weight") == "30.0%", what="the new weight in the table")
         _wait(drv, lambda d: "routing changed" in d.find_element(By.CSS_SELECTOR, "#model-mlp .events").text,
               what="the routing event")
 
