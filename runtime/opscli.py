@@ -15,6 +15,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,7 +25,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 MODEL_FILES = ("model.pt2", "model.safetensors", "model.pt")
 _VERSION_RE = re.compile(r"[1-9][0-9]*")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
-EXPERIMENT_ACTIONS = ("status", "promote", "rollback", "pause", "resume")
+EXPERIMENT_ACTIONS = ("status", "promote", "rollback", "pause", "resume", "retry")
 
 
 class OpsError(Exception):
@@ -301,13 +302,33 @@ def cmd_experiment(args: argparse.Namespace, out=None) -> int:
     if not isinstance(doc, dict):
         print(json.dumps(doc), file=out)
         return 0
-    print(f"experiment {args.model}: state {doc.get('state', '?')}, step {doc.get('step', '-')}, "
-          f"candidate weight {doc.get('candidate_weight', '-')}", file=out)
+    print("\n".join(format_experiment(args.model, doc)), file=out)
+    return 0
+
+
+def format_experiment(model: str, doc: dict) -> list[str]:
+    """The experiment report (GET .../experiment) as lines for a terminal."""
+    lines = [f"experiment {model}: state {doc.get('state', '?')}, step {doc.get('step', '-')}, "
+             f"candidate weight {doc.get('candidate_weight', '-')}"]
+    for key in ("control", "candidate"):
+        a = doc.get(key)
+        if isinstance(a, dict):
+            lines.append(f"  {key} {a.get('ref')} (v{a.get('version')}): {a.get('requests', 0)} requests, "
+                         f"{a.get('errors', 0)} errors")
+    for name, g in (doc.get("guardrails") or {}).items():
+        if isinstance(g, dict):
+            lines.append(f"  guardrail {name}: {'ALARM' if g.get('alarm') else 'ok'} (evidence "
+                         f"{float(g.get('evidence') or 0):.3g}, threshold {float(g.get('threshold') or 0):.3g})")
+    srm = doc.get("srm")
+    if isinstance(srm, dict) and srm.get("p_value") is not None:
+        lines.append(f"  sample ratio: p={float(srm['p_value']):.3g}" + (" FLAGGED" if srm.get("flagged") else ""))
     for d in doc.get("decisions") or []:
         if isinstance(d, dict):
-            when = d.get("time", d.get("at", ""))
-            print(f"  {when} {d.get('action', d.get('decision', ''))}: {d.get('reason', '')}".rstrip(), file=out)
-    return 0
+            when = d.get("time")
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if isinstance(when, (int, float)) else ""
+            by = f" ({d['by']})" if d.get("by") else ""
+            lines.append(f"  {when} {d.get('action', '')}{by}: {d.get('reason', '')}".rstrip())
+    return lines
 
 
 # ---- wiring into runtime/cli.py ---------------------------------------------------------
@@ -355,8 +376,9 @@ def add_subcommands(sub) -> None:
     p.set_defaults(ops=cmd_publish)
 
     e = sub.add_parser("experiment", help="show or steer a model's experiment",
-                       description="Show the experiment's state and decisions, or promote, roll "
-                                   "back, pause or resume it (servers with experiments support).")
+                       description="Show the experiment's state, guardrails and decisions, or "
+                                   "promote, roll back, pause, resume or retry it (servers with "
+                                   "experiments support).")
     e.add_argument("model", help="model name")
     e.add_argument("action", choices=EXPERIMENT_ACTIONS)
     common(e, token=True)

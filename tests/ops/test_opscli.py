@@ -190,3 +190,25 @@ def test_real_process_entry_point(live):
         h = subprocess.run([sys.executable, "-m", "runtime", sub, "--help"], cwd=ROOT,
                            capture_output=True, text=True, timeout=60)
         assert h.returncode == 0 and h.stdout.startswith(f"usage: splitserve {sub}"), h.stderr
+
+
+def test_experiment_report_lines():
+    """The shape GET /v1/models/{m}/experiment answers (experiments/report.py on its branch)."""
+    from runtime.opscli import format_experiment
+
+    doc = {"state": "rolled_back", "step": 1, "steps": [5, 25, 50, 100], "candidate_weight": 0.0,
+           "control": {"ref": "stable", "version": 1, "requests": 950, "errors": 1, "error_rate": 0.001},
+           "candidate": {"ref": "canary", "version": 2, "requests": 40, "errors": 31, "error_rate": 0.775},
+           "guardrails": {"errors": {"max_ratio": 1.5, "evidence": 1432.7, "threshold": 20.0, "alarm": True}},
+           "srm": {"p_value": 0.42, "flagged": False},
+           "decisions": [{"time": 1_700_000_000.0, "action": "rollback", "by": "auto", "step": 0,
+                          "candidate_weight": 0.0, "reason": "errors: canary 31 of 40 errors at weight 5%"}]}
+    lines = format_experiment("mlp", doc)
+    assert lines[0] == "experiment mlp: state rolled_back, step 1, candidate weight 0.0"
+    assert "  control stable (v1): 950 requests, 1 errors" in lines
+    assert "  candidate canary (v2): 40 requests, 31 errors" in lines
+    assert "  guardrail errors: ALARM (evidence 1.43e+03, threshold 20)" in lines
+    assert "  sample ratio: p=0.42" in lines
+    assert lines[-1].endswith(" rollback (auto): errors: canary 31 of 40 errors at weight 5%")
+    assert format_experiment("mlp", {"state": "none", "decisions": []}) == [
+        "experiment mlp: state none, step -, candidate weight -"]

@@ -379,13 +379,19 @@
     }
     const x = r.data;
     box.hidden = false;
+    const steps = Array.isArray(x.steps) ? ` of ${x.steps.length} (${x.steps.join(" → ")}%)` : "";
     const facts = [
       ["State", h("span", {class: "state state-" + String(x.state).toLowerCase()}, x.state)],
-      ["Step", x.step ?? "–"],
-      ["Candidate weight", x.candidate_weight ?? "–"],
+      ["Step", (x.step ?? "–") + steps],
+      ["Candidate weight", x.candidate_weight === undefined ? "–" : x.candidate_weight + "%"],
     ];
-    if (x.control !== undefined) facts.push(["Control", String(x.control)]);
-    if (x.candidate !== undefined) facts.push(["Candidate", String(x.candidate)]);
+    if (x.paused_by) facts.push(["Paused by", String(x.paused_by)]);
+    const arm = (a) => (a && typeof a === "object")
+      ? `${a.ref}${a.version !== undefined ? " (v" + a.version + ")" : ""}: ${a.requests ?? 0} requests, ` +
+        `${a.errors ?? 0} errors` + (a.error_rate !== null && a.error_rate !== undefined ? ` (${pct(a.error_rate, 2)})` : "")
+      : String(a);
+    if (x.control !== undefined) facts.push(["Control", arm(x.control)]);
+    if (x.candidate !== undefined) facts.push(["Candidate", arm(x.candidate)]);
     const dl = h("dl", {}, facts.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
     const parts = [h("h3", {}, "Experiment"), dl];
     const guard = x.guardrails;
@@ -411,10 +417,11 @@
       parts.push(h("ol", {class: "decisions"}, decisions.slice().reverse().map((d) => {
         const t = d.time ?? d.at ?? d.t;
         const when = typeof t === "number" ? clock(t) : (t ? String(t) : "");
-        return h("li", {}, h("time", {}, when), " ", h("b", {}, d.action ?? d.decision ?? d.kind ?? ""), " ", d.reason ?? "");
+        return h("li", {}, h("time", {}, when), " ", h("b", {}, d.action ?? d.decision ?? d.kind ?? ""),
+                 d.by ? ` (${d.by})` : "", " ", d.reason ?? "");
       })));
     }
-    const actions = h("div", {class: "actions"}, ["promote", "rollback", "pause", "resume"].map((a) =>
+    const actions = h("div", {class: "actions"}, ["promote", "rollback", "pause", "resume", "retry"].map((a) =>
       h("button", {type: "button", class: "exp-" + a, disabled: token === null,
                    onclick: () => experimentAction(view, a)}, a)));
     parts.push(actions, h("p", {class: "result", "data-result": "experiment"}, view.expResult || ""));
