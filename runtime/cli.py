@@ -99,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--access-log", choices=("off", "sample", "all"), default=None,
                    help="REST access log: off, sample (default: every 4xx/5xx plus "
                         "server.access_log_sample of the rest), all")
+    from runtime.opscli import add_subcommands  # status, route, publish, experiment (stdlib only)
+    add_subcommands(sub)
     return p
 
 
@@ -230,6 +232,9 @@ def _check_paths(settings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "ops", None) is not None:
+        from runtime.opscli import run
+        return run(args)
     notes: list[str] = []
     seeded = args.config is None and seed_default_config()
     try:
