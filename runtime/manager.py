@@ -15,6 +15,7 @@ import os
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -165,6 +166,9 @@ class Manager:
         self._changed = asyncio.Event()
         self._closing = False
         self._tasks: set[asyncio.Task] = set()
+        # Completed reconcile passes per model name (read-only): tests wait on it for
+        # "the manager has looked", instead of sleeping and asserting nothing happened.
+        self.reconciles: Counter[str] = Counter()
 
     # ---- lifecycle of the manager itself -------------------------------------------
     async def start(self) -> None:
@@ -236,6 +240,7 @@ class Manager:
                     self._apply(entry, folder)
                 except Exception:  # never let one bad folder stop the loop
                     log.exception("event=reconcile_error model=%s", entry.name)
+                self.reconciles[entry.name] += 1
         finally:
             self._wake()  # settle() waits for this task to end
 
