@@ -174,6 +174,11 @@ class ChildProcess:
 
     def _failure(self, what: str) -> ServerExited:
         rc = self.proc.poll()
+        if rc is None and self._eof:  # its log ended: it is exiting; let it be reaped
+            try:
+                rc = self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
         state = f"exited with {rc}" if rc is not None else "still running"
         return ServerExited(f"{self.name}: {what} ({state}); last log lines:\n{self.log_text(40)}")
 
