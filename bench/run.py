@@ -30,8 +30,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +50,8 @@ KEEP_MARKER = "<!-- analysis: bench/run.py keeps everything from this line on --
 
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
+
+from serverproc import ChildProcess, ServerProcess, free_port  # noqa: E402  (tools/)
 
 
 @dataclass(frozen=True)
@@ -146,12 +146,6 @@ def body_file(path: Path, w: Workload, seed: int = 0) -> Path:
 
 # ---- processes -------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
@@ -160,61 +154,15 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-class Server:
-    """A server subprocess with its log in the work folder; stopped with SIGTERM."""
-
-    def __init__(self, name: str, cmd: list[str], logdir: Path, env: dict | None = None,
-                 cwd: Path = ROOT):
-        self.name = name
-        self.log_path = logdir / f"{name.replace(' ', '_').replace(',', '')}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
-
-    def wait_ready(self, url: str, timeout: float = 180.0) -> None:
-        """Return when `url` answers 200; on failure stop the server, then raise."""
-        try:
-            self._wait_ready(url, timeout)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_ready(self, url: str, timeout: float) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}); see {self.log_path}")
-            try:
-                if http_get(url)[0] == 200:
-                    return
-            except (OSError, urllib.error.URLError):
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s; see {self.log_path}")
-
-    def stop(self) -> None:
-        if self._log.closed:
-            return
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)  # the session we started, only
-                self.proc.wait(30)
-            except (subprocess.TimeoutExpired, ProcessLookupError):
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(10)
-        self._log.close()
+def _log_path(logdir: Path, name: str) -> Path:
+    return logdir / f"{name.replace(' ', '_').replace(',', '')}.log"
 
 
-def splitserve(name: str, repo: Path, config: Path, logdir: Path) -> tuple[Server, str, str]:
-    http, grpc = free_port(), free_port()
-    s = Server(name, [PY, "-m", "runtime", "serve", "--repository", str(repo), "--http-port",
-                      str(http), "--grpc-port", str(grpc), "--config", str(config),
-                      "--log-level", "WARNING"], logdir)
-    s.wait_ready(f"http://127.0.0.1:{http}/v2/health/ready")
-    return s, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}"
+def splitserve(name: str, repo: Path, config: Path, logdir: Path) -> tuple[ChildProcess, str, str]:
+    """`python -m runtime serve` on ports 0 (read from its log) -> (server, http, grpc)."""
+    s = ServerProcess(repo, config=config, cwd=ROOT, name=name, log_path=_log_path(logdir, name))
+    s.wait_ready(180)
+    return s, s.http_hostport, s.grpc_target
 
 
 # ---- drivers ---------------------------------------------------------------------------
@@ -299,10 +247,13 @@ class Target:
     stats: object = None  # (workload) -> (inference_count, execution_count) | None
 
 
-def baseline(w: Workload, repo: Path, body: Path, logdir: Path) -> tuple[Server, int]:
-    port = free_port()
-    srv = Server(f"baseline {w.key}", [PY, str(BENCH / "baseline_server.py"), "--version-dir",
-                                       str(repo / w.model / "1"), "--port", str(port)], logdir)
+def baseline(w: Workload, repo: Path, body: Path, logdir: Path) -> tuple[ChildProcess, int]:
+    name = f"baseline {w.key}"
+    srv = ChildProcess([PY, str(BENCH / "baseline_server.py"), "--version-dir",
+                        str(repo / w.model / "1"), "--port", "0"], name=name, cwd=ROOT,
+                       log_path=_log_path(logdir, name))
+    srv.wait_serving(120)  # the port it bound, from its log
+    port = srv.http_port
     end = time.monotonic() + 120
     while True:  # ready when it answers an inference
         try:
@@ -314,7 +265,7 @@ def baseline(w: Workload, repo: Path, body: Path, logdir: Path) -> tuple[Server,
                     return srv, port
         except OSError:
             pass
-        if srv.proc.poll() is not None or time.monotonic() > end:
+        if not srv.alive() or time.monotonic() > end:
             srv.stop()
             raise RuntimeError(f"baseline did not start; see {srv.log_path}")
         time.sleep(0.2)
@@ -448,6 +399,7 @@ def ensure_mlserver(install: bool) -> tuple[Path | None, str]:
 
 def mlserver(exe: Path, work: Path, repo: Path, workloads: list[Workload], logdir: Path):
     folder = work / "mlserver"
+    # MLServer cannot bind port 0 and report it: the one place that probes for free ports.
     http, grpc, metrics = free_port(), free_port(), free_port()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "settings.json").write_text(json.dumps(
@@ -458,10 +410,14 @@ def mlserver(exe: Path, work: Path, repo: Path, workloads: list[Workload], logdi
         (d / "model-settings.json").write_text(json.dumps({
             "name": w.model, "implementation": "mlserver_runtime.TorchMLP",
             "parameters": {"uri": str(repo / w.model / "1"), "version": "1"}}))
-    s = Server("mlserver", [str(exe), "start", str(folder)], logdir,
-               env={"PYTHONPATH": str(BENCH)})
-    for w in workloads:
-        s.wait_ready(f"http://127.0.0.1:{http}/v2/models/{w.model}/ready")
+    s = ChildProcess([str(exe), "start", str(folder)], name="mlserver", cwd=ROOT,
+                     env={"PYTHONPATH": str(BENCH)}, log_path=_log_path(logdir, "mlserver"))
+    try:
+        for w in workloads:
+            s.wait_http(f"http://127.0.0.1:{http}/v2/models/{w.model}/ready", 180)
+    except BaseException:
+        s.stop()
+        raise
     return s, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}"
 
 
@@ -701,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     rows: list[Row] = []
     rel: list[dict] = []
-    servers: list[Server] = []
+    servers: list[ChildProcess] = []
     try:
         cache = build_versions(work, wls)
         bodies = {w.key: body_file(work / f"body_{w.key}.json", w) for w in wls}

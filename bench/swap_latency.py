@@ -1,14 +1,15 @@
 """Time from a completed version folder (renamed into place) to its first served request.
 
-`python bench/swap_latency.py [--cycles N] [--quiet-s S]`: starts a real server on
-loopback over a temporary repository with the bundled MLP, publishes version 2 by
-rename, polls the routed infer endpoint until version 2 answers, deletes it, waits for
-version 1 again, and prints the figures.
+`python bench/swap_latency.py [--cycles N] [--quiet-s S]`: starts `python -m runtime
+serve` (tools/serverproc.py: ports 0, read from its log) over a temporary repository with
+the bundled MLP, publishes version 2 by rename, polls the routed infer endpoint until
+version 2 answers, deletes it, waits for version 1 again, and prints the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import statistics
 import sys
@@ -17,13 +18,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tools")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 import httpx  # noqa: E402
 
 import make_example_models as mk  # noqa: E402
-from conftest import LiveServer  # noqa: E402
-from runtime.settings import Settings  # noqa: E402
+from serverproc import ServerProcess  # noqa: E402
 
 
 def main() -> None:
@@ -37,14 +37,12 @@ def main() -> None:
     mk.write_model_folder(root / "mlp")
     mk.write_safetensors(root / "mlp" / "1", 1)
     mk.write_safetensors(base / "st2", 2)
-    s = Settings()
-    s.server.http_port = s.server.grpc_port = 0
-    s.repository.path = root
-    s.repository.quiet_s = args.quiet_s
-    srv = LiveServer(s)
+    cfg = base / "splitserve.yaml"
+    cfg.write_text(f"repository:\n  quiet_s: {args.quiet_s}\nmodels: {{}}\n")
+    srv = ServerProcess(root, config=cfg, name="swap_latency").wait_ready()
     body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}]}
     c = httpx.Client()
-    served = lambda: c.post(srv.http + "/v2/models/mlp/infer", json=body).headers.get("x-model-version")
+    served = lambda: c.post(srv.url + "/v2/models/mlp/infer", json=body).headers.get("x-model-version")
     res = []
     try:
         for _ in range(args.cycles):
@@ -57,8 +55,9 @@ def main() -> None:
             shutil.rmtree(root / "mlp" / "2")
             while served() != "1":
                 pass
-        h = srv.core.manager.models["mlp"].serving[1]
-        print(f"device={h.loaded.device} quiet_s={args.quiet_s} folder->first served ms: "
+        loaded = srv.wait_line(r"event=loaded servable=\S*mlp\S* .*device=", 5)
+        device = re.search(r"device=(\S+)", loaded).group(1)
+        print(f"device={device} quiet_s={args.quiet_s} folder->first served ms: "
               f"{[round(x, 1) for x in res]} median={statistics.median(res):.1f} "
               f"(median minus quiet_s: {statistics.median(res) - args.quiet_s * 1e3:.1f})")
     finally:

@@ -17,6 +17,7 @@ import os
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,13 +240,15 @@ class Manager:
         self.shadow_max_waiting = shadow_max_waiting
         self.models: dict[str, ModelEntry] = {}
         self.abandoned_loads = 0  # timed-out load threads still running (memory held)
-        self.reconciles = 0  # finished reconcile passes (tests wait on it)
         self._subscribers: list[Callable[[Snapshot, str | None], None]] = []
         self._snapshot = Snapshot(0, {}, self._inflight)
         self._load_sem: asyncio.Semaphore | None = None
         self._changed = asyncio.Event()
         self._closing = False
         self._tasks: set[asyncio.Task] = set()
+        # Completed reconcile passes per model name (read-only): tests wait on it for
+        # "the manager has looked", instead of sleeping and asserting nothing happened.
+        self.reconciles: Counter[str] = Counter()
 
     # ---- published views -------------------------------------------------------------
     def view(self) -> Snapshot:
@@ -348,8 +351,8 @@ class Manager:
                 except Exception as e:  # never let one bad folder stop the loop
                     log.error("event=reconcile_error model=%s error=%r", entry.name, e)
                     log.debug("reconcile traceback", exc_info=True)
+                self.reconciles[entry.name] += 1
         finally:
-            self.reconciles += 1
             self._wake()  # settle() waits for this task to end
 
     def _wake(self) -> None:

@@ -91,3 +91,10 @@ def test_only_the_manager_touches_harnesses_and_entries():
                         and node.value.attr == "manager":
                     raise AssertionError(f"{rel}:{node.lineno} reads manager.models: use manager.view()")
 
+
+
+def test_bench_does_not_import_tests():
+    for p in sorted((ROOT / "bench").rglob("*.py")):
+        imps = imports_of(p)
+        bad = {i for i in imps if i.split(".")[0] in {"tests", "conftest", "reliability_helpers"}}
+        assert not bad, f"{p.relative_to(ROOT)} imports {bad}: shared harnesses live in tools/"

@@ -207,10 +207,10 @@ def test_settings_edit_applies_in_place_without_reloading(make_repo, serve):
     repo = make_repo({"mlp": {1: "st1"}}, yaml={"mlp": yaml})
     srv = serve(repo)
     gen = srv.on_loop(lambda: srv.core.manager.models["mlp"].serving[1].generation)
-    before = srv.on_loop(lambda: srv.core.manager.reconciles)
+    before = srv.on_loop(lambda: srv.core.manager.reconciles["mlp"])
     p = repo / "mlp" / "model.yaml"
     p.write_text(p.read_text().replace("max_queue_delay_us: 500", "max_queue_delay_us: 7000"))
-    assert srv.wait_for(lambda: srv.core.manager.reconciles > before
+    assert srv.wait_for(lambda: srv.core.manager.reconciles["mlp"] > before
                         and srv.core.manager._quiet("mlp"), 30)
     h = srv.on_loop(lambda: srv.core.manager.models["mlp"].serving[1])
     assert h.generation == gen  # the same loaded weights: no reload

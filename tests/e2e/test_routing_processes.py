@@ -1,18 +1,12 @@
 """Routing across real server processes (`python -m runtime serve`): split shares over
 10,000 requests, and sticky assignment that two independent processes agree on.
 
-Each server is a child process on an OS-chosen port (`--http-port 0`); the port is read
-from its `event=serving` log line, so no port is guessed and none can be taken meanwhile.
+Each server is a child process started by tools/serverproc.py on OS-chosen ports; the
+ports are read from its `event=serving` log line, so none is guessed or taken meanwhile.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
-import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,63 +15,21 @@ import numpy as np
 import orjson
 
 from router.assign import stable_unit
+from serverproc import ServerProcess
 
-ROOT = Path(__file__).resolve().parents[2]
 BODY = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
                                   "data": np.linspace(-1, 1, 64, dtype=np.float32).tolist()}]})
 JSON = {"content-type": "application/json"}
-SERVING = re.compile(r"event=serving http=(\S+):(\d+) ")
 
 # Chi-square critical value at p = 0.001 for 1 degree of freedom (two versions).
 CHI2_CRIT_DF1_P001 = 10.828
 
 
-class ServerProcess:
-    """One `python -m runtime serve` child; `url` once it serves, `stop()` by SIGTERM."""
-
-    def __init__(self, repo: Path, config: Path, *args: str, hash_seed: int | None = None):
-        cmd = [sys.executable, "-m", "runtime", "serve", "--repository", str(repo),
-               "--config", str(config), "--http-port", "0", "--grpc-port", "0", *args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if hash_seed is not None:  # str hash() differs between processes with different seeds
-            env["PYTHONHASHSEED"] = str(hash_seed)
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self._serving = threading.Event()
-        self.url: str | None = None
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def wait_serving(self, timeout: float = 120.0) -> ServerProcess:
-        if not self._serving.wait(timeout) or self.url is None:
-            self.stop()
-            raise AssertionError("server process did not start:\n" + "".join(self.lines[-40:]))
-        r = httpx.get(f"{self.url}/v2/health/ready", timeout=10)
-        assert r.status_code == 200, r.text
-        return self
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:  # drained to the end, so the child never blocks on a full pipe
-            self.lines.append(line)
-            m = SERVING.search(line)
-            if m and self.url is None:
-                self.url = f"http://{m.group(1)}:{m.group(2)}"
-                self._serving.set()
-        self._serving.set()  # the child exited (or closed stderr): stop waiting
-
-    def stop(self, timeout: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._reader.join(10)
-        return self.proc.returncode
+def server(repo: Path, config: Path, hash_seed: int | None = None) -> ServerProcess:
+    """A `python -m runtime serve` child; its own hash seed when given (str hash() of a
+    key then differs between the processes)."""
+    env = {} if hash_seed is None else {"PYTHONHASHSEED": str(hash_seed)}
+    return ServerProcess(repo, config=config, env=env)
 
 
 def _config(tmp_path: Path, text: str) -> Path:
@@ -114,13 +66,13 @@ def test_split_shares_match_weights_chi_square(make_repo, tmp_path):
     repo = make_repo({"mlp": {1: "st1", 2: "st2"}})
     cfg = _config(tmp_path, "models:\n  mlp:\n    labels: {stable: 1, canary: 2}\n"
                             "    weights: {stable: 90, canary: 10}\n")
-    srv = ServerProcess(repo, cfg)
+    srv = server(repo, cfg)
     try:
-        srv.wait_serving()
+        srv.wait_ready()
         got = _versions(srv.url, 10_000)
     finally:
         code = srv.stop()
-    assert code == 0, "".join(srv.lines[-40:])  # SIGTERM is a graceful stop
+    assert code == 0, srv.log_text(40)  # SIGTERM is a graceful stop
     assert {how for _, how in got} == {"split"}
     n1 = sum(v == "1" for v, _ in got)
     n2 = sum(v == "2" for v, _ in got)
@@ -138,15 +90,15 @@ def test_sticky_assignment_agrees_across_two_processes(make_repo, tmp_path):
                             "    weights: {stable: 90, canary: 10}\n    sticky: {header: x-user-id}\n")
     users = [f"user-{i}" for i in range(500)]
     # Both start at once, with different hash seeds: Python's hash() of a key differs.
-    a, b = ServerProcess(repo, cfg, hash_seed=1), ServerProcess(repo, cfg, hash_seed=2)
+    a, b = server(repo, cfg, hash_seed=1), server(repo, cfg, hash_seed=2)
     try:
-        a.wait_serving()
-        b.wait_serving()
+        a.wait_ready()
+        b.wait_ready()
         got_a = _versions(a.url, 0, keys=users)
         got_b = _versions(b.url, 0, keys=users)
     finally:
         codes = (a.stop(), b.stop())
-    assert codes == (0, 0), "".join(a.lines[-20:] + b.lines[-20:])
+    assert codes == (0, 0), a.log_text(20) + b.log_text(20)
     assert {how for _, how in got_a + got_b} == {"sticky"}
     assert got_a == got_b
     expected = [("1" if stable_unit("mlp", u) < 0.9 else "2", "sticky") for u in users]

@@ -10,10 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -56,14 +53,17 @@ def outputs_of(resp_json: dict, rows: int = 2) -> np.ndarray:
 
 # ---- small models with controllable behaviour ------------------------------------------
 SLOW_ARCH = '''
-import time, torch
+import os, time, torch
 from torch import nn
 DELAY = {delay}
+HOLD = {hold!r}
 class Slow(nn.Module):
     def __init__(self):
         super().__init__()
         self.lin = nn.Linear(64, 8)
     def forward(self, input):
+        while HOLD and os.path.exists(HOLD):  # a gate the test opens by deleting the file
+            time.sleep(0.005)
         time.sleep(DELAY)
         return self.lin(input)
 def build_model():
@@ -91,60 +91,57 @@ def write_linear_weights(vdir: Path, seed: int) -> None:
 
 def write_slow_model(repo: Path, name: str = "slow", delay: float = 0.5,
                      versions: tuple[int, ...] = (1,),
-                     extra_yaml: str = "batching: {enabled: false}") -> Path:
+                     extra_yaml: str = "batching: {enabled: false}",
+                     hold: Path | None = None) -> Path:
     """A model whose forward sleeps `delay` seconds (Linear 64 -> 8); one executor thread
     per version, so concurrent requests queue behind each other (batching off unless
-    `extra_yaml` says otherwise)."""
+    `extra_yaml` says otherwise). While the file `hold` exists, every forward waits for
+    its deletion first: a test holds requests in flight, checks, then lets them go."""
     m = repo / name
     m.mkdir(parents=True, exist_ok=True)
-    (m / "model.py").write_text(SLOW_ARCH.format(delay=delay))
+    (m / "model.py").write_text(SLOW_ARCH.format(delay=delay, hold=str(hold) if hold else None))
     (m / "model.yaml").write_text(SLOW_YAML.format(extra=extra_yaml))
     for v in versions:
         write_linear_weights(m / str(v), seed=v)
     return m
 
 
-# ---- processes, ports, memory ----------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# ---- processes, the manager's passes, memory ------------------------------------------
+# Child server processes: tools/serverproc.py (ports read from the server's log, SIGTERM stop).
+from serverproc import ServerProcess  # noqa: E402,F401  (re-exported; tools/ is on sys.path via conftest)
 
 
-def spawn_cli(repo: Path, cwd: Path, *args: str, config: Path | None = None,
-              log: Path | None = None) -> tuple[subprocess.Popen, int, int]:
-    """`python -m runtime serve` as a child process on free ports -> (proc, http, grpc)."""
-    http, grpc_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "runtime", "serve", "--repository", str(repo),
-           "--http-port", str(http), "--grpc-port", str(grpc_port), *args]
-    if config is not None:
-        cmd += ["--config", str(config)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("SPLITSERVE_TOKEN", None)
-    out = open(log, "wb") if log is not None else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    return proc, http, grpc_port
+def reconciles(srv: LiveServer, model: str) -> int:
+    """Completed reconcile passes of `model` so far (read on the loop)."""
+    return srv.on_loop(lambda: srv.core.manager.reconciles[model])
 
 
-def wait_ready(proc: subprocess.Popen, http: int, timeout: float = 90) -> None:
-    import httpx
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{http}/v2/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError("server never became ready")
+def wait_reconciled(srv: LiveServer, model: str, after: int, timeout: float = 30.0) -> bool:
+    """True once a reconcile pass of `model` has completed since the count was `after` and
+    the model has settled (nothing loading or unloading, no rescan due): the manager has
+    looked at what changed and acted on it, so an "it did not load" check is not vacuous."""
+    m = srv.core.manager
+
+    async def run() -> bool:
+        if not await m.wait_until(lambda: m.reconciles[model] > after, timeout):
+            return False
+        return await m.settle(model, timeout)
+
+    return srv.call(run(), 2 * timeout + 5)
 
 
-def stop_proc(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
+def watcher_barrier(srv: LiveServer, repo: Path, model: str = "mlp", *also: str,
+                    timeout: float = 30.0) -> None:
+    """Return once the watcher has delivered every filesystem event made before this call
+    and the manager has acted on them: a harmless file written into `model`'s folder
+    (events arrive in order, through one observer) triggers a reconcile of `model`; once
+    that has completed and `model` and `also` have settled, any earlier event (also one
+    the manager chose to ignore, such as a symlink out of the repository) is done with."""
+    n = reconciles(srv, model)
+    (repo / model / ".watch-barrier").write_text(str(n))
+    assert wait_reconciled(srv, model, after=n, timeout=timeout), "the watcher never fired"
+    for name in also:
+        assert srv.call(srv.core.manager.settle(name, timeout), timeout + 5), f"{name} never settled"
 
 
 def rss_bytes(pid: int | None = None) -> int:

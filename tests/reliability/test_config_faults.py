@@ -67,6 +67,22 @@ def traffic(srv, n: int = 60) -> Counter:
     return out
 
 
+def count_reloads(srv) -> list[bool]:
+    """Results of every config-file reload the watcher triggers from now on, so a test
+    waits for "the file was re-read" instead of sleeping and asserting nothing happened."""
+    ctl = srv.core.control
+    inner = ctl.reload_config_file
+    results: list[bool] = []
+
+    def reload() -> bool:
+        changed = inner()
+        results.append(changed)
+        return changed
+
+    ctl.reload_config_file = reload  # looked up when the debounce timer is armed
+    return results
+
+
 @pytest.fixture
 def routed(make_repo, serve, tmp_path):
     repo = make_repo({"mlp": {1: "st1", 2: "st2"}}, yaml={"mlp": MLP_YAML})
@@ -85,6 +101,7 @@ def test_bad_config_edits_are_rejected_and_last_good_kept(routed):
     assert before["weights"] == {"stable": 50, "canary": 50}
     base_traffic = traffic(srv)
     assert set(base_traffic) == {1, 2}
+    reloads = count_reloads(srv)
     with LogCapture("splitserve.control") as logs:
         for name, text, reason in FAULTS:
             n = len(logs.records)
@@ -101,8 +118,10 @@ def test_bad_config_edits_are_rejected_and_last_good_kept(routed):
             assert set(seen) == {1, 2}, f"{name}: traffic changed to {seen}"
             print(f"  {name}: rejected, traffic {dict(seen)}; {msg[:140]}")
             if text is None:
+                n = len(reloads)
                 cfg.write_text(GOOD)  # back for the next fault; no change, so nothing logged
-                time.sleep(0.5)
+                assert wait_until(lambda: len(reloads) > n, 10), "the file watcher never reloaded"
+                assert reloads[n:] == [False] * len(reloads[n:]), reloads  # reloaded: no change
         assert not any("config_applied" in m for m in logs.messages())
         # the watcher still works: a valid edit applies
         cfg.write_text(GOOD.replace("stable: 50, canary: 50", "stable: 100, canary: 0"))
@@ -182,13 +201,16 @@ def test_writer_killed_mid_write_leaves_a_valid_file(tmp_path):
     valid_mlp = [initial["mlp"]] + [RouteConfig.from_json(s) for s in STATES]
     rng = random.Random(7)
     writes, kills, leftovers = [], 0, 0
-    t_end = time.monotonic() + 20
+    t_end = time.monotonic() + 60  # a bound for a loaded machine; 15 kills take ~10 s
     while kills < 15 and time.monotonic() < t_end:
         p = subprocess.Popen([sys.executable, "-c", WRITER, str(cfg), json.dumps(STATES), str(ROOT)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
         try:
             assert p.stdout.readline().strip() == b"ready", p.stderr.read().decode()
-            time.sleep(rng.uniform(0.05, 0.5))
+            # Kill at a random moment of the write stream: after its first complete write
+            # (a state, so a slow machine cannot turn this into "killed before writing").
+            assert p.stdout.readline().strip() == b"1", p.stderr.read().decode()
+            time.sleep(rng.uniform(0.0, 0.3))
             os.kill(p.pid, signal.SIGKILL)
             out, err = p.communicate(timeout=10)
         finally:
@@ -198,7 +220,7 @@ def test_writer_killed_mid_write_leaves_a_valid_file(tmp_path):
         assert p.returncode == -signal.SIGKILL, err.decode()[-2000:]
         kills += 1
         lines = out.split()
-        writes.append(int(lines[-1]) if lines else 0)
+        writes.append(int(lines[-1]) if lines else 1)  # the first was read above
         loaded = load_config_file(cfg)  # always parses, always validates
         assert loaded["mlp"] in valid_mlp, loaded["mlp"]
         assert len(loaded) == 61 and loaded["model59"] == initial["model59"]

@@ -1,12 +1,12 @@
 """Scenario 5: graceful shutdown of the real CLI server (`python -m runtime serve`).
 
 A model whose forward sleeps 0.5 s (one executor thread per version, so requests queue
-behind each other). REST and gRPC requests are in flight and queued when SIGTERM (or
-SIGINT) arrives: every one of them completes with 200/OK, new connections are refused
-right after the signal (while the old ones still finish), and the process exits 0 within
-the drain timeout. With a drain timeout shorter than the queued work, the process still
-exits 0, on time.
-"""
+behind each other), held at a gate until the in-flight gauge shows every request
+admitted, so the signal always finds them in flight and queued. REST and gRPC requests
+are in flight and queued when SIGTERM (or SIGINT) arrives: every one of them completes
+with 200/OK, new connections are refused right after the signal (while the old ones
+still finish), and the process exits 0 within the drain timeout. With a drain timeout
+shorter than the queued work, the process still exits 0, on time."""
 
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ import grpc
 import httpx
 import pytest
 
-from reliability_helpers import (BODY, X, spawn_cli, stop_proc, wait_ready, wait_until,
-                                 write_slow_model)
+from reliability_helpers import BODY, X, ServerProcess, wait_until, write_slow_model
 from runtime.protocol.pb import grpc_service_pb2 as pb
 from runtime.protocol.pb import grpc_service_pb2_grpc as pb_grpc
 
@@ -50,6 +49,14 @@ def _grpc(port: int, wait: bool = True):
             return ("grpc", f"{e.code()} {e.details()}", None, t0, time.monotonic())
 
 
+def _inflight(port: int, model: str = "slow") -> float:
+    """Requests of `model` the server holds right now (admitted: running or queued), from
+    its Prometheus gauge."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("splitserve_inflight_requests{") and f'model="{model}"' in line)
+
+
 def _refused(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1):
@@ -62,43 +69,42 @@ def _refused(port: int) -> bool:
 
 def _start(tmp_path, drain_timeout_s: float):
     repo = tmp_path / "repo"
-    write_slow_model(repo, "slow", delay=DELAY)
+    write_slow_model(repo, "slow", delay=DELAY, hold=tmp_path / "hold")
     cfg = tmp_path / "splitserve.yaml"
     cfg.write_text(f"server:\n  drain_timeout_s: {drain_timeout_s}\nmodels: {{}}\n")
-    log = tmp_path / "server.log"
-    proc, http, grpc_port = spawn_cli(repo, tmp_path, config=cfg, log=log)
-    try:
-        wait_ready(proc, http)
-    except BaseException:
-        stop_proc(proc)
-        raise
-    return proc, http, grpc_port, log
+    srv = ServerProcess(repo, config=cfg, cwd=tmp_path, log_path=tmp_path / "server.log")
+    return srv.wait_ready()  # stops the child itself when it never becomes ready
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_drains_inflight_then_exits_0(tmp_path, sig):
     drain = 10.0
-    proc, http, grpc_port, log = _start(tmp_path, drain)
+    srv = _start(tmp_path, drain)
+    http, grpc_port = srv.http_port, srv.grpc_port
     try:
         assert httpx.post(f"http://127.0.0.1:{http}/v2/models/slow/infer", json=BODY,
                           timeout=10).status_code == 200
         with cf.ThreadPoolExecutor(8) as pool:
+            hold = tmp_path / "hold"
+            hold.touch()  # forwards wait until it is deleted
             futs = [pool.submit(_rest, http) for _ in range(5)]
             futs += [pool.submit(_grpc, grpc_port) for _ in range(2)]
-            time.sleep(0.6)  # all sent and admitted; one running, the rest queued behind it
-            assert not all(f.done() for f in futs)
+            # all sent and admitted (one held in its forward, the rest queued): a state
+            assert wait_until(lambda: _inflight(http) == len(futs), 60), _inflight(http)
+            assert not any(f.done() for f in futs)
             t_sig = time.monotonic()
-            proc.send_signal(sig)
-            # new connections are refused while the admitted requests still finish
+            srv.send_signal(sig)
+            # new connections are refused while the admitted requests are still held
             assert wait_until(lambda: _refused(http), 3, 0.02), "still accepting after the signal"
             t_refused = time.monotonic()
+            hold.unlink()  # let the admitted work run: 7 x DELAY
             late_grpc = _grpc(grpc_port, wait=False)
             results = [f.result(timeout=60) for f in futs]
-        rc = proc.wait(timeout=drain + 15)
+        rc = srv.wait(timeout=drain + 15)
         t_exit = time.monotonic()
     finally:
-        stop_proc(proc)
-    text = log.read_text(errors="replace")
+        srv.stop()
+    text = srv.log_text()
     last_done = max(r[4] for r in results)
     print(f"\n  {sig.name}: {len(results)} in flight (5 REST, 2 gRPC), "
           f"{sum(r[1] == 200 for r in results)} completed with 200; refused new connections "
@@ -114,24 +120,28 @@ def test_signal_drains_inflight_then_exits_0(tmp_path, sig):
 
 def test_drain_timeout_bounds_the_stop(tmp_path):
     drain = 1.0
-    proc, http, grpc_port, log = _start(tmp_path, drain)
+    srv = _start(tmp_path, drain)
+    http = srv.http_port
     try:
         assert httpx.post(f"http://127.0.0.1:{http}/v2/models/slow/infer", json=BODY,
                           timeout=10).status_code == 200
         with cf.ThreadPoolExecutor(10) as pool:
+            hold = tmp_path / "hold"
+            hold.touch()
             futs = [pool.submit(_rest, http) for _ in range(10)]  # 5 s of queued work
-            time.sleep(0.6)
+            assert wait_until(lambda: _inflight(http) == len(futs), 60), _inflight(http)
             t_sig = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            rc = proc.wait(timeout=30)
+            srv.send_signal(signal.SIGTERM)
+            hold.unlink()
+            rc = srv.wait(timeout=30)
             t_exit = time.monotonic()
             results = [f.result(timeout=60) for f in futs]
     finally:
-        stop_proc(proc)
+        srv.stop()
     ok = sum(r[1] == 200 for r in results)
     print(f"\n  drain timeout {drain:g}s with {len(results)} x {DELAY}s queued: exit {rc} after "
           f"{t_exit - t_sig:.2f}s, {ok} completed, {len(results) - ok} cut off")
-    assert rc == 0, log.read_text(errors="replace")[-3000:]
+    assert rc == 0, srv.log_text(40)
     assert t_exit - t_sig < drain + 3.0, f"stop took {t_exit - t_sig:.1f}s with drain_timeout_s={drain}"
     assert ok >= 1
     cut = [r[1] for r in results if r[1] != 200]

@@ -23,7 +23,8 @@ import httpx
 import numpy as np
 import pytest
 
-from reliability_helpers import BODY, MLP_YAML, X, answer_of, outputs_of, percentile, wait_until
+from reliability_helpers import (BODY, MLP_YAML, X, answer_of, outputs_of, percentile,
+                                 reconciles, wait_reconciled, wait_until)
 from runtime.protocol import kserve_grpc as codec
 from runtime.protocol.pb import grpc_service_pb2 as pb
 from runtime.protocol.pb import grpc_service_pb2_grpc as pb_grpc
@@ -261,9 +262,14 @@ def test_empty_version_folder_is_not_failed_before_files_arrive(make_repo, serve
         events.append((ev.kind, ev.version))
         inner(ev)
     srv.core.manager.on_event = rec
+    before = reconciles(srv, "mlp")
     (repo / "mlp" / "2").mkdir()
-    time.sleep(1.0)
-    state = srv.core.manager.state_of("mlp", 2)
+    # the watcher fired, the quiet period passed, a pass saw the empty folder and settled
+    mgr = srv.core.manager
+    assert srv.wait_for(lambda: mgr.reconciles["mlp"] > before
+                        and 2 in mgr.present_versions("mlp"), 30), "no pass saw folder 2"
+    assert wait_reconciled(srv, "mlp", after=before)
+    state = mgr.state_of("mlp", 2)
     shutil.copy(version_cache / "st2" / "model.safetensors", repo / "mlp" / "2" / "model.safetensors")
     assert srv.wait_state("mlp", 2, S.AVAILABLE, timeout=30)
     assert wait_until(lambda: srv.available("mlp") == [2], 10)

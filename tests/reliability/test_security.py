@@ -17,15 +17,14 @@ import ipaddress
 import json
 import shutil
 import socket
-import time
 
 import grpc
 import httpx
 import psutil
 import pytest
 
-from reliability_helpers import (BODY, MLP_ALL, ROOT, spawn_cli, stop_proc, wait_ready,
-                                 wait_until)
+from reliability_helpers import (BODY, MLP_ALL, ROOT, ServerProcess, reconciles,
+                                 wait_reconciled, watcher_barrier)
 from runtime.protocol.pb import grpc_service_pb2 as pb
 from runtime.protocol.pb import grpc_service_pb2_grpc as pb_grpc
 from runtime.protocol.pb import splitserve_management_pb2 as mpb
@@ -109,11 +108,12 @@ def test_default_bind_is_loopback(tmp_path, make_repo):
 
     # a repository built for the test, never the checkout's (it may hold a user's leftovers)
     repo = make_repo({"mlp": {1: "st1", 2: "pt2_2"}})
-    proc, http, grpc_port = spawn_cli(repo, tmp_path)  # no --host, no config
+    srv = ServerProcess(repo, cwd=tmp_path).wait_ready()  # no --host, no config
+    http, grpc_port = srv.http_port, srv.grpc_port
     try:
-        wait_ready(proc, http)
+        assert srv.host == "127.0.0.1", srv.log_text(5)  # what it logs it bound
         listening = {}
-        for c in psutil.Process(proc.pid).net_connections(kind="inet"):
+        for c in psutil.Process(srv.pid).net_connections(kind="inet"):
             if c.status == psutil.CONN_LISTEN:
                 listening[c.laddr.port] = c.laddr.ip
         assert http in listening and grpc_port in listening, listening
@@ -130,7 +130,8 @@ def test_default_bind_is_loopback(tmp_path, make_repo):
                     socket.create_connection((ip, port), timeout=2).close()
         print(f"\n  bind: listening on {listening}; refused on {others or 'no other address'}")
     finally:
-        stop_proc(proc)
+        rc = srv.stop()
+    assert rc == 0, srv.log_text(40)  # SIGTERM: a clean stop
 
 
 # ---- paths that try to leave the repository ----------------------------------------------
@@ -192,7 +193,7 @@ def test_request_paths_never_escape_the_repository(guarded, outside):
     srv, _, repo = guarded
     out, marker = outside
     (repo / "outside").symlink_to(out / "evil", target_is_directory=True)  # a model symlink out
-    time.sleep(0.5)
+    watcher_barrier(srv, repo, "mlp", "outside")  # the symlink's event is done with
     before = set(srv.core.manager.models)
     for method, path in TRAVERSALS:
         body = json.dumps(BODY).encode() if method == "POST" else b""
@@ -211,7 +212,8 @@ def test_symlinked_model_folder_out_of_the_repository_is_refused(guarded, outsid
     srv, _, repo = guarded
     out, marker = outside
     (repo / "evil").symlink_to(out / "evil", target_is_directory=True)
-    time.sleep(1.0)  # the watcher saw it; nothing may load from it
+    # the watcher delivered its event and the manager acted on it; nothing may load from it
+    watcher_barrier(srv, repo, "mlp", "evil")
     assert srv.core.manager.state_of("evil", 1) is None
     r = httpx.post(f"{srv.http}/v2/models/evil/infer", json=BODY)
     assert r.status_code == 404, r.text
@@ -231,13 +233,21 @@ def test_symlinked_version_folder_and_files_are_never_loaded(guarded, outside, v
     srv, _, repo = guarded
     out, marker = outside
     m = repo / "mlp"
+    before = reconciles(srv, "mlp")
     (m / "3").symlink_to(out / "evil" / "1", target_is_directory=True)  # a version symlink out
-    (m / "4").mkdir()  # a real folder whose weights are a symlink out
-    (m / "4" / "model.safetensors").symlink_to(out / "evil" / "1" / "model.safetensors")
-    (m / "5").mkdir()  # real weights, but the version's own model.py is a symlink out
-    shutil.copy(version_cache / "st2" / "model.safetensors", m / "5" / "model.safetensors")
-    (m / "5" / "model.py").symlink_to(out / "evil" / "model.py")
-    time.sleep(1.5)
+    (m / ".4.tmp").mkdir()  # a real folder whose weights are a symlink out
+    (m / ".4.tmp" / "model.safetensors").symlink_to(out / "evil" / "1" / "model.safetensors")
+    (m / ".5.tmp").mkdir()  # real weights, but the version's own model.py is a symlink out
+    shutil.copy(version_cache / "st2" / "model.safetensors", m / ".5.tmp" / "model.safetensors")
+    (m / ".5.tmp" / "model.py").symlink_to(out / "evil" / "model.py")
+    (m / ".4.tmp").rename(m / "4")  # published by rename, each complete when it appears
+    (m / ".5.tmp").rename(m / "5")
+    # A pass that saw both folders (so also the symlink 3, made before them), and the
+    # model settled after it: whatever it loads or refuses has happened.
+    mgr = srv.core.manager
+    assert srv.wait_for(lambda: mgr.reconciles["mlp"] > before
+                        and {4, 5} <= mgr.present_versions("mlp"), 30), "no pass saw 4 and 5"
+    assert wait_reconciled(srv, "mlp", after=before)
     states = {v: srv.core.manager.state_of("mlp", v) for v in (3, 4, 5)}
     for v in (3, 4, 5):
         r = httpx.post(f"{srv.http}/v2/models/mlp/versions/{v}/infer", json=BODY)
@@ -255,13 +265,14 @@ def test_model_py_symlinked_out_of_the_repository_never_runs(make_repo, serve, o
     out, marker = outside
     repo = make_repo({"mlp": {1: "st1"}}, yaml={"mlp": MLP_ALL})
     srv = serve(repo, quiet_s=0.2)
-    m2 = repo / "mlp2"
-    m2.mkdir()
-    (m2 / "model.yaml").write_text(MLP_ALL)
-    (m2 / "model.py").symlink_to(out / "evil" / "model.py")
-    shutil.copytree(version_cache / "st2", m2 / "1")
-    assert wait_until(lambda: srv.core.manager.models.get("mlp2") is not None, 10)
-    time.sleep(1.0)
+    staging = repo / ".mlp2.tmp"  # not a model name: ignored until renamed
+    staging.mkdir()
+    (staging / "model.yaml").write_text(MLP_ALL)
+    (staging / "model.py").symlink_to(out / "evil" / "model.py")
+    shutil.copytree(version_cache / "st2", staging / "1")
+    staging.rename(repo / "mlp2")  # the model appears complete
+    assert wait_reconciled(srv, "mlp2", after=0), "the manager never looked at mlp2"
+    assert srv.wait_for(lambda: 1 in srv.core.manager.present_versions("mlp2"), 10)
     state = srv.core.manager.state_of("mlp2", 1)
     assert not marker.exists(), f"outside code ran; mlp2 version 1 is {state}"
     assert state is not S.AVAILABLE
