@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 DEFAULT_CONFIG = Path("configs/splitserve.yaml")
+KUBERNETES = "kubernetes://"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,9 +23,10 @@ def _parser() -> argparse.ArgumentParser:
                        description="Watch a model repository and serve its versions.")
     s.add_argument("--repository", type=Path, default=Path("model_repository"),
                    help="model repository: <model>/<version>/ folders (default: ./model_repository)")
-    s.add_argument("--config", type=Path, default=None,
+    s.add_argument("--config", default=None,
                    help="routing/server config YAML (default: ./configs/splitserve.yaml when present); "
-                        "watched and hot-reloaded; API changes are persisted here")
+                        "watched and hot-reloaded; API changes are persisted here. "
+                        "kubernetes://NAMESPACE/CONFIGMAP keeps routing in a ConfigMap instead")
     s.add_argument("--host", default=None,
                    help="address to bind both servers to (default: 127.0.0.1, loopback only)")
     s.add_argument("--http-port", type=int, default=None, help="REST port (default 8000; 0 = any free)")
@@ -44,7 +46,12 @@ def build_settings(args: argparse.Namespace):
     from runtime.settings import Settings
 
     config = args.config
-    if config is None and DEFAULT_CONFIG.exists():
+    source = None
+    if config is not None and config.startswith(KUBERNETES):
+        source, config = config, None
+    elif config is not None:
+        config = Path(config)
+    elif DEFAULT_CONFIG.exists():
         config = DEFAULT_CONFIG
     data: dict = {}
     if config is not None:
@@ -74,6 +81,7 @@ def build_settings(args: argparse.Namespace):
     if args.log_level:
         settings.log_level = args.log_level
     settings.config_path = config
+    settings.config_source = source
     return settings
 
 
@@ -100,10 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     except RoutingError as e:
-        print(f"splitserve: config {settings.config_path} rejected: {e.message}", file=sys.stderr)
+        print(f"splitserve: config {settings.config_source or settings.config_path} rejected: "
+              f"{e.message}", file=sys.stderr)
         return 2
-    except OSError as e:  # e.g. the port is taken
+    except TimeoutError as e:  # the start deadline passed (before OSError: it is one)
         print(f"splitserve: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. the port is taken
+        print(f"splitserve: {e.strerror or e}" if e.errno is not None else f"splitserve: {e}",
+              file=sys.stderr)
         return 2
     return 0
 

@@ -11,9 +11,10 @@ import asyncio
 import logging
 from pathlib import Path
 
-from router import (Router, RouteConfig, RoutingError, load_config_file, persist_config_file,
-                    validate_against)
+from router import (Router, RouteConfig, RoutingError, load_config_file, parse_config_text,
+                    persist_config_file, validate_against)
 from runtime import errors
+from runtime.configsource import conflict
 from runtime.manager import Manager
 from runtime.types import VersionState
 
@@ -25,6 +26,7 @@ class Control:
         self.manager = manager
         self.router = router
         self.config_path = config_path
+        self.source = None  # runtime.configsource: set by Core when routing has a home
         self._write_lock = asyncio.Lock()
 
     # ---- routing ------------------------------------------------------------------
@@ -39,8 +41,12 @@ class Control:
             validate_against(config, self.manager.present_versions(model), model=model)
         except RoutingError as e:
             raise errors.invalid(e.message) from None
+        if self.source is not None and not self.source.writable:
+            raise conflict(self.source.managed_by())  # before any change: nothing moves
         async with self._write_lock:
-            if self.config_path is not None:
+            if self.source is not None:
+                await self.source.write(model, config)  # CAS / atomic persist, or raises
+            elif self.config_path is not None:
                 try:
                     await asyncio.to_thread(persist_config_file, self.config_path, model, config)
                 except (OSError, RoutingError) as e:
@@ -56,17 +62,20 @@ class Control:
         log.info("event=routing_changed model=%s config=%s", model, config.to_json())
         return state
 
-    def reload_config_file(self) -> bool:
-        """Apply the config file (hot reload). An invalid file is logged and ignored."""
-        if self.config_path is None:
+    def reload_config_file(self, text: str | None = None) -> bool:
+        """Apply the config file (hot reload), or `text` as the config source read it.
+        An invalid document is logged and ignored."""
+        where = self.source.name if self.source is not None else self.config_path
+        if text is None and self.config_path is None:
             return False
         try:
-            configs = load_config_file(self.config_path)
+            configs = (parse_config_text(text, str(where)) if text is not None
+                       else load_config_file(self.config_path))
             for model, cfg in configs.items():
                 validate_against(cfg, self.manager.present_versions(model), model=model)
         except RoutingError as e:
-            log.error("event=config_rejected path=%s keeping=last_good reason=%r",
-                      self.config_path, e.message)
+            log.error("event=config_rejected source=%r keeping=last_good reason=%r",
+                      str(where), e.message)
             return False
         current = self.router.configs()
         changed = False
@@ -77,7 +86,7 @@ class Control:
                 self.manager.request_reconcile(model)
                 changed = True
         if changed:
-            log.info("event=config_applied path=%s models=%s", self.config_path, sorted(configs))
+            log.info("event=config_applied source=%r models=%s", str(where), sorted(configs))
         return changed
 
     # ---- repository ---------------------------------------------------------------

@@ -21,6 +21,10 @@ class ServerSettings(_S):
     grpc_port: int = Field(default=8001, ge=0, le=65535)
     token: str | None = None  # when set, state-changing calls need `Bearer <token>`
     drain_timeout_s: float = Field(default=30.0, ge=0)
+    # After SIGTERM: readiness is 503 at once, but requests are served this long more, so
+    # load balancers and Kubernetes endpoints stop sending before the listener closes.
+    shutdown_delay_s: float = Field(default=0.0, ge=0, le=3600)
+    start_timeout_s: float = Field(default=300.0, gt=0)  # one deadline for loading every model
 
 
 class LimitSettings(_S):
@@ -49,5 +53,6 @@ class Settings(_S):
     limits: LimitSettings = LimitSettings()
     repository: RepositorySettings = RepositorySettings()
     config_path: Path | None = None  # routing config (configs/splitserve.yaml)
+    config_source: str | None = None  # kubernetes://NAMESPACE/CONFIGMAP instead of a file
     shadow_max_inflight: int = Field(default=64, ge=0)
     log_level: str = "INFO"
