@@ -54,12 +54,26 @@ def build_settings(args: argparse.Namespace):
     elif DEFAULT_CONFIG.exists():
         config = DEFAULT_CONFIG
     data: dict = {}
-    if config is not None:
+    text = None
+    if source is not None:  # the ConfigMap holds the server settings too
+        from router import RoutingError
+        from runtime.k8ssource import KubernetesSource
+        try:
+            text = KubernetesSource.from_url(source).read() or ""
+        except RoutingError as e:
+            raise SystemExit(f"splitserve: {e.message}") from None
+    elif config is not None:
         if not config.exists():
             raise SystemExit(f"splitserve: config file {config} does not exist")
-        loaded = yaml.safe_load(config.read_text()) or {}
+        text = config.read_text()
+    if text is not None:
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise SystemExit(f"splitserve: config {source or config} is not valid YAML: "
+                             f"{' '.join(str(e).split())}") from None
         if not isinstance(loaded, dict):
-            raise SystemExit(f"splitserve: {config}: expected a mapping at the top level")
+            raise SystemExit(f"splitserve: {source or config}: expected a mapping at the top level")
         for section in ("server", "limits", "repository"):
             if section in loaded:
                 data[section] = loaded[section]

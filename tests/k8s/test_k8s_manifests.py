@@ -16,7 +16,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kubernetes"
-OVERLAYS = ["base", "overlays/pvc", "overlays/gpu"]
+OVERLAYS = ["base", "overlays/pvc", "overlays/gpu", "overlays/shared-routing"]
 KUBERNETES_VERSIONS = ["1.30.0", "1.35.0"]  # oldest supported and a current one (README)
 KUBECTL = shutil.which("kubectl")
 
@@ -138,14 +138,19 @@ def test_selectors_match_pod_labels(docs):
     assert (ref["kind"], ref["name"]) == ("Deployment", dep["metadata"]["name"])
 
 
-def test_grace_period_covers_delay_and_drain(docs):
+def test_grace_period_covers_delay_and_drain_and_the_config_is_wired(docs):
     _, items = docs
     pod, c = _container(items)
     srv, cm = _server_settings(items)
     assert srv.shutdown_delay_s == 5
     assert pod["spec"]["terminationGracePeriodSeconds"] >= srv.shutdown_delay_s + srv.drain_timeout_s + 5
-    mounted = {v["name"]: v for v in pod["spec"]["volumes"]}
     cfg = _arg(c, "--config")
+    if cfg.startswith("kubernetes://"):  # shared routing: the replicas read the ConfigMap itself
+        assert cfg == f"kubernetes://$(POD_NAMESPACE)/{cm['metadata']['name']}" and "splitserve.yaml" in cm["data"]
+        env = {e["name"]: e for e in c["env"]}
+        assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+        return
+    mounted = {v["name"]: v for v in pod["spec"]["volumes"]}
     mount = next(m for m in c["volumeMounts"] if cfg.startswith(m["mountPath"] + "/"))
     assert mounted[mount["name"]]["configMap"]["name"] == cm["metadata"]["name"]
     assert cfg.rsplit("/", 1)[1] in cm["data"]
