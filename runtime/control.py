@@ -27,6 +27,7 @@ class Control:
         self.router = router
         self.config_path = config_path
         self.source = None  # runtime.configsource: set by Core when routing has a home
+        self._rejected_text: str | None = None  # the last document rejected, for retry_rejected
         self._write_lock = asyncio.Lock()
 
     # ---- routing ------------------------------------------------------------------
@@ -62,7 +63,13 @@ class Control:
         log.info("event=routing_changed model=%s config=%s", model, config.to_json())
         return state
 
-    def reload_config_file(self, text: str | None = None) -> bool:
+    def retry_rejected(self) -> bool:
+        """Apply a rejected document again, quietly: across replicas, one may name a version
+        this replica had not scanned yet; it applies once that version is here."""
+        text = self._rejected_text
+        return text is not None and self.reload_config_file(text, quiet=True)
+
+    def reload_config_file(self, text: str | None = None, quiet: bool = False) -> bool:
         """Apply the config file (hot reload), or `text` as the config source read it.
         An invalid document is logged and ignored."""
         where = self.source.name if self.source is not None else self.config_path
@@ -74,9 +81,13 @@ class Control:
             for model, cfg in configs.items():
                 validate_against(cfg, self.manager.present_versions(model), model=model)
         except RoutingError as e:
+            self._rejected_text = text
+            if quiet:
+                return False
             log.error("event=config_rejected source=%r keeping=last_good reason=%r",
                       str(where), e.message)
             return False
+        self._rejected_text = None
         current = self.router.configs()
         changed = False
         for model in set(current) | set(configs):

@@ -48,6 +48,7 @@ class Core:
         self.router.set_available(model, versions)
         if self.router.referenced_versions(model) != before:
             self.manager.request_reconcile(model)  # a pending label moved: re-aspire
+        self.control.retry_rejected()  # a document naming this version may apply now
 
     async def start(self, wait_s: float | None = None) -> None:
         """Read the routing config, start watching, load what the repository aspires.

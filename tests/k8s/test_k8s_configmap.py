@@ -157,3 +157,21 @@ def test_writable_knows_the_configmap_layout(tmp_path):
     plain = tmp_path / "plain.yaml"
     plain.write_text("models: {}\n")
     assert FileSource(plain).writable
+
+
+def test_a_document_naming_an_unseen_version_applies_once_it_is_here(make_repo, serve, tmp_path, version_cache):
+    """Across replicas a PUT may name a version another replica has not scanned yet: there
+    the document is rejected at first and applied once that version is AVAILABLE."""
+    import shutil
+
+    repo = make_repo({"mlp": {1: "st1", 2: "st2"}})
+    vol = ConfigMapVolume(tmp_path / "etc-splitserve")
+    vol.write({"splitserve.yaml": DOC.format(a=100, b=0)})
+    srv = serve(repo, config=vol.mount / "splitserve.yaml", quiet_s=0.2)
+    vol.write({"splitserve.yaml": DOC.format(a=1, b=1).replace("canary: 2}", "canary: 3}")})
+    assert wait_until(lambda: srv.core.control._rejected_text is not None, 10)
+    assert routing(srv)["weights"] == {"stable": 100, "canary": 0}
+    shutil.copytree(version_cache / "st3", repo / "mlp" / ".3.tmp")
+    os.rename(repo / "mlp" / ".3.tmp", repo / "mlp" / "3")
+    assert wait_until(lambda: routing(srv)["labels"] == {"stable": 1, "canary": 3}, 30), routing(srv)
+    assert routing(srv)["weights"] == {"stable": 1, "canary": 1}
