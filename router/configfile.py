@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - exercised only where ruamel.yaml is ab
     YAML = None  # type: ignore[assignment,misc]
     _RuamelError = yaml.YAMLError  # type: ignore[assignment,misc]
 
-__all__ = ["load_config_file", "persist_config_file", "parse_config_text"]
+__all__ = ["load_config_file", "persist_config_file", "parse_config_text", "update_config_text"]
 
 
 def _rt() -> Any:
@@ -158,18 +158,36 @@ def _update(path: str, change: Any) -> None:
             text = f.read()
     except FileNotFoundError:
         text = ""
-    doc = _read(real, text) if text.strip() else None
+    atomic_write(real, _changed_text(text, real, change).encode("utf-8"))
+
+
+def update_config_text(text: str, model: str, config: RouteConfig | None, source: str = "<config>") -> str:
+    """`persist_config_file` on a document held elsewhere (a ConfigMap): the new text."""
+
+    def change(models: MutableMapping[Any, Any]) -> None:
+        if config is None:
+            models.pop(model, None)
+        elif model in models and isinstance(models[model], MutableMapping):
+            _merge(models[model], _yaml_obj(config))
+        else:
+            models[model] = _yaml_obj(config)
+
+    return _changed_text(text, source, change)
+
+
+def _changed_text(text: str, source: str, change: Any) -> str:
+    doc = _read(source, text) if text.strip() else None
     if doc is None:
         doc = _new_map()
     if not isinstance(doc, MutableMapping):
-        raise RoutingError("invalid", f"{real}: expected a mapping at the top level; not overwriting it")
+        raise RoutingError("invalid", f"{source}: expected a mapping at the top level; not overwriting it")
     models = doc.get("models")
     if models is None:
         models = doc["models"] = _new_map()
     elif not isinstance(models, MutableMapping):
-        raise RoutingError("invalid", f"{real}: models: expected a mapping; not overwriting it")
+        raise RoutingError("invalid", f"{source}: models: expected a mapping; not overwriting it")
     change(models)
-    atomic_write(real, _dump(doc))
+    return _dump(doc).decode("utf-8")
 
 
 def _new_map() -> Any:

@@ -62,6 +62,8 @@ def _level(s: str) -> str:
         raise argparse.ArgumentTypeError(f"must be one of {', '.join(LEVELS)}, got {s!r}")
     return s.upper()
 
+KUBERNETES = "kubernetes://"
+
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="splitserve", description="Serve versioned PyTorch models "
@@ -74,10 +76,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="model repository: <model>/<version>/ folders (default: the config's "
                         "repository.path, else ./model_repository), or s3://BUCKET/PREFIX, "
                         "gs://..., az://... (mirrored into a local cache)")
-    s.add_argument("--config", type=Path, default=None,
+    s.add_argument("--config", default=None,
                    help="routing/server config YAML (default: ./configs/splitserve.yaml when present, "
                         "first copied from ./configs/splitserve.example.yaml when only that "
-                        "exists); watched and hot-reloaded; API changes are persisted here")
+                        "exists); watched and hot-reloaded; API changes are persisted here. "
+                        "kubernetes://NAMESPACE/CONFIGMAP keeps routing in a ConfigMap instead")
     s.add_argument("--host", type=_host, default=None,
                    help="address to bind both servers to (default: 127.0.0.1, loopback only)")
     s.add_argument("--http-port", type=_port, default=None, help="REST port (default 8000; 0 = any free)")
@@ -129,13 +132,19 @@ def read_token_file(path: Path) -> tuple[str, list[str]]:
 
 
 def _load_config(path: Path) -> dict:
-    import yaml
     if not path.exists():
         raise CliError(f"config file {path} does not exist")
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise CliError(f"config file {path}: {getattr(e, 'strerror', None) or e}") from None
+    return _parse_config(text, path)
+
+
+def _parse_config(text: str, path) -> dict:
+    import yaml
+    try:
+        doc = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
@@ -158,9 +167,23 @@ def build_settings(args: argparse.Namespace, env: dict | None = None, notes: lis
 
     env = os.environ if env is None else env
     config = args.config
-    if config is None and DEFAULT_CONFIG.exists():
+    source = None
+    if config is not None and config.startswith(KUBERNETES):
+        source, config = config, None
+    elif config is not None:
+        config = Path(config)
+    elif DEFAULT_CONFIG.exists():
         config = DEFAULT_CONFIG
-    part = settings_part(_load_config(config)) if config is not None else {}
+    if source is not None:  # the ConfigMap holds the server settings too
+        from router import RoutingError
+        from runtime.k8ssource import KubernetesSource
+        try:
+            text = KubernetesSource.from_url(source).read() or ""
+        except RoutingError as e:
+            raise CliError(e.message) from None
+        part = settings_part(_parse_config(text, source))
+    else:
+        part = settings_part(_load_config(config)) if config is not None else {}
     try:
         file_only = Settings.model_validate(part)
     except ValidationError as e:
@@ -218,6 +241,7 @@ def build_settings(args: argparse.Namespace, env: dict | None = None, notes: lis
     settings.config_path = config
     settings._file = file_only
     settings._flags = flags
+    settings.config_source = source
     return settings
 
 
@@ -263,8 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     except RoutingError as e:
-        print(f"splitserve: error: config {settings.config_path} rejected: {e.message}", file=sys.stderr)
+        print(f"splitserve: error: config {settings.config_source or settings.config_path} "
+              f"rejected: {e.message}", file=sys.stderr)
         return 2
+    except TimeoutError as e:  # the start deadline passed (before OSError: it is one)
+        print(f"splitserve: error: {e}", file=sys.stderr)
+        return 1
     except StoreError as e:  # the object-storage repository cannot be listed or cached
         print(f"splitserve: model repository: {e}", file=sys.stderr)
         return 2

@@ -13,9 +13,10 @@ import json
 import logging
 from pathlib import Path
 
-from router import (Router, RouteConfig, RoutingError, load_config_file, persist_config_file,
-                    validate_against)
+from router import (Router, RouteConfig, RoutingError, load_config_file, parse_config_text,
+                    persist_config_file, validate_against)
 from runtime import errors
+from runtime.configsource import conflict
 from runtime.manager import Manager
 from runtime.settings import FileSettings, Settings
 from runtime.types import VersionState
@@ -33,6 +34,8 @@ class Control:
         self.config_path = config_path
         self.settings = settings
         self.file_settings = FileSettings(settings) if settings is not None else None
+        self.source = None  # runtime.configsource: set by Core when routing has a home
+        self._rejected_text: str | None = None  # the last document rejected, for retry_rejected
         self._write_lock = asyncio.Lock()
 
     # ---- authorization ------------------------------------------------------------
@@ -70,8 +73,12 @@ class Control:
         except RoutingError as e:
             self.refused(f"put_routing model={model}", e.message)
             raise errors.invalid(e.message) from None
+        if self.source is not None and not self.source.writable:
+            raise conflict(self.source.managed_by())  # before any change: nothing moves
         async with self._write_lock:
-            if self.config_path is not None:
+            if self.source is not None:
+                await self.source.write(model, config)  # CAS / atomic persist, or raises
+            elif self.config_path is not None:
                 try:
                     await asyncio.to_thread(persist_config_file, self.config_path, model, config)
                 except (OSError, RoutingError) as e:
@@ -88,22 +95,35 @@ class Control:
                  json.dumps(config.to_json(), sort_keys=True, separators=(",", ":")))
         return state
 
-    def reload_config_file(self) -> bool:
-        """Apply the config file (hot reload). An invalid file is logged and ignored."""
-        if self.config_path is None:
+    def retry_rejected(self) -> bool:
+        """Apply a rejected document again, quietly: across replicas, one may name a version
+        this replica had not scanned yet; it applies once that version is here."""
+        text = self._rejected_text
+        return text is not None and self.reload_config_file(text, quiet=True)
+
+    def reload_config_file(self, text: str | None = None, quiet: bool = False) -> bool:
+        """Apply the config file (hot reload), or `text` as the config source read it.
+        An invalid document is logged and ignored."""
+        where = self.source.name if self.source is not None else self.config_path
+        if text is None and self.config_path is None:
             return False
         if self.file_settings is not None:  # server:/limits:/...: live keys applied, others WARNING
             self.file_settings.reload()
         try:
-            configs = load_config_file(self.config_path)
+            configs = (parse_config_text(text, str(where)) if text is not None
+                       else load_config_file(self.config_path))
             snap = self.manager.view()
             for model, cfg in configs.items():
                 mv = snap.model(model)
                 validate_against(cfg, set(mv.present) if mv else set(), model=model)
         except RoutingError as e:
-            log.error("event=config_rejected path=%s keeping=last_good reason=%r",
-                      self.config_path, e.message)
+            self._rejected_text = text
+            if quiet:
+                return False
+            log.error("event=config_rejected source=%r keeping=last_good reason=%r",
+                      str(where), e.message)
             return False
+        self._rejected_text = None
         current = self.router.configs()
         changed = False
         for model in set(current) | set(configs):
@@ -113,7 +133,7 @@ class Control:
                 self.manager.request_reconcile(model)
                 changed = True
         if changed:
-            log.info("event=config_applied path=%s models=%s", self.config_path, sorted(configs))
+            log.info("event=config_applied source=%r models=%s", str(where), sorted(configs))
         return changed
 
     # ---- repository ---------------------------------------------------------------

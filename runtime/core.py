@@ -9,7 +9,8 @@ import asyncio
 import logging
 from pathlib import Path
 
-from router import Router, load_config_file, validate_against
+from router import Router, parse_config_text, validate_against
+from runtime.configsource import make_source
 from runtime.control import Control
 from runtime.inference import InferenceService
 from runtime.manager import Manager
@@ -52,7 +53,7 @@ class Core:
                                           self.metrics, settings.shadow_max_inflight)
         self.control = Control(self.manager, self.router, settings.config_path, settings)
         self.watcher: Watcher | None = None
-        self._cfg_timer: asyncio.TimerHandle | None = None  # debounces config-file events
+        self.source = None  # runtime.configsource: where routing lives (file, ConfigMap)
         self.started = False
         self.stopping = False
 
@@ -72,42 +73,44 @@ class Core:
             self.router.set_available(model, versions)
             if self.router.referenced_versions(model) != before:  # a pending label moved
                 asyncio.get_running_loop().call_soon(self.manager.request_reconcile, model)
+            # a routing document naming this version may apply now (scheduled, not re-entered)
+            asyncio.get_running_loop().call_soon(self.control.retry_rejected)
 
-    async def start(self, wait_s: float = 300.0) -> None:
-        """Read the routing config, start watching, load what the repository aspires."""
+    async def start(self, wait_s: float | None = None) -> None:
+        """Read the routing config, start watching, load what the repository aspires.
+        One deadline (`server.start_timeout_s`) covers every model; past it, TimeoutError."""
         if self.mirror is not None:
             await self.mirror.start()  # first sync; StoreError when the store can't be listed
         if not self.root.is_dir():
             raise FileNotFoundError(f"model repository {self.root} is not a directory")
         loop = asyncio.get_running_loop()
-        cfg = self.settings.config_path
-        if cfg is not None and cfg.exists():
-            # A bad file at start is fatal (like TF Serving's model config): nothing half-applied.
-            for model, rc in load_config_file(cfg).items():
-                validate_against(rc, scan_model(self.root / model).versions, model=model)
-                self.router.set_config(model, rc)
+        source = self.source = make_source(self.settings)
+        if source is not None:
+            # A bad document at start is fatal (like TF Serving's model config): nothing half-applied.
+            text = await asyncio.to_thread(source.read)
+            if text is not None:
+                for model, rc in parse_config_text(text, source.name).items():
+                    validate_against(rc, scan_model(self.root / model).versions, model=model)
+                    self.router.set_config(model, rc)
+            self.control.source = source
         rs = self.settings.repository
         self.watcher = Watcher(polling=rs.polling, poll_interval_s=rs.poll_interval_s)
         self.watcher.watch(loop, self.root, self.manager.on_path_changed)
-        if cfg is not None:
-            cfg_abs = cfg.resolve()
-            self.watcher.watch(loop, cfg_abs.parent,
-                               lambda p: p.name == cfg_abs.name and self._config_touched(),
-                               recursive=False)
         self.watcher.start()
+        if source is not None:
+            source.start(loop, self.control.reload_config_file)
         await self.manager.start()
-        await self.settle(wait_s)
+        wait_s = self.settings.server.start_timeout_s if wait_s is None else wait_s
+        if not await self.settle(wait_s):
+            snap = self.manager.view()
+            busy = [m for m in snap.names() if not snap.model(m).available]
+            raise TimeoutError(f"start deadline of {wait_s:g}s (server.start_timeout_s) passed "
+                               f"with models still loading: {', '.join(busy) or '-'}")
         self.started = True
 
-    def _config_touched(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._cfg_timer is not None:
-            self._cfg_timer.cancel()
-        self._cfg_timer = loop.call_later(self.settings.repository.quiet_s / 2 + 0.05,
-                                          self.control.reload_config_file)
-
-    async def settle(self, timeout: float) -> None:
-        await self.manager.settle_all(timeout)
+    async def settle(self, timeout: float) -> bool:
+        """Wait, under one deadline for all models, until nothing loads; False past it."""
+        return await self.manager.settle_all(timeout)
 
     def ready(self) -> bool:
         return self.started and not self.stopping
@@ -118,4 +121,6 @@ class Core:
             await self.mirror.stop()
         if self.watcher is not None:
             self.watcher.stop()
+        if self.source is not None:
+            self.source.stop()
         await self.manager.close()

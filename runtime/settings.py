@@ -53,6 +53,10 @@ class ServerSettings(_S):
             raise ValueError("a token is 1 to 4096 visible ASCII characters (no spaces), "
                              "as an Authorization header carries it")
         return v
+    # After SIGTERM: readiness is 503 at once, but requests are served this long more, so
+    # load balancers and Kubernetes endpoints stop sending before the listener closes.
+    shutdown_delay_s: float = Field(default=0.0, ge=0, le=3600)
+    start_timeout_s: float = Field(default=300.0, gt=0)  # one deadline for loading every model
 
 
 class LimitSettings(_S):
@@ -96,6 +100,7 @@ class Settings(_S):
     limits: LimitSettings = LimitSettings()
     repository: RepositorySettings = RepositorySettings()
     config_path: Path | None = None  # routing config (configs/splitserve.yaml)
+    config_source: str | None = None  # kubernetes://NAMESPACE/CONFIGMAP instead of a file
     shadow_max_inflight: int = Field(default=64, ge=0)
     log_level: LogLevel = "INFO"
     # Set by the CLI: the settings the config file alone gave, and key -> flag for the

@@ -8,6 +8,7 @@ Stop order: stop accepting (both servers), let in-flight and queued requests fin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import signal
@@ -92,14 +93,19 @@ class Server:
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
+        """Bind and serve both listeners first (a taken port fails at once, and
+        /v2/health/live answers during a long load), then load: returns once ready."""
         s = self.settings.server
-        await self.core.start()
         # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only when the
         # listener says TCP; without it every keep-alive response waits ~40 ms for an ACK.
         sock = socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET,
                              socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((s.host, s.http_port))
+        try:
+            sock.bind((s.host, s.http_port))
+        except OSError as e:
+            sock.close()
+            raise OSError(e.errno, f"HTTP could not bind {s.host}:{s.http_port}: {e.strerror}") from None
         sock.listen(2048)
         sock.setblocking(False)
         self.http_port = sock.getsockname()[1]
@@ -108,19 +114,26 @@ class Server:
                              limit_concurrency=None, timeout_keep_alive=30)
         self._uv = _Uvicorn(cfg)
         self._uv_task = asyncio.get_running_loop().create_task(self._uv.serve(sockets=[sock]))
-        while not self._uv.started:
-            if self._uv_task.done():
-                self._uv_task.result()
-                raise RuntimeError("HTTP server exited during start")
-            await asyncio.sleep(0.01)
         try:
-            rpc = importlib.import_module("runtime.server.rpc")
-        except ModuleNotFoundError as e:
-            if e.name != "runtime.server.rpc":
-                raise
-            rpc = None
-        if rpc is not None:
-            self._grpc, self.grpc_port = await rpc.start(self.core, s.host, s.grpc_port)
+            while not self._uv.started:
+                if self._uv_task.done():
+                    self._uv_task.result()
+                    raise RuntimeError("HTTP server exited during start")
+                await asyncio.sleep(0.01)
+            try:
+                rpc = importlib.import_module("runtime.server.rpc")
+            except ModuleNotFoundError as e:
+                if e.name != "runtime.server.rpc":
+                    raise
+                rpc = None
+            if rpc is not None:
+                self._grpc, self.grpc_port = await rpc.start(self.core, s.host, s.grpc_port)
+            log.info("event=listening http=%s:%s grpc=%s:%s ready=false", s.host, self.http_port,
+                     s.host, self.grpc_port)
+            await self.core.start()
+        except BaseException:
+            await self.stop()
+            raise
         log.info("%s", serving_line(self.core, s.host, self.http_port, self.grpc_port))
 
     async def stop(self) -> None:
@@ -143,12 +156,32 @@ class Server:
         log.info("event=stopped")
 
     async def serve_forever(self) -> None:
-        """Start, then stop cleanly on SIGTERM or SIGINT (exit status 0)."""
+        """Start, then stop cleanly on SIGTERM or SIGINT (exit status 0).
+
+        On the signal readiness turns false at once, requests are still served for
+        `server.shutdown_delay_s` (a second signal cuts it short), then the drain starts."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
+        starting = loop.create_task(self.start())
+        signalled = loop.create_task(stop.wait())
+        await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # a signal during the load: no delay, nothing to drain
+            log.info("event=stopping reason=signal during=start")
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            await self.stop()
+            return
+        signalled.cancel()
+        starting.result()
         await stop.wait()
-        log.info("event=stopping reason=signal")
+        delay = self.settings.server.shutdown_delay_s
+        self.core.stopping = True  # readiness 503 / NOT_SERVING now; traffic still served
+        log.info("event=stopping reason=signal shutdown_delay_s=%g", delay)
+        if delay > 0:
+            stop.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
         await self.stop()

@@ -36,6 +36,7 @@ log = logging.getLogger("splitserve.grpc")
 GRPC_STATUS = {
     Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
     Code.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    Code.CONFLICT: grpc.StatusCode.FAILED_PRECONDITION,
     Code.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     Code.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     Code.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -393,7 +394,7 @@ async def start(core: Core, host: str, port: int) -> tuple[GrpcServer, int]:
     try:
         bound = server.add_insecure_port(addr)
     except RuntimeError as e:
-        raise OSError(f"gRPC could not bind {addr}: {e}") from None
+        raise OSError(f"gRPC could not bind {addr}: address in use or not available") from None
     if not bound:
         raise OSError(f"gRPC could not bind {addr}")
     await server.start()

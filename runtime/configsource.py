@@ -1,0 +1,194 @@
+"""Where the routing document lives, and how changes to it reach the runtime.
+
+`FileSource` watches the path the user gave (never the path it resolves to): a Kubernetes
+ConfigMap volume swaps a `..data` symlink to a fresh timestamped folder and deletes the
+old one, so a watch on the resolved folder goes deaf after the first update. Any event in
+the user's folder, plus a hash poll every `poll_s` as a safety net, re-reads the file;
+only a change of content hash calls `on_change(text)`. A file on a read-only mount (or in
+a ConfigMap layout, where a write would be lost at the next sync) is not writable: the
+routing API then refuses with CONFLICT and changes nothing.
+
+`KubernetesSource` (runtime/k8ssource.py) keeps the document in a ConfigMap through the
+API server, so N replicas share one routing truth.
+
+Runs on the event loop; only the watchdog thread (events) and `asyncio.to_thread`
+(writes) leave it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from router import RouteConfig, RoutingError, persist_config_file
+from runtime import errors
+from runtime.watch import Watcher
+
+log = logging.getLogger("splitserve.config")
+
+MAX_CONFIG_BYTES = 1024 * 1024  # a ConfigMap holds at most 1 MiB; so does our file
+POLL_S = 2.0  # the hash poll: heals a missed event within a few seconds
+OnChange = Callable[[str | None], object]  # None: unreadable now
+
+
+def read_limited(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise RoutingError("invalid", f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
+    return data
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def conflict(where: str) -> errors.ServingError:
+    return errors.ServingError(errors.Code.CONFLICT,
+                               f"routing is managed by {where}; change it there")
+
+
+class FileSource:
+    """A routing config file; see the module docstring for what it guarantees."""
+
+    kind = "file"
+
+    def __init__(self, path: Path, poll_s: float = 2.0, quiet_s: float = 0.1,
+                 polling: bool = False) -> None:
+        self.path = Path(os.path.abspath(path))  # absolute, but NOT resolved: see above
+        self.poll_s = poll_s
+        self.quiet_s = quiet_s
+        self._polling = polling
+        self._hash: str | None = None
+        self._on_change: OnChange | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watcher: Watcher | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._poll: asyncio.TimerHandle | None = None
+        self._unreadable = False
+
+    @property
+    def name(self) -> str:
+        return f"the file {self.path}"
+
+    # ---- reading ------------------------------------------------------------------
+    def read(self) -> str | None:
+        """The current text (None when the file does not exist); remembers its hash."""
+        try:
+            data = read_limited(self.path)
+        except FileNotFoundError:
+            return None
+        self._hash = digest(data)
+        return data.decode("utf-8")
+
+    def managed_by(self) -> str | None:
+        """Why this file cannot be written, or None when it can."""
+        folder = self.path.parent
+        if (folder / "..data").is_symlink():
+            return f"a ConfigMap volume ({self.path})"
+        real = os.path.realpath(self.path)
+        target = real if os.path.exists(real) else os.path.dirname(real)
+        # The atomic write needs a temp file beside the target, so the folder must be writable.
+        if not (os.access(target, os.W_OK) and os.access(os.path.dirname(real), os.W_OK)):
+            return f"the read-only file {self.path}"
+        return None
+
+    @property
+    def writable(self) -> bool:
+        return self.managed_by() is None
+
+    # ---- watching -----------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop, on_change: OnChange) -> None:
+        self._loop, self._on_change = loop, on_change
+        if self._hash is None:
+            self.read()
+        self._watcher = Watcher(polling=self._polling, poll_interval_s=min(1.0, self.poll_s))
+        # Every event in the folder counts (`..data` renames, atomic replaces, in-place
+        # writes): the hash decides whether anything changed.
+        self._watcher.watch(loop, self.path.parent, lambda p: self._touched(), recursive=False)
+        self._watcher.start()
+        self._poll = loop.call_later(self.poll_s, self._poll_tick)
+
+    def _touched(self) -> None:
+        if self._loop is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(self.quiet_s, self.check)
+
+    def _poll_tick(self) -> None:
+        self.check(polled=True)
+        if self._loop is not None:
+            self._poll = self._loop.call_later(self.poll_s, self._poll_tick)
+
+    def check(self, polled: bool = False) -> bool:
+        """Re-read the file; call on_change when its content hash changed."""
+        self._timer = None
+        try:
+            data = read_limited(self.path)
+        except (OSError, RoutingError) as e:
+            if not self._unreadable:  # say it once, not every poll
+                log.debug("event=config_unreadable path=%s reason=%r", self.path, str(e))
+                self._unreadable = True
+                self._hash = None  # whatever comes back is news
+                if self._on_change is not None:
+                    self._on_change(None)  # the receiver reads it, fails, and says why
+            return False
+        self._unreadable = False
+        h = digest(data)
+        if h == self._hash:
+            return False
+        self._hash = h
+        log.info("event=config_changed path=%s sha256=%s via=%s", self.path, h[:12],
+                 "poll" if polled else "event")
+        if self._on_change is not None:
+            self._on_change(data.decode("utf-8", errors="replace"))
+        return True
+
+    def stop(self) -> None:
+        for t in (self._timer, self._poll):
+            if t is not None:
+                t.cancel()
+        self._loop = None
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
+
+    # ---- writing ------------------------------------------------------------------
+    async def write(self, model: str, config: RouteConfig) -> None:
+        """Persist one model's routes atomically; CONFLICT when the file is not ours to write."""
+        why = self.managed_by()
+        if why is not None:
+            raise conflict(why)
+        try:
+            await asyncio.to_thread(persist_config_file, self.path, model, config)
+        except OSError as e:
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise conflict(f"the read-only file {self.path}") from None
+            raise errors.ServingError(errors.Code.INTERNAL, f"routing not changed: could not "
+                                      f"persist {self.path}: {e}") from None
+        except RoutingError as e:
+            raise errors.ServingError(errors.Code.INTERNAL, f"routing not changed: could not "
+                                      f"persist {self.path}: {e.message}") from None
+        try:
+            self._hash = digest(read_limited(self.path))  # our own write is not news
+        except (OSError, RoutingError):
+            pass
+
+
+def make_source(settings) -> FileSource | None:
+    """The config source the settings name: a ConfigMap URL, a file, or none."""
+    url = getattr(settings, "config_source", None)
+    if url:
+        from runtime.k8ssource import KubernetesSource
+        return KubernetesSource.from_url(url)
+    if settings.config_path is None:
+        return None
+    rs = settings.repository
+    return FileSource(settings.config_path, poll_s=POLL_S, quiet_s=rs.quiet_s / 2 + 0.05,
+                      polling=rs.polling)
