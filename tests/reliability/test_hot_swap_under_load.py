@@ -267,7 +267,7 @@ def test_empty_version_folder_is_not_failed_before_files_arrive(make_repo, serve
     # the watcher fired, the quiet period passed, a pass saw the empty folder and settled
     mgr = srv.core.manager
     assert srv.wait_for(lambda: mgr.reconciles["mlp"] > before
-                        and 2 in mgr.present_versions("mlp"), 30), "no pass saw folder 2"
+                        and 2 in set(mgr.view().model("mlp").present), 30), "no pass saw folder 2"
     assert wait_reconciled(srv, "mlp", after=before)
     state = mgr.state_of("mlp", 2)
     shutil.copy(version_cache / "st2" / "model.safetensors", repo / "mlp" / "2" / "model.safetensors")

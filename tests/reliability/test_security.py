@@ -246,7 +246,7 @@ def test_symlinked_version_folder_and_files_are_never_loaded(guarded, outside, v
     # model settled after it: whatever it loads or refuses has happened.
     mgr = srv.core.manager
     assert srv.wait_for(lambda: mgr.reconciles["mlp"] > before
-                        and {4, 5} <= mgr.present_versions("mlp"), 30), "no pass saw 4 and 5"
+                        and {4, 5} <= set(mgr.view().model("mlp").present), 30), "no pass saw 4 and 5"
     assert wait_reconciled(srv, "mlp", after=before)
     states = {v: srv.core.manager.state_of("mlp", v) for v in (3, 4, 5)}
     for v in (3, 4, 5):
@@ -272,7 +272,10 @@ def test_model_py_symlinked_out_of_the_repository_never_runs(make_repo, serve, o
     shutil.copytree(version_cache / "st2", staging / "1")
     staging.rename(repo / "mlp2")  # the model appears complete
     assert wait_reconciled(srv, "mlp2", after=0), "the manager never looked at mlp2"
-    assert srv.wait_for(lambda: 1 in srv.core.manager.present_versions("mlp2"), 10)
+    def present():
+        mv = srv.core.manager.view().model("mlp2")
+        return mv is not None and 1 in mv.present
+    assert srv.wait_for(present, 10)
     state = srv.core.manager.state_of("mlp2", 1)
     assert not marker.exists(), f"outside code ran; mlp2 version 1 is {state}"
     assert state is not S.AVAILABLE
