@@ -29,6 +29,27 @@ from runtime.settings import Settings
 log = logging.getLogger("splitserve.server")
 
 
+class CloseWhenStopping:
+    """Once stopping (SIGTERM), every response says `Connection: close`, so keep-alive
+    clients reconnect (elsewhere) instead of writing into a connection about to close."""
+
+    def __init__(self, app, core: Core):
+        self.app = app
+        self.core = core
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_closing(message):
+            if message["type"] == "http.response.start" and self.core.stopping:
+                headers = [(k, v) for k, v in message.get("headers", ())
+                           if k.lower() != b"connection"]
+                message = {**message, "headers": headers + [(b"connection", b"close")]}
+            await send(message)
+        return await self.app(scope, receive, send_closing)
+
+
 class _Uvicorn(uvicorn.Server):
     """uvicorn without its own signal handling: the app owns signals and stop order."""
 
@@ -76,6 +97,7 @@ def build_app(core: Core) -> FastAPI:
     from runtime.server.rest_v2 import fast_routes
     app.router.routes[:0] = fast_routes(core)
     app.add_middleware(AccessLog, settings=core.settings.server)  # reads its mode per request
+    app.add_middleware(CloseWhenStopping, core=core)
     return app
 
 

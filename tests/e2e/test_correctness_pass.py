@@ -267,3 +267,15 @@ def test_repository_index_body_is_bounded(make_repo, serve):
     r = httpx.post(f"{srv.http}/v2/repository/index", content=b"{")
     assert r.status_code == 400 and "ready" in r.json()["error"]
     assert httpx.post(f"{srv.http}/v2/repository/index", json={"ready": True}).status_code == 200
+
+
+def test_once_stopping_every_response_closes_its_connection(make_repo, serve):
+    """Issue 11: idle keep-alive connections must not be cut without notice on SIGTERM."""
+    srv = serve(make_repo({"mlp": {1: "st1"}}))
+    with httpx.Client(base_url=srv.http, timeout=10) as c:
+        r = c.post("/v2/models/mlp/infer", json=BODY)
+        assert r.status_code == 200 and r.headers.get("connection") != "close"
+        srv.on_loop(lambda: setattr(srv.core, "stopping", True))
+        r = c.post("/v2/models/mlp/infer", json=BODY)  # still served during shutdown_delay_s
+        assert r.status_code == 200 and r.headers["connection"] == "close"
+        assert c.get("/v2/health/ready").status_code == 503
