@@ -153,7 +153,7 @@ def judge(route: RouteConfig, state: ExperimentState | None, obs: Observation | 
     if exp is None:
         return Judgment(state)
     if state is None or state.spec != fingerprint(route):
-        return _start(route, now)
+        return start(route, now)
     if state.phase in ("rolled_back", "promoted"):
         return Judgment(dataclasses.replace(state, judged=now))
     obs = obs or Observation()
@@ -208,10 +208,12 @@ def act(route: RouteConfig, state: ExperimentState | None, action: str, now: flo
     if action not in ACTIONS:
         raise ExperimentError("not_found", f"unknown experiment action {action!r} (expected: {', '.join(ACTIONS)})")
     exp = route.experiment
+    if exp is None and state is not None and state.phase == "promoted":
+        raise ExperimentError("conflict", f"the experiment is promoted; {action} does not apply")
     if exp is None:
         raise ExperimentError("not_found", "this model's routing has no experiment block")
     if state is None or state.spec != fingerprint(route):
-        state = _start(route, now).state
+        state = start(route, now).state
         assert state is not None
     phase, weight = state.phase, exp.steps[state.step]
     if phase == "promoted" or (phase == "rolled_back" and action != "retry"):
@@ -220,7 +222,7 @@ def act(route: RouteConfig, state: ExperimentState | None, action: str, now: flo
     if action == "retry":
         if phase != "rolled_back":
             raise ExperimentError("conflict", f"retry applies to a rolled back experiment; this one is {phase}")
-        fresh = _start(route, now).state
+        fresh = start(route, now).state
         assert fresh is not None
         new = dataclasses.replace(fresh, started=state.started, decisions=state.decisions)
         return _decide(exp, new, _with_weight(route, exp.steps[0]), "retry",
@@ -255,7 +257,8 @@ def _exp(route: RouteConfig) -> ExperimentConfig:
     return route.experiment
 
 
-def _start(route: RouteConfig, now: float) -> Judgment:
+def start(route: RouteConfig, now: float) -> Judgment:
+    """A fresh experiment at its first step (the routing change, when the weights differ)."""
     exp = _exp(route)
     state = ExperimentState(spec=fingerprint(route), phase="running", step=0, started=now, step_started=now, judged=now)
     reason = (f"started: {_name(exp.candidate)} (version {route.target_of(exp.candidate)}) against "
