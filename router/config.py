@@ -176,7 +176,7 @@ def _parse_labels(raw: object, problems: list[str]) -> dict[str, int]:
         if v is None:
             problems.append(f"labels.{name}: expected a positive integer version, got {_show(target)}")
             continue
-        out[name] = v
+        out[str(name)] = v  # plain str: a quoted YAML key is a str subclass that JSON encoders refuse as a key
     return out
 
 
@@ -207,7 +207,7 @@ def _parse_ref(raw: object, labels: Mapping[str, int], path: str, what: str, pro
     if v is not None:
         return v
     if isinstance(raw, str) and raw in labels:
-        return raw
+        return str(raw)
     if isinstance(raw, str) and LABEL_RE.fullmatch(raw):
         problems.append(f"{path}: {what} '{raw}' is not a defined label (labels: {_names(labels)})")
     else:
@@ -422,6 +422,7 @@ def parse_experiment(raw: object, labels: Mapping[str, int], weights: Mapping[st
     promote = raw.get("promote", "auto")
     if promote not in ("auto", "manual"):
         problems.append(f"{p}.promote: expected 'auto' or 'manual', got {_show(promote)}")
+    promote = str(promote)
     if len(problems) > before or control is None or candidate is None or steps is None:
         return None
     return ExperimentConfig(control=control, candidate=candidate, steps=steps, interval_s=interval_s,
@@ -516,7 +517,7 @@ def _parse_outcomes(raw: object, p: str, problems: list[str]) -> tuple[OutcomeSp
         if goal not in ("increase", "decrease"):
             problems.append(f"{at}.goal: expected 'increase' or 'decrease', got {_show(goal)}")
         if len(problems) == before:
-            out.append(OutcomeSpec(metric, kind, goal))  # type: ignore[arg-type]
+            out.append(OutcomeSpec(str(metric), str(kind), str(goal)))
     return tuple(out)
 
 

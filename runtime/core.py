@@ -11,6 +11,7 @@ from pathlib import Path
 
 from router import Router, load_config_file, validate_against
 from runtime.control import Control
+from runtime.experiment_runner import ExperimentRunner
 from runtime.inference import InferenceService
 from runtime.manager import Manager
 from runtime.metrics import Metrics
@@ -51,6 +52,10 @@ class Core:
         self.inference = InferenceService(self.manager, self.router, settings.limits,
                                           self.metrics, settings.shadow_max_inflight)
         self.control = Control(self.manager, self.router, settings.config_path, settings)
+        cfg = settings.config_path  # experiment state lives beside the routing document
+        self.experiments = ExperimentRunner(
+            self.router, self.control, cfg.with_name(cfg.stem + ".experiments.json") if cfg is not None else None)
+        self.inference.on_finished = self.experiments.on_finished
         self.watcher: Watcher | None = None
         self._cfg_timer: asyncio.TimerHandle | None = None  # debounces config-file events
         self.started = False
@@ -97,6 +102,7 @@ class Core:
         self.watcher.start()
         await self.manager.start()
         await self.settle(wait_s)
+        self.experiments.start()
         self.started = True
 
     def _config_touched(self) -> None:
@@ -114,6 +120,7 @@ class Core:
 
     async def stop(self) -> None:
         self.stopping = True
+        await self.experiments.stop()
         if self.mirror is not None:
             await self.mirror.stop()
         if self.watcher is not None:

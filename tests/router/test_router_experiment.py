@@ -182,3 +182,14 @@ def test_an_invalid_block_in_the_file_names_model_and_field(tmp_path):
     path.write_text(YAML.replace("steps: [5, 25, 50, 100]", "steps: [5, 25, 50, 200]"))
     with pytest.raises(RoutingError, match=r"models\.mlp: experiment\.steps\[3\]: expected a percentage in \(0, 100\], got 200"):
         load_config_file(path)
+
+
+def test_quoted_yaml_names_come_back_as_plain_strings(tmp_path):
+    path = tmp_path / "splitserve.yaml"
+    path.write_text('models:\n  mlp: {"labels": {"stable": 1, "canary": 2}, "weights": {"stable": 9, "canary": 1},'
+                    ' "experiment": {"control": "stable", "candidate": "canary", "steps": [10],'
+                    ' "outcomes": [{"metric": "click", "kind": "binary"}]}}\n')
+    config = load_config_file(path)["mlp"]
+    exp = config.experiment
+    assert all(type(k) is str for k in config.labels) and all(type(k) is str for k in config.weights)
+    assert type(exp.control) is str and type(exp.candidate) is str and type(exp.outcomes[0].metric) is str
