@@ -108,7 +108,7 @@ def test_a_failing_canary_is_rolled_back_and_the_latch_survives_a_restart(repo, 
     r = httpx.post(f"{again.http}/v1/models/mlp/experiment/retry", timeout=10)
     assert r.status_code == 401
     r = httpx.post(f"{again.http}/v1/models/mlp/experiment/resume", headers=AUTH, timeout=10)
-    assert r.status_code == 400 and "retry first" in r.json()["error"]
+    assert r.status_code == 409 and "retry first" in r.json()["error"]
     r = httpx.post(f"{again.http}/v1/models/mlp/experiment/retry", headers=AUTH, timeout=10)
     assert r.status_code == 200 and r.json()["state"] == "running" and r.json()["candidate_weight"] == 50
     assert httpx.post(f"{again.http}/v1/models/mlp/experiment/stop", headers=AUTH, timeout=10).status_code == 404
