@@ -322,3 +322,14 @@ def test_report_is_strict_json_in_every_phase():
     assert report(RouteConfig(), None, 0) == {"state": "none", "decisions": []}
     view = report(doc(), None, 0)
     assert view["state"] == "running" and view["candidate"]["requests"] == 0
+
+
+def test_the_operator_cli_formats_the_real_report():
+    from runtime.opscli import format_experiment
+
+    sim = Sim(doc())
+    sim.run(1, rate=1500, err=(0.0, 0.6))
+    lines = format_experiment("mlp", report(sim.route, sim.state, sim.now))
+    assert lines[0] == "experiment mlp: state rolled_back, step 1, candidate weight 0.0"
+    assert any(line.startswith("  guardrail errors: ALARM") for line in lines)
+    assert any("rollback (auto): errors: canary had " in line for line in lines)
