@@ -220,6 +220,7 @@ class RoutingTable:
             "weights": cfg.get("weights", {}),
             "sticky": cfg.get("sticky"),
             "shadow": cfg.get("shadow"),
+            "experiment": cfg.get("experiment"),
             "effective": {
                 "available": sorted(self.available),
                 "weights": {str(v): f for v, f in self.weights.items()},

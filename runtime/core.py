@@ -12,6 +12,7 @@ from pathlib import Path
 from router import Router, parse_config_text, validate_against
 from runtime.configsource import make_source
 from runtime.control import Control
+from runtime.experiment_runner import ExperimentRunner
 from runtime.inference import InferenceService
 from runtime.manager import Manager
 from runtime.metrics import Metrics
@@ -52,6 +53,10 @@ class Core:
         self.inference = InferenceService(self.manager, self.router, settings.limits,
                                           self.metrics, settings.shadow_max_inflight)
         self.control = Control(self.manager, self.router, settings.config_path, settings)
+        cfg = settings.config_path  # experiment state lives beside the routing document
+        self.experiments = ExperimentRunner(
+            self.router, self.control, cfg.with_name(cfg.stem + ".experiments.json") if cfg is not None else None)
+        self.inference.on_finished = self.experiments.on_finished
         self.watcher: Watcher | None = None
         self.source = None  # runtime.configsource: where routing lives (file, ConfigMap)
         self.started = False
@@ -106,6 +111,7 @@ class Core:
             busy = [m for m in snap.names() if not snap.model(m).available]
             raise TimeoutError(f"start deadline of {wait_s:g}s (server.start_timeout_s) passed "
                                f"with models still loading: {', '.join(busy) or '-'}")
+        self.experiments.start()
         self.started = True
 
     async def settle(self, timeout: float) -> bool:
@@ -117,6 +123,7 @@ class Core:
 
     async def stop(self) -> None:
         self.stopping = True
+        await self.experiments.stop()
         if self.mirror is not None:
             await self.mirror.stop()
         if self.watcher is not None:

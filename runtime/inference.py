@@ -120,6 +120,8 @@ class InferenceService:
         self._shadow_tasks: set[asyncio.Task] = set()
         self._running: set[asyncio.Task] = set()  # requests in flight, for abort at stop
         self.aborting = False
+        # (model, version, how, ok, latency_s, request_id, routing_key) per finished primary request
+        self.on_finished = None
 
     async def infer(self, req: InferRequest) -> InferResponse:
         t0 = time.perf_counter()
@@ -176,10 +178,12 @@ class InferenceService:
             self.inflight -= 1
             self._running.discard(task)
         resp = self._response(handle, req, result, decision.how)
+        latency = time.perf_counter() - t0
         if self.metrics is not None:
             self.metrics.record_request(req.model, version, decision.how, req.protocol, "OK",
-                                        time.perf_counter() - t0, result.queue_s,
-                                        result.compute_s, batch)
+                                        latency, result.queue_s, result.compute_s, batch)
+        if self.on_finished is not None:
+            self.on_finished(req.model, version, decision.how, True, latency, req.id, req.routing_key)
         if decision.shadow is not None and decision.shadow != version:
             self._shadow(req, decision.shadow, resp)
         return resp
@@ -249,6 +253,8 @@ class InferenceService:
         if self.metrics is not None:
             self.metrics.record_request(req.model, version, how, req.protocol, code,
                                         time.perf_counter() - t0, 0.0, 0.0, 0)
+        if self.on_finished is not None and version is not None:
+            self.on_finished(req.model, version, how, False, time.perf_counter() - t0, req.id, req.routing_key)
 
     # ---- shadow traffic: bounded, lower priority, never awaited by the caller --------
     def _shadow(self, req: InferRequest, version: int, primary: InferResponse) -> None:

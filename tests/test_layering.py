@@ -30,6 +30,18 @@ def test_router_is_a_pure_library():
         assert not bad, f"{rel} imports {bad}: router/ must not import runtime, torch or servers"
 
 
+def test_experiments_is_a_pure_library():
+    for rel, imps in modules("experiments"):
+        bad = {i for i in imps if i.split(".")[0] in {"runtime", "torch"} | WEB}
+        assert not bad, f"{rel} imports {bad}: experiments/ must not import runtime, torch or servers"
+
+
+def test_router_does_not_import_experiments():
+    for rel, imps in modules("router"):
+        bad = {i for i in imps if i.split(".")[0] == "experiments"}
+        assert not bad, f"{rel} imports {bad}: experiments/ builds on router/, never the other way"
+
+
 def test_only_server_package_imports_web_frameworks():
     for rel, imps in modules("runtime"):
         if rel.parts[:2] == ("runtime", "server") or rel.parts[:3] == ("runtime", "protocol", "pb"):
@@ -65,7 +77,7 @@ def test_nothing_is_importable_as_proto():
 def test_distribution_declares_exactly_our_packages():
     import tomllib
     declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    found = {".".join(p.parent.relative_to(ROOT).parts) for pkg in ("runtime", "router")
+    found = {".".join(p.parent.relative_to(ROOT).parts) for pkg in ("runtime", "router", "experiments")
              for p in (ROOT / pkg).rglob("__init__.py")}
     assert declared == found
 

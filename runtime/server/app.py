@@ -86,7 +86,7 @@ def build_app(core: Core) -> FastAPI:
         return json_response({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500)
 
     # rest_metrics first: its literal /v2/models/stats must win over /v2/models/{model}.
-    for name in ("rest_metrics", "rest_v2", "rest_tfs", "rest_control", "rest_ui"):
+    for name in ("rest_metrics", "rest_v2", "rest_tfs", "rest_control", "rest_experiment", "rest_ui"):
         try:
             mod = importlib.import_module(f"runtime.server.{name}")
         except ModuleNotFoundError as e:

@@ -58,7 +58,7 @@ def test_direct_construction_validates():
 
 
 BAD = [
-    ({"label": {}}, "unknown key 'label' (expected: labels, weights, sticky, shadow)"),
+    ({"label": {}}, "unknown key 'label' (expected: labels, weights, sticky, shadow, experiment)"),
     ({"labels": []}, "labels: expected a mapping"),
     ({"labels": {"9lives": 1}}, "label name '9lives' must match [A-Za-z][A-Za-z0-9_.-]*"),
     ({"labels": {"has space": 1}}, "label name 'has space' must match"),

@@ -227,6 +227,7 @@ def test_routing_state_shape_and_json():
         "weights": {"stable": 90, "canary": 10},
         "sticky": {"header": "x-user-id"},
         "shadow": {"target": "canary", "percent": 5},
+        "experiment": None,
         "effective": {
             "available": [1, 2],
             "weights": {"1": 0.9, "2": 0.1},
