@@ -16,7 +16,6 @@ class Code(enum.Enum):
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     UNAUTHENTICATED = "UNAUTHENTICATED"
-    FAILED_PRECONDITION = "FAILED_PRECONDITION"
     CONFLICT = "CONFLICT"  # the state is owned elsewhere, e.g. a read-only config (HTTP 409)
     TOO_LARGE = "TOO_LARGE"  # request over a configured size bound (HTTP 413)
     CLIENT_TIMEOUT = "CLIENT_TIMEOUT"  # the client did not send its request in time (HTTP 408)

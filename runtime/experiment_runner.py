@@ -33,7 +33,7 @@ from runtime.metrics import EDGES, NB
 log = logging.getLogger("splitserve.experiments")
 
 ROUTED = ("split", "sticky")  # only requests the split placed are evidence
-_CODES = {"not_found": Code.NOT_FOUND, "conflict": Code.FAILED_PRECONDITION}
+_CODES = {"not_found": Code.NOT_FOUND, "conflict": Code.CONFLICT}
 _EDGES = tuple(EDGES)
 
 

@@ -19,7 +19,6 @@ from runtime.repository import is_version_name
 
 HTTP_STATUS = {
     Code.INVALID_ARGUMENT: 400,
-    Code.FAILED_PRECONDITION: 400,
     Code.CONFLICT: 409,
     Code.NOT_FOUND: 404,
     Code.UNAVAILABLE: 503,

@@ -35,7 +35,6 @@ log = logging.getLogger("splitserve.grpc")
 
 GRPC_STATUS = {
     Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    Code.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     Code.CONFLICT: grpc.StatusCode.FAILED_PRECONDITION,
     Code.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     Code.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
