@@ -103,7 +103,8 @@ class Core:
         self.watcher.watch(loop, self.root, self.manager.on_path_changed)
         self.watcher.start()
         if source is not None:
-            source.start(loop, self.control.reload_config_file)
+            # looked up per call, so a wrapper installed later (tests count reloads) is used
+            source.start(loop, lambda *a, **k: self.control.reload_config_file(*a, **k))
         await self.manager.start()
         wait_s = self.settings.server.start_timeout_s if wait_s is None else wait_s
         if not await self.settle(wait_s):

@@ -104,11 +104,11 @@ def test_urls():
 
 
 def test_cli_takes_a_store_url_as_the_repository():
-    from runtime.cli import _parser, build_settings
+    from runtime.cli import CliError, _parser, build_settings
     s = build_settings(_parser().parse_args(["serve", "--repository", "s3://bkt/models/prod",
                                              "--config", "/dev/null"]))
     assert s.repository.url == "s3://bkt/models/prod"
     local = build_settings(_parser().parse_args(["serve", "--repository", "repo", "--config", "/dev/null"]))
     assert local.repository.url is None and str(local.repository.path) == "repo"
-    with pytest.raises(SystemExit, match="unsupported repository URL"):
+    with pytest.raises(CliError, match="unsupported repository URL"):
         build_settings(_parser().parse_args(["serve", "--repository", "ftp://h/m", "--config", "/dev/null"]))

@@ -74,8 +74,8 @@ def count_reloads(srv) -> list[bool]:
     inner = ctl.reload_config_file
     results: list[bool] = []
 
-    def reload() -> bool:
-        changed = inner()
+    def reload(*args, **kwargs) -> bool:
+        changed = inner(*args, **kwargs)
         results.append(changed)
         return changed
 
