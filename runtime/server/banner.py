@@ -12,8 +12,9 @@ from runtime.logs import value
 def served_models(core: Core) -> str:
     """`mlp:1,2 other:none`: each model and its AVAILABLE versions."""
     parts = []
-    for name in core.manager.model_names():
-        versions = core.manager.models[name].available_versions()
+    snap = core.manager.view()
+    for name in snap.names():
+        versions = snap.model(name).available
         parts.append(f"{name}:{','.join(map(str, versions)) or 'none'}")
     return " ".join(parts) or "none"
 
