@@ -66,7 +66,7 @@ class _Slot:
         self.started = 0.0
         self.failures = 0
         self.restart_at: float | None = None
-        self.serving = False
+        self.announced = False
 
 
 class Supervisor:
@@ -88,7 +88,7 @@ class Supervisor:
                   self.log_format, w))
         slot.proc.start()
         w.close()
-        slot.conn, slot.started, slot.restart_at, slot.serving = r, time.monotonic(), None, False
+        slot.conn, slot.started, slot.restart_at, slot.announced = r, time.monotonic(), None, False
         log.info("event=worker_started worker=%d pid=%d", slot.index, slot.proc.pid)
 
     def _on_signal(self, signum, _frame) -> None:
@@ -133,16 +133,16 @@ class Supervisor:
                                   x.index, x.proc.pid)
                         x.proc.kill()
                     status, deadline = 1, float("inf")
-            objs = [x.proc.sentinel for x in live] + [x.conn for x in live if not x.serving]
+            objs = [x.proc.sentinel for x in live] + [x.conn for x in live if not x.announced]
             ready = wait(objs, timeout=0.2) if objs else time.sleep(0.2) or []
             now = time.monotonic()
             for x in live:
-                if x.conn in ready and not x.serving:
+                if x.conn in ready and not x.announced:
                     try:
                         msg = json.loads(x.conn.recv_bytes(1 << 16))
                     except (EOFError, OSError, ValueError):
                         continue
-                    x.serving = True
+                    x.announced = True
                     x.failures = 0 if now - x.started > 0 else x.failures
                     first_line = first_line or msg.get("line")
                     log.info("event=worker_serving worker=%d pid=%d", x.index, x.proc.pid)
@@ -151,7 +151,7 @@ class Supervisor:
                     code = x.proc.exitcode
                     reason = (f"signal={signal.Signals(-code).name}" if code is not None and code < 0
                               else f"exit={code}")
-                    was_serving, lived = x.serving, now - x.started
+                    was_serving, lived = x.announced, now - x.started
                     x.proc, x.conn = None, None
                     if self.stopping:
                         log.info("event=worker_exited worker=%d %s", x.index, reason)
@@ -174,7 +174,7 @@ class Supervisor:
                 for x in self.slots:
                     if x.proc is None and x.restart_at is not None and now >= x.restart_at:
                         self._spawn(x)
-                if not announced and all(x.serving for x in self.slots):
+                if not announced and all(x.announced for x in self.slots):
                     announced = True
                     log.info("%s workers=%d", first_line or "event=serving", self.n)
 

@@ -227,3 +227,23 @@ def test_kill_9_worker_replaced_counts_kept_then_sigterm_drains(repo, tmp_path):
         assert set(codes) <= {200, "closed"}, codes
     finally:
         srv.stop()
+
+
+@pytest.mark.slow
+def test_a_taken_port_fails_at_once_with_one_line(make_repo, tmp_path):
+    import socket
+    repo = make_repo({"mlp": {1: "st1"}})
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        r = subprocess.run([sys.executable, "-m", "runtime", "serve", "--repository", str(repo),
+                            "--http-port", str(port), "--grpc-port", "0", "--workers", "2"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        taken.close()
+    err = [x for x in r.stderr.splitlines() if "error" in x]
+    assert r.returncode == 2 and len(err) == 1 and f"HTTP port 127.0.0.1:{port}" in err[0], r.stderr
+    assert "worker_started" not in r.stderr
