@@ -5,7 +5,7 @@ concurrency, with bench/loadgen.py as the client (perf_analyzer may be absent he
 
 Each worker count gets a fresh `splitserve serve` (its own supervisor when N > 1) on free
 ports; the client shares the machine, so on a 2-core VM the figures are a floor. With
---append, a section (date, machine, commit, torch) goes to bench/RESULTS.md.
+--append, a section (date, machine, commit, torch) goes to --results (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--append", action="store_true")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     a = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as t:
@@ -104,7 +105,7 @@ def main() -> None:
             ratio = (r["infer_per_s"] or 0) / (base.get(r["protocol"]) or 1)
             lines.append(f"| {r['workers']} | {r['protocol']} | {r['infer_per_s']:.0f} | "
                          f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {ratio:.2f}x |")
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+        with open(a.results, "a") as f:
             f.write("\n".join(lines) + "\n")
 
 
