@@ -65,6 +65,18 @@ def _level(s: str) -> str:
 KUBERNETES = "kubernetes://"
 
 
+def _workers(s: str) -> int | str:
+    if s == "auto":
+        return s
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if not 1 <= v <= 256:
+        raise argparse.ArgumentTypeError(f"must be an integer from 1 to 256 or 'auto', got {s!r}")
+    return v
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="splitserve", description="Serve versioned PyTorch models "
                 "with A/B splits over KServe v2 (REST, gRPC) and TF Serving REST.")
@@ -104,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
                         "server.access_log_sample of the rest), all")
     from runtime.opscli import add_subcommands  # status, route, publish, experiment (stdlib only)
     add_subcommands(sub)
+    s.add_argument("--workers", type=_workers, default=1, metavar="N",
+                   help="worker processes sharing the ports (default 1; 'auto': one per core, "
+                        "at most 4 per GPU); each holds its own copy of every model")
     return p
 
 
@@ -279,6 +294,18 @@ def main(argv: list[str] | None = None) -> int:
              "token" if s.token else "none")
     if seeded:
         log.info("event=config_created path=%s from=%s", DEFAULT_CONFIG, TEMPLATE)
+    workers = args.workers
+    if workers == "auto":
+        from runtime.supervisor import auto_workers, count_gpus
+        workers = auto_workers(len(os.sched_getaffinity(0)), count_gpus())
+    if workers > 1:
+        from runtime.supervisor import serve
+        try:
+            return serve(list(sys.argv[1:] if argv is None else argv), settings, workers,
+                         args.log_format)
+        except OSError as e:  # a taken port, found by the probe before any worker starts
+            print(f"splitserve: error: {e}", file=sys.stderr)
+            return 2
     from router import RoutingError
     from runtime.server.app import Server
     from runtime.objectstore import StoreError

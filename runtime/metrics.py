@@ -44,6 +44,7 @@ UNKNOWN_MODEL = "_unknown"  # label for requests naming no model we know (not a 
 CLIENT_CODES = ("INVALID_ARGUMENT", "TOO_LARGE", "NOT_FOUND", "CLIENT_TIMEOUT")
 ROUTED = ("split", "sticky")  # routes that follow the weights: what observed share counts
 PRIMARY_EXCLUDED = ("shadow",)
+STATE_FORMAT = 1  # of export_state(); a reader refuses any other
 
 
 def _make_edges() -> list[float]:
@@ -194,6 +195,9 @@ class Metrics:
         self._shadow_dropped: dict[tuple[str, int], int] = {}
         self._ended: dict[tuple[str, int], float] = {}  # clock() of END, until retired
         self._retired: dict[tuple[str, str, str], int] = {}  # (model, protocol, code) -> n
+        # Worker processes: peers() returns the other workers' raw-counter snapshots
+        # (runtime/metrics_merge.py); every read then answers the merged totals.
+        self.peers: Callable[[], list[dict]] | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
 
@@ -400,6 +404,8 @@ class Metrics:
         Unknown model or version: NOT_FOUND. Shadow requests count too (they ran on the
         version); compute_input/compute_output are folded into compute_infer (ns 0).
         """
+        if self.peers is not None:
+            return self.merged().statistics(model, version)
         self.retire()
         if isinstance(version, str):
             if version == "":
@@ -478,6 +484,8 @@ class Metrics:
         """Per-version A/B figures: exact counts, latency percentiles (all time and the
         recent window), configured/effective/observed shares, memory, shadow agreement.
         Observed share counts weight-routed (split and sticky) requests only."""
+        if self.peers is not None:
+            return self.merged().summary(model)
         self.retire()
         if not self._model_known(model):
             raise errors.not_found(f"unknown model '{model}'")
@@ -569,6 +577,9 @@ class Metrics:
 
     # ---- Prometheus families (built at scrape time) --------------------------------
     def families(self):
+        if self.peers is not None:
+            yield from self.merged().families()
+            return
         self.retire()
         yield self._requests_family()
         yield self._model_totals_family()
@@ -726,6 +737,102 @@ class Metrics:
             alloc.add_metric([f"cuda:{i}"], float(torch.cuda.memory_allocated(i)))
             res.add_metric([f"cuda:{i}"], float(torch.cuda.memory_reserved(i)))
         return alloc, res
+
+
+    # ---- raw counters as JSON-able values (worker processes, replicas) ------------
+    def export_state(self) -> dict:
+        """Every counter this process recorded, as plain lists and numbers (no pickle):
+        what a worker writes to its snapshot file. Histograms are sparse [index, count]
+        pairs. Lifecycle figures stay per process (every worker loads every version)."""
+        self.retire()
+        series = []
+        for (m, v, r), s in self._series.items():
+            window = [[s.w_sec[j], s.w_n[j], s.w_err[j], _sparse(s.w_lat[j])]
+                      for j in range(WINDOW_S) if s.w_sec[j] >= 0]
+            series.append([m, v, r, {
+                "n": s.n, "err": s.err, "inf": s.inf, "ok_sum": s.ok_sum,
+                "err_sum": s.err_sum, "q_sum": s.q_sum, "c_sum": s.c_sum,
+                "lat": _sparse(s.lat), "q": _sparse(s.q), "c": _sparse(s.c),
+                "batches": [[k, b[0], b[1]] for k, b in s.batches.items()],
+                "last": s.last, "window": window}])
+        return {
+            "format": STATE_FORMAT,
+            "cells": [[m, v, r, p, c, cell.n] for (m, v, r, p, c), cell in self._cells.items()],
+            "series": series,
+            "exec": [[m, v, [[k, b[0], b[1]] for k, b in d.items()]]
+                     for (m, v), d in self._exec.items()],
+            "shadow": [[m, p, v, st.n, st.fails, st.diff_n, st.diff_sum, st.diff_max,
+                        st.agree_n, st.agree_yes] for (m, p, v), st in self._shadow.items()],
+            "shadow_dropped": [[m, v, n] for (m, v), n in self._shadow_dropped.items()],
+            "retired": [[m, p, c, n] for (m, p, c), n in self._retired.items()],
+        }
+
+    def import_state(self, state: dict) -> None:
+        """Replace this object's counters with `state` (the shape export_state writes)."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"metrics state format {state.get('format')!r}, "
+                             f"expected {STATE_FORMAT}")
+        self._cells, self._series, self._by_version = {}, {}, {}
+        for m, v, r, d in state["series"]:
+            s = Series(m, v, r)
+            s.n, s.err, s.inf = d["n"], d["err"], d["inf"]
+            s.ok_sum, s.err_sum, s.q_sum, s.c_sum = d["ok_sum"], d["err_sum"], d["q_sum"], d["c_sum"]
+            s.lat, s.q, s.c = _dense(d["lat"]), _dense(d["q"]), _dense(d["c"])
+            s.batches = {k: [n, c] for k, n, c in d["batches"]}
+            s.last = d["last"]
+            for sec, n, e, lat in d["window"]:
+                j = sec % WINDOW_S
+                s.w_sec[j], s.w_n[j], s.w_err[j] = sec, n, e
+                s.w_lat[j] = _dense(lat) if lat else None
+            self._series[(m, v, r)] = s
+            if v is not None:
+                self._by_version.setdefault((m, v), []).append(s)
+        for m, v, r, p, c, n in state["cells"]:
+            s = self._series.get((m, v, r))
+            if s is None:
+                s = self._series[(m, v, r)] = Series(m, v, r)
+                if v is not None:
+                    self._by_version.setdefault((m, v), []).append(s)
+            cell = self._cells[(m, v, r, p, c)] = _Cell(s, c == "OK")
+            cell.n = n
+        self._exec = {(m, v): {k: [n, c] for k, n, c in d} for m, v, d in state["exec"]}
+        self._shadow = {}
+        for m, p, v, n, fails, diff_n, diff_sum, diff_max, agree_n, agree_yes in state["shadow"]:
+            st = self._shadow[(m, p, v)] = ShadowStats()
+            st.n, st.fails, st.diff_n, st.diff_sum = n, fails, diff_n, diff_sum
+            st.diff_max, st.agree_n, st.agree_yes = diff_max, agree_n, agree_yes
+        self._shadow_dropped = {(m, v): n for m, v, n in state["shadow_dropped"]}
+        self._retired = {(m, p, c): n for m, p, c, n in state["retired"]}
+
+    def change_mark(self) -> tuple:
+        """Cheap (O(keys)) and changes whenever a counter does: a worker writes its
+        snapshot only when this moved."""
+        return (sum(c.n for c in self._cells.values()),
+                sum(b[0] for d in self._exec.values() for b in d.values()),
+                sum(st.n + st.fails for st in self._shadow.values()),
+                sum(self._shadow_dropped.values()), len(self._retired), len(self._series))
+
+    def merged(self) -> Metrics:
+        """A read-only Metrics holding this process's counters plus every peer snapshot
+        (summed by runtime.metrics_merge), reading the same views, router and clocks."""
+        from runtime.metrics_merge import merge_states
+        out = Metrics(self.router, self.views, self.clock, self.wall, self.window_s,
+                      self.retire_after_s)
+        peers = self.peers() if self.peers is not None else []
+        out.import_state(merge_states([self.export_state(), *peers]))
+        out._life, out._ended = self._life, self._ended
+        return out
+
+
+def _sparse(counts: list[int] | None) -> list[list[int]]:
+    return [] if counts is None else [[i, c] for i, c in enumerate(counts) if c]
+
+
+def _dense(pairs: list[list[int]]) -> list[int]:
+    out = [0] * NB
+    for i, c in pairs:
+        out[i] += c
+    return out
 
 
 def _cuda_allocated(device: str | None) -> int | None:

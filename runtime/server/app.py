@@ -102,7 +102,16 @@ def build_app(core: Core) -> FastAPI:
 
 
 class Server:
-    """Both servers over one Core. `start()` returns once both are listening."""
+    """Both servers over one Core. `start()` returns once both are listening.
+
+    `reuse_port` (worker processes only): join a port other workers listen on; a single
+    process keeps "a taken port is an error"."""
+
+    reuse_port = False
+    grpc_interceptors: tuple = ()
+
+    def build_app(self):
+        return build_app(self.core)
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -122,7 +131,9 @@ class Server:
         # listener says TCP; without it every keep-alive response waits ~40 ms for an ACK.
         sock = socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET,
                              socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # Linux: TIME_WAIT only
+        if self.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.bind((s.host, s.http_port))
         except OSError as e:
@@ -131,7 +142,7 @@ class Server:
         sock.listen(2048)
         sock.setblocking(False)
         self.http_port = sock.getsockname()[1]
-        cfg = uvicorn.Config(build_app(self.core), log_level="warning", access_log=False,
+        cfg = uvicorn.Config(self.build_app(), log_level="warning", access_log=False,
                              lifespan="off", timeout_graceful_shutdown=s.drain_timeout_s + 5,
                              limit_concurrency=None, timeout_keep_alive=30)
         self._uv = _Uvicorn(cfg)
@@ -149,7 +160,8 @@ class Server:
                     raise
                 rpc = None
             if rpc is not None:
-                self._grpc, self.grpc_port = await rpc.start(self.core, s.host, s.grpc_port)
+                self._grpc, self.grpc_port = await rpc.start(self.core, s.host, s.grpc_port,
+                                                              self.reuse_port, self.grpc_interceptors)
             log.info("event=listening http=%s:%s grpc=%s:%s ready=false", s.host, self.http_port,
                      s.host, self.grpc_port)
             await self.core.start()

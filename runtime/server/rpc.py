@@ -369,15 +369,18 @@ class GrpcServer:
         return getattr(self.server, name)
 
 
-async def start(core: Core, host: str, port: int) -> tuple[GrpcServer, int]:
-    """Build, bind and start the gRPC server; returns (server, bound port)."""
+async def start(core: Core, host: str, port: int, reuse_port: bool = False,
+                interceptors: tuple = ()) -> tuple[GrpcServer, int]:
+    """Build, bind and start the gRPC server; returns (server, bound port). `reuse_port`:
+    share the port with other worker processes (SO_REUSEPORT)."""
     limits = core.settings.limits
     options = [
         ("grpc.max_receive_message_length", limits.max_body_bytes),  # over: RESOURCE_EXHAUSTED
         ("grpc.max_send_message_length", -1),
-        ("grpc.so_reuseport", 0),  # a taken port is an error, not a silent share
+        # one process: a taken port is an error, not a silent share
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=options, interceptors=interceptors or None)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core), server)
     mpb_grpc.add_RoutingServiceServicer_to_server(RoutingServicer(core), server)
     health_servicer = _HealthServicer(core)

@@ -1,0 +1,249 @@
+"""`splitserve serve --workers 2` as a user runs it: two complete runtimes behind one HTTP
+and one gRPC port. Both answer (x-worker), every metrics surface of any worker shows the
+totals of both, a routing PUT to one is seen by all, a worker killed with SIGKILL is
+replaced without losing the counts it had published, SIGTERM drains and exits 0."""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.1] * 64}]}
+CONFIG = "models:\n  mlp:\n    labels: {stable: 1, canary: 2}\n    weights: {stable: 100, canary: 0}\n"
+
+pytestmark = pytest.mark.slow
+
+
+class Supervised:
+    """The CLI with --workers 2 in a child process; its stderr lines collected."""
+
+    def __init__(self, repo: Path, cwd: Path, *extra: str):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        env.pop("SPLITSERVE_TOKEN", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "runtime", "serve", "--repository", str(repo), "--http-port", "0",
+             "--grpc-port", "0", "--workers", "2", *extra], cwd=cwd, env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.serving = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        assert self.serving.wait(240) and self.proc.poll() is None, "".join(self.lines[-30:])
+        line = next(x for x in self.lines if "logger=splitserve.supervisor event=serving" in x)
+        self.http = "http://" + re.search(r" http=(\S+)", line).group(1)
+        self.grpc = re.search(r" grpc=(\S+)", line).group(1)
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if "logger=splitserve.supervisor event=serving" in line:
+                self.serving.set()
+        self.serving.set()
+
+    def pids(self) -> dict[int, int]:
+        out = {}
+        for x in list(self.lines):
+            m = re.search(r"event=worker_started worker=(\d+) pid=(\d+)", x)
+            if m:
+                out[int(m.group(1))] = int(m.group(2))
+        return out
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+def wait_until(fn, timeout: float, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v or time.monotonic() > deadline:
+            return v
+        time.sleep(interval)
+
+
+def surfaces(srv: Supervised) -> dict[str, int]:
+    """The successful mlp request count on every surface, each read on a fresh connection
+    (so from whichever worker the kernel picks)."""
+    import grpc
+
+    from runtime.protocol.pb import grpc_service_pb2 as pb
+    from runtime.protocol.pb import grpc_service_pb2_grpc as pbg
+    out = {}
+    st = httpx.get(f"{srv.http}/v2/models/mlp/stats", timeout=10).json()
+    out["v2_stats"] = sum(s["inference_stats"]["success"]["count"] for s in st["model_stats"])
+    summ = httpx.get(f"{srv.http}/v1/models/mlp/metrics", timeout=10).json()
+    out["summary"] = sum(v["requests"] - v["errors"] for v in summ["versions"])
+    text = httpx.get(f"{srv.http}/metrics", timeout=10).text
+    out["prometheus"] = int(sum(float(m.group(1)) for m in re.finditer(
+        r'^splitserve_requests_total\{[^}]*code="OK"[^}]*model="mlp"[^}]*\} (\S+)$', text, re.M)))
+    with grpc.insecure_channel(srv.grpc) as ch:
+        s = pbg.GRPCInferenceServiceStub(ch).ModelStatistics(pb.ModelStatisticsRequest(name="mlp"))
+        out["grpc_stats"] = sum(m.inference_stats.success.count for m in s.model_stats)
+    return out
+
+
+def all_equal(srv: Supervised, n: int, reads: int = 6) -> bool:
+    return all(set(surfaces(srv).values()) == {n} for _ in range(reads))
+
+
+@pytest.fixture
+def repo(make_repo):
+    return make_repo({"mlp": {1: "st1", 2: "st2"}})  # the routes keep both loaded
+
+
+def test_two_workers_one_port_exact_totals_and_one_routing_truth(repo, tmp_path):
+    cfg = tmp_path / "splitserve.yaml"
+    cfg.write_text(CONFIG)
+    srv = Supervised(repo, tmp_path, "--config", str(cfg))
+    try:
+        by_worker = collections.Counter()
+        for _ in range(400):  # a fresh connection each: the kernel spreads them
+            r = httpx.post(f"{srv.http}/v2/models/mlp/infer", json=BODY, timeout=30)
+            assert r.status_code == 200, r.text
+            by_worker[r.headers["x-worker"]] += 1
+        assert set(by_worker) == {"0", "1"}, by_worker
+        # The bound: a worker publishes within SNAPSHOT_INTERVAL_S (0.1 s) of a change.
+        assert wait_until(lambda: all_equal(srv, 400), 5), surfaces(srv)
+
+        put = httpx.put(f"{srv.http}/v1/models/mlp/routing", timeout=10, json={
+            "labels": {"stable": 1, "canary": 2}, "weights": {"stable": 50, "canary": 50}})
+        assert put.status_code == 200, put.text
+        t0 = time.monotonic()
+
+        def everyone_sees_it():
+            seen = []
+            for _ in range(10):
+                r = httpx.get(f"{srv.http}/v1/models/mlp/routing", timeout=10)
+                seen.append((r.headers["x-worker"], r.json()["weights"]))
+            return {w for w, _ in seen} == {"0", "1"} and \
+                all(cw == {"stable": 50, "canary": 50} for _, cw in seen)
+        assert wait_until(everyone_sees_it, 3), "routing PUT not applied by every worker"
+        assert time.monotonic() - t0 < 1.5
+
+        versions, workers = collections.Counter(), collections.Counter()
+        for _ in range(400):
+            r = httpx.post(f"{srv.http}/v2/models/mlp/infer", json=BODY, timeout=30)
+            assert r.status_code == 200
+            versions[r.headers["x-model-version"]] += 1
+            workers[r.headers["x-worker"]] += 1
+        assert set(workers) == {"0", "1"}
+        chi2 = sum((versions[v] - 200) ** 2 / 200 for v in ("1", "2"))
+        assert chi2 < 10.83, versions  # 1 dof, p = 0.001
+    finally:
+        assert srv.stop() == 0, "".join(srv.lines[-20:])
+
+
+def test_kill_9_worker_replaced_counts_kept_then_sigterm_drains(repo, tmp_path):
+    srv = Supervised(repo, tmp_path)
+    try:
+        for _ in range(100):
+            assert httpx.post(f"{srv.http}/v2/models/mlp/infer", json=BODY, timeout=30).status_code == 200
+        assert wait_until(lambda: all_equal(srv, 100), 5), surfaces(srv)
+        victim = srv.pids()[1]
+
+        stop = threading.Event()
+        results = []  # (worker the connection first reached, ok count, failures)
+        connected: list[str] = []
+
+        def load():
+            ok = fails = 0
+            first = None
+            with httpx.Client(timeout=30) as c:  # one keep-alive connection, reopened on error
+                while not stop.is_set():
+                    try:
+                        r = c.post(f"{srv.http}/v2/models/mlp/infer", json=BODY)
+                        if first is None:
+                            first = r.headers["x-worker"]
+                            connected.append(first)
+                        ok += r.status_code == 200
+                        fails += r.status_code != 200
+                    except httpx.TransportError:
+                        if first == "0":  # a failure on a worker-0 connection
+                            fails += 1
+                            break
+                        if first == "1":  # the victim's connections: expected to fail
+                            break
+            results.append((first, ok, fails))
+
+        threads = [threading.Thread(target=load) for _ in range(8)]
+        for t in threads:
+            t.start()
+        assert wait_until(lambda: len(connected) == len(threads), 30), connected
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: sum("supervisor event=worker_serving worker=1 " in x
+                                      for x in srv.lines) == 2, 120), "not replaced"
+        assert any(f"event=worker_died worker=1 signal=SIGKILL" in x for x in srv.lines)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        on_w0 = [r for r in results if r[0] == "0"]
+        assert on_w0 and all(f == 0 for _, _, f in on_w0), results
+        served = 100 + sum(ok for _, ok, _ in results)
+        # Counts the victim published are kept; it may take up to 0.1 s of its own
+        # unpublished counts with it (SIGKILL gives it no chance to write).
+        counts = wait_until(lambda: (lambda s: s if len(set(s.values())) == 1 else None)(surfaces(srv)), 5)
+        assert counts and served - 200 <= min(counts.values()) <= served, (counts, served)
+        assert min(counts.values()) >= 100
+
+        # SIGTERM under load: every request the servers took gets its answer; exit 0.
+        stop.clear()
+        codes = collections.Counter()
+
+        def load2():
+            with httpx.Client(timeout=30) as c:
+                while not stop.is_set():
+                    try:
+                        codes[c.post(f"{srv.http}/v2/models/mlp/infer", json=BODY).status_code] += 1
+                    except httpx.TransportError:
+                        codes["closed"] += 1
+                        return
+        threads = [threading.Thread(target=load2) for _ in range(8)]
+        for t in threads:
+            t.start()
+        assert wait_until(lambda: codes[200] > 50, 30)
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(90) == 0, "".join(srv.lines[-20:])
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert set(codes) <= {200, "closed"}, codes
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
+def test_a_taken_port_fails_at_once_with_one_line(make_repo, tmp_path):
+    import socket
+    repo = make_repo({"mlp": {1: "st1"}})
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        r = subprocess.run([sys.executable, "-m", "runtime", "serve", "--repository", str(repo),
+                            "--http-port", str(port), "--grpc-port", "0", "--workers", "2"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        taken.close()
+    err = [x for x in r.stderr.splitlines() if "error" in x]
+    assert r.returncode == 2 and len(err) == 1 and f"HTTP port 127.0.0.1:{port}" in err[0], r.stderr
+    assert "worker_started" not in r.stderr
