@@ -134,8 +134,11 @@ def test_a_healthy_canary_is_promoted_and_feedback_lands_on_the_served_version(r
         assert c.post(f"{srv.http}/v1/models/mlp/feedback", json={"items": items}).status_code == 401
         on_candidate = sum(1 for code, v, _ in served if code == 200 and v == "2")
 
-        def outcome_counts():
-            o = experiment(srv)["outcomes"][0]
+        def outcome_counts():  # feedback is folded into the state at the next interval
+            outcomes = experiment(srv)["outcomes"]
+            if not outcomes:
+                return None, None, None
+            o = outcomes[0]
             return o["control"]["n"], o["candidate"]["n"], o["candidate"]["mean"]
 
         assert wait_until(lambda: outcome_counts()[:2] == (len(items) - on_candidate, on_candidate), 30)
