@@ -113,15 +113,7 @@ def persist_config_file(path: str | os.PathLike[str], model: str, config: RouteC
     when the existing file cannot be parsed (it is never overwritten then).
     """
 
-    def change(models: MutableMapping[Any, Any]) -> None:
-        if config is None:
-            models.pop(model, None)
-        elif model in models and isinstance(models[model], MutableMapping):
-            _merge(models[model], _yaml_obj(config))
-        else:
-            models[model] = _yaml_obj(config)
-
-    _update(os.fspath(path), change)
+    _update(os.fspath(path), _set_model(model, config))
 
 
 def _yaml_obj(config: RouteConfig) -> dict[str, Any]:
@@ -164,6 +156,12 @@ def _update(path: str, change: Any) -> None:
 def update_config_text(text: str, model: str, config: RouteConfig | None, source: str = "<config>") -> str:
     """`persist_config_file` on a document held elsewhere (a ConfigMap): the new text."""
 
+    return _changed_text(text, source, _set_model(model, config))
+
+
+def _set_model(model: str, config: RouteConfig | None):
+    """The edit both writers make: set one model's entry (merged, comments kept) or drop it."""
+
     def change(models: MutableMapping[Any, Any]) -> None:
         if config is None:
             models.pop(model, None)
@@ -171,8 +169,7 @@ def update_config_text(text: str, model: str, config: RouteConfig | None, source
             _merge(models[model], _yaml_obj(config))
         else:
             models[model] = _yaml_obj(config)
-
-    return _changed_text(text, source, change)
+    return change
 
 
 def _changed_text(text: str, source: str, change: Any) -> str:
