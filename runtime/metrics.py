@@ -207,7 +207,7 @@ class Metrics:
                        batch: int) -> None:
         """One finished request (code "OK" or an errors.Code value), by the version that
         served it (None when it never reached one). Durations in seconds."""
-        if version is None and self.views().model(model) is None and not self._model_known(model):
+        if version is None and not self._model_known(model):
             model = UNKNOWN_MODEL  # client-chosen names must not grow the label set
         cell = self._cells.get((model, version, route, protocol, code))
         if cell is None:

@@ -55,7 +55,6 @@ class Runner:
         self.max_queue_size = max_queue_size
         self.shadow_max_waiting = shadow_max_waiting
         self.pending = 0  # primary requests waiting or running (shadows wait until 0)
-        self.rejected = 0
         self.shadow_waiting = 0
         self.shadow_dropped = 0
         self._primary_idle = asyncio.Event()
@@ -82,7 +81,6 @@ class Runner:
         # As in Triton, the bound counts requests waiting, not the one running; batched,
         # the batcher's own queue holds that bound.
         if self.batcher is None and self.pending > self.max_queue_size:
-            self.rejected += 1
             raise ServingError(Code.RESOURCE_EXHAUSTED, f"queue of {self.name} is full "
                                f"({self.max_queue_size} requests waiting, max_queue_size); "
                                f"retry later")
