@@ -164,6 +164,9 @@ class ModelEntry:
         self.path = path
         self.spec: ModelSpec | None = None
         self.spec_error: str | None = None
+        self.spec_error_since = 0.0
+        self.ignored: dict[str, str] = {}  # path -> reason, as last logged (logged once)
+        self.failures: dict[int, str] = {}  # last load failure per version, until it loads
         self.folder: ModelFolder | None = None
         self.harnesses: list[Harness] = []
         self.serving: dict[int, Harness] = {}  # AVAILABLE harness per version
@@ -177,7 +180,8 @@ class ModelEntry:
         return sorted(self.serving)
 
     def visible(self) -> bool:
-        return self.spec is not None or bool(self.harnesses) or self.disabled
+        return (self.spec is not None or bool(self.harnesses) or self.disabled
+                or self.spec_error is not None)
 
     def view(self) -> ModelView:
         mem: dict[int, int] = {}
@@ -215,6 +219,11 @@ class ModelEntry:
             if h.state is S.AVAILABLE or h.version not in live or live[h.version].state is not S.AVAILABLE:
                 live[h.version] = VersionStatus(h.version, h.state, h.error, h.state_since)
         merged = {**self.ended, **live}
+        if self.spec is None and self.spec_error is not None and self.folder is not None:
+            # never a valid model.yaml: its versions cannot load, FAILED for that reason
+            for v in self.folder.versions:
+                merged.setdefault(v, VersionStatus(v, S.FAILED, self.spec_error,
+                                                   self.spec_error_since))
         return [merged[v] for v in sorted(merged)]
 
 
@@ -360,9 +369,7 @@ class Manager:
         self._changed = asyncio.Event()
 
     def _apply(self, entry: ModelEntry, folder: ModelFolder) -> None:
-        if folder.spec_error and folder.spec_error != entry.spec_error:
-            log.error("event=bad_model_yaml model=%s keeping=last_good reason=%r",
-                      entry.name, folder.spec_error)
+        self._report(entry, folder)
         entry.spec_error = folder.spec_error
         if folder.spec is None:  # invalid model.yaml and nothing good seen before
             entry.folder = folder
@@ -372,6 +379,7 @@ class Manager:
             self._apply_in_place(entry, folder.spec)
         entry.spec, entry.folder = folder.spec, folder
         present = folder.versions
+        entry.failures = {v: r for v, r in entry.failures.items() if v in present}
         gone = entry.disabled or entry.path.is_symlink() or not entry.path.is_dir()
         aspired = set() if gone else (select_versions(folder.spec, present) |
                                       (set(self.referenced(entry.name)) & set(present)))
@@ -408,6 +416,24 @@ class Manager:
             self.models.pop(entry.name, None)
             self._publish(entry.name)
 
+    @staticmethod
+    def _report(entry: ModelEntry, folder: ModelFolder) -> None:
+        """Log, once per change (the watcher rescans often): what the scan ignored, a
+        model.yaml that turned bad, and one that is good again."""
+        for path, why in folder.ignored:
+            if entry.ignored.get(path) != why:
+                log.info("event=ignored model=%s path=%s reason=%r", entry.name, path, why)
+        entry.ignored = dict(folder.ignored)
+        if folder.spec_error == entry.spec_error:
+            return
+        entry.spec_error_since = time.time()
+        if folder.spec_error is not None:
+            log.error("event=bad_model_yaml model=%s keeping=%s reason=%r", entry.name,
+                      "last_good" if entry.spec is not None else "nothing", folder.spec_error)
+        else:
+            log.info("event=model_config_recovered model=%s path=%s/model.yaml was=%r",
+                     entry.name, entry.name, entry.spec_error)
+
     def _apply_in_place(self, entry: ModelEntry, spec: ModelSpec) -> None:
         """model.yaml changed: settings that leave the weights valid apply to what serves."""
         for h in entry.harnesses:
@@ -420,9 +446,9 @@ class Manager:
         log.info("event=model_yaml_changed model=%s", entry.name)
 
     def _not_ready_for(self, vf: VersionFolder) -> float | None:
-        """Seconds to wait before this folder may be loaded, or None when it may be now."""
-        if vf.format is None:
-            return -1.0  # nothing to load yet (empty or still arriving): the next event rescans
+        """Seconds to wait before this folder may be loaded, or None when it may be now.
+        A folder with no model file (yet) or an incomplete one is "loaded" once it has
+        been quiet for incomplete_grace_s, and so FAILS with its reason."""
         quiet = quiet_for(vf)
         if quiet < self.settings.quiet_s:
             return self.settings.quiet_s - quiet + 0.05
@@ -447,6 +473,8 @@ class Manager:
         self._publish(None)
 
     async def _load(self, entry: ModelEntry, h: Harness) -> None:
+        if h.folder.format is None and not (h.cancelled or self._closing):
+            return self._fail(entry, h, h.folder.incomplete or "no model file")  # no slot needed
         async with self._load_sem:
             if h.cancelled or self._closing:
                 entry.harnesses.remove(h)
@@ -455,8 +483,6 @@ class Manager:
             h._set(S.LOADING)
             self._notify(entry)
             t0 = time.perf_counter()
-            if h.folder.format is None:
-                return self._fail(entry, h, h.folder.incomplete or "no model file")
             fut = _in_thread(self._load_and_warm, h, on_abandoned=lambda lm: self._abandoned(h, lm))
             try:
                 lm = await asyncio.wait_for(asyncio.shield(fut), timeout=h.spec.load_timeout_s)
@@ -494,6 +520,9 @@ class Manager:
                                      lm.warmup_s, str(lm.device), lm.memory_bytes,
                                      time.monotonic()))
         entry.ended.pop(h.version, None)
+        failed = entry.failures.pop(h.version, None)
+        if failed is not None:
+            log.info("event=version_recovered servable=%s was=%r", h.sid, failed)
         entry.dirty = True
         self._kick(entry)  # re-plan: what this version replaces can now unload
         self._notify(entry)
@@ -514,6 +543,7 @@ class Manager:
 
     def _fail(self, entry: ModelEntry, h: Harness, reason: str) -> None:
         h._set(S.FAILED, reason)
+        entry.failures[h.version] = reason
         log.error("event=load_failed servable=%s reason=%r", h.sid, reason)
         self.on_event(LifecycleEvent("failed", h.sid.model, h.version, reason, at=time.monotonic()))
         self._notify(entry)

@@ -54,6 +54,8 @@ def model_metadata(snapshot: Snapshot, model: str, version: int | None = None) -
     if sig is not None and sig.derived:
         meta["parameters"] = {"signature": "derived from the model file; declare inputs and "
                                            "outputs in model.yaml to pin them"}
+    if mv.spec_error is not None:
+        meta.setdefault("parameters", {})["model_config_error"] = mv.config_error()
     return meta
 
 
@@ -92,10 +94,11 @@ def repository_index(snapshot: Snapshot, root: Path, ready_only: bool = False) -
     for name in sorted(set(snapshot.names()) | {p.name for p in list_models(root)}):
         mv = snapshot.model(name)
         statuses = mv.versions if mv else ()
+        note = mv.config_error() if mv else None  # a bad model.yaml shows on every row
         if not statuses:
             if not ready_only:
                 out.append({"name": name, "version": "", "state": "UNAVAILABLE",
-                            "reason": "unloaded" if mv and mv.disabled else "not loaded"})
+                            "reason": note or ("unloaded" if mv and mv.disabled else "not loaded")})
             continue
         for st in statuses:
             ready = st.state is VersionState.AVAILABLE
@@ -104,6 +107,6 @@ def repository_index(snapshot: Snapshot, root: Path, ready_only: bool = False) -
             out.append({"name": name, "version": str(st.version),
                         "state": "READY" if ready else ("LOADING" if st.state in (VersionState.START, VersionState.LOADING)
                                                         else "UNAVAILABLE"),
-                        "reason": st.error or ("" if ready else st.state.value.lower())})
+                        "reason": st.error or note or ("" if ready else st.state.value.lower())})
     return out
 
