@@ -112,6 +112,37 @@ def test_bad_model_yaml_keeps_last_good_settings(make_repo, serve):
     assert srv.available("mlp") == [1]
 
 
+def test_version_folder_without_a_loadable_file_fails_only_after_the_grace(make_repo, serve):
+    repo = make_repo({"mlp": {1: "st1"}})
+    srv = serve(repo, incomplete_grace_s=1.5)
+    d = repo / "mlp" / "8"
+    d.mkdir()
+    (d / "model.pth").write_bytes(b"weights in a format the loader does not read")
+    assert srv.wait_state("mlp", 8, S.FAILED, timeout=30)
+    v8 = srv.core.manager.view().model("mlp").version(8)
+    assert v8.error == ("no loadable file in mlp/8/: found model.pth; expected one of "
+                        "model.pt2, model.safetensors (+ model.py), model.pt")
+    changed = max(d.stat().st_mtime, (d / "model.pth").stat().st_mtime)
+    assert v8.since - changed >= 1.5, "FAILED before the folder was quiet for incomplete_grace_s"
+    r = infer(srv)  # what served keeps serving
+    assert r.status_code == 200 and r.headers["x-model-version"] == "1"
+
+
+def test_a_version_folder_still_arriving_is_not_failed_within_the_grace(make_repo, serve,
+                                                                        version_cache):
+    repo = make_repo({"mlp": {1: "st1"}})
+    srv = serve(repo, incomplete_grace_s=60)
+    rec = Recorder(srv)
+    mgr = srv.core.manager
+    before = srv.on_loop(lambda: mgr.reconciles["mlp"])
+    (repo / "mlp" / "2").mkdir()  # `cp -r` makes the folder first, the files later
+    assert srv.wait_for(lambda: mgr.reconciles["mlp"] > before and 2 in mgr.view().model("mlp").present)
+    assert mgr.state_of("mlp", 2) is None  # seen, empty, waiting: not FAILED
+    shutil.copy(version_cache / "pt2_2" / "model.pt2", repo / "mlp" / "2" / "model.pt2")
+    assert srv.wait_state("mlp", 2, S.AVAILABLE)
+    assert ("failed", 2) not in rec.events
+
+
 @pytest.mark.parametrize("src,seed", [("st1", 1), ("pt2_2", 2), ("ts4", 4)])
 def test_each_format_answers_with_its_numbers(make_repo, serve, src, seed):
     srv = serve(make_repo({"mlp": {3: src}}))
