@@ -173,6 +173,7 @@ class ModelEntry:
         self.ended: dict[int, VersionStatus] = {}  # last END/FAILED record per version
         self.disabled = False  # unloaded through the repository API
         self.dirty = True  # a rescan is due
+        self.in_grace = False  # the one timer left waits out incomplete_grace_s: settled
         self.task: asyncio.Task | None = None
         self.timer: asyncio.TimerHandle | None = None
 
@@ -322,13 +323,16 @@ class Manager:
             if not is_model_name(name):
                 return
             entry = self.models[name] = ModelEntry(name, self.root / name)
-        entry.dirty = True
         if entry.timer is not None:
             entry.timer.cancel()
+        entry.in_grace = False
         loop = asyncio.get_running_loop()
         entry.timer = loop.call_later(delay, self._kick, entry)
 
     def _kick(self, entry: ModelEntry) -> None:
+        # dirty when the timer fires, not when it is set: a recheck asked for from inside
+        # a pass must not make that pass loop at once (it rescanned ~300 times a second)
+        entry.dirty = True
         entry.timer = None
         if entry.task is None or entry.task.done():
             entry.task = self._spawn(self._reconcile(entry))
@@ -383,13 +387,14 @@ class Manager:
         gone = entry.disabled or entry.path.is_symlink() or not entry.path.is_dir()
         aspired = set() if gone else (select_versions(folder.spec, present) |
                                       (set(self.referenced(entry.name)) & set(present)))
-        loadable, recheck = set(), None
+        loadable, recheck, grace_only = set(), None, True
         for v in aspired:
             wait = self._not_ready_for(present[v])
             if wait is None:
                 loadable.add(v)
-            elif wait >= 0:
-                recheck = wait if recheck is None else min(recheck, wait)
+            else:
+                recheck = wait[0] if recheck is None else min(recheck, wait[0])
+                grace_only &= wait[1]
         infos = [HarnessInfo(h.generation, h.version, h.folder.fingerprint, h.state)
                  for h in entry.harnesses]
         actions = plan(infos, {v: present[v].fingerprint for v in aspired}, loadable,
@@ -412,6 +417,7 @@ class Manager:
         self._notify(entry)
         if recheck is not None:
             self.request_reconcile(entry.name, delay=recheck)
+            entry.in_grace = grace_only
         if not entry.harnesses and not entry.path.is_dir():
             self.models.pop(entry.name, None)
             self._publish(entry.name)
@@ -445,15 +451,17 @@ class Manager:
                                     preferred_batch_sizes=spec.batching.preferred_batch_sizes)
         log.info("event=model_yaml_changed model=%s", entry.name)
 
-    def _not_ready_for(self, vf: VersionFolder) -> float | None:
-        """Seconds to wait before this folder may be loaded, or None when it may be now.
-        A folder with no model file (yet) or an incomplete one is "loaded" once it has
-        been quiet for incomplete_grace_s, and so FAILS with its reason."""
+    def _not_ready_for(self, vf: VersionFolder) -> tuple[float, bool] | None:
+        """(seconds to wait, whether only incomplete_grace_s is left) before this folder
+        may be loaded, or None when it may be now. A folder with no model file (yet) or an
+        incomplete one is "loaded" once quiet for incomplete_grace_s, and so FAILS with
+        its reason. Waiting out the grace counts as settled: a copy that has not started
+        (or stalled) holds neither start nor readiness."""
         quiet = quiet_for(vf)
         if quiet < self.settings.quiet_s:
-            return self.settings.quiet_s - quiet + 0.05
+            return self.settings.quiet_s - quiet + 0.05, False
         if vf.incomplete and quiet < self.settings.incomplete_grace_s:
-            return self.settings.incomplete_grace_s - quiet + 0.05
+            return self.settings.incomplete_grace_s - quiet + 0.05, True
         return None
 
     # ---- load / unload -------------------------------------------------------------
@@ -618,9 +626,9 @@ class Manager:
 
     def _quiet(self, model: str) -> bool:
         e = self.models.get(model)
-        return e is None or (e.timer is None and (e.task is None or e.task.done()) and
-                             all(h.state in (S.AVAILABLE, S.FAILED) for h in e.harnesses)
-                             and not e.dirty)
+        return e is None or ((e.timer is None or e.in_grace) and not e.dirty and
+                             (e.task is None or e.task.done()) and
+                             all(h.state in (S.AVAILABLE, S.FAILED) for h in e.harnesses))
 
     async def settle(self, model: str, timeout: float) -> bool:
         """Wait until nothing of `model` is loading or unloading and no rescan is due."""

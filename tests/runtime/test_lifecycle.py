@@ -128,6 +128,26 @@ def test_version_folder_without_a_loadable_file_fails_only_after_the_grace(make_
     assert r.status_code == 200 and r.headers["x-model-version"] == "1"
 
 
+def test_waiting_out_the_grace_neither_spins_nor_holds_start(make_repo, serve, version_cache):
+    """A stalled copy (truncated weights) waits incomplete_grace_s with a timer, not by
+    rescanning, and the server starts (is settled) meanwhile: FAILED comes later."""
+    repo = make_repo({"mlp": {1: "st1"}}, yaml={"mlp": MLP_YAML.replace("{latest: 1}", "all")})
+    data = (version_cache / "st2" / "model.safetensors").read_bytes()
+    (repo / "mlp" / "2").mkdir()
+    (repo / "mlp" / "2" / "model.safetensors").write_bytes(data[: len(data) // 3])
+    t0 = time.monotonic()
+    srv = serve(repo, incomplete_grace_s=3)
+    start_s = time.monotonic() - t0
+    assert srv.available("mlp") == [1] and srv.core.manager.state_of("mlp", 2) is None
+    mgr = srv.core.manager
+    before = srv.on_loop(lambda: mgr.reconciles["mlp"])
+    assert srv.wait_state("mlp", 2, S.FAILED, timeout=30)
+    passes = srv.on_loop(lambda: mgr.reconciles["mlp"]) - before
+    assert "truncated" in mgr.view().model("mlp").version(2).error
+    assert passes <= 5, f"{passes} reconcile passes while waiting out a 3 s grace"
+    assert start_s < 3, f"start waited {start_s:.1f}s for a folder's incomplete_grace_s"
+
+
 def test_a_version_folder_still_arriving_is_not_failed_within_the_grace(make_repo, serve,
                                                                         version_cache):
     repo = make_repo({"mlp": {1: "st1"}})
