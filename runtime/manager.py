@@ -25,6 +25,7 @@ from pathlib import Path
 from runtime import errors
 from runtime.batcher import batching_on, calibrate_loaded, make_batcher
 from runtime.loader import LoadedModel, LoadError, load_version, warmup
+from runtime.logs import value
 from runtime.modelspec import ModelSpec
 from runtime.policy import HarnessInfo, plan, select_versions
 from runtime.runner import Runner
@@ -428,7 +429,7 @@ class Manager:
         model.yaml that turned bad, and one that is good again."""
         for path, why in folder.ignored:
             if entry.ignored.get(path) != why:
-                log.info("event=ignored model=%s path=%s reason=%r", entry.name, path, why)
+                log.info("event=ignored model=%s path=%s reason=%r", entry.name, value(path), why)
         entry.ignored = dict(folder.ignored)
         if folder.spec_error == entry.spec_error:
             return
