@@ -97,14 +97,18 @@ def _listing(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (f" and {more} more" if more > 0 else "")
 
 
-def _stat_files(folder: Path) -> list[tuple[str, int, int]]:
+def _stat_files(folder: Path, refused: list[str] | None = None) -> list[tuple[str, int, int]]:
+    """(relative path, size, mtime) of the files that count; `refused` collects the
+    symlinks out of the repository, which never do."""
     out = []
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder)
-        if any(part.startswith(".") or part == "__pycache__" for part in rel.parts):
+        if any(is_hidden(part) for part in rel.parts):
             continue
         try:
             if p.is_symlink() and not p.resolve().is_relative_to(folder.resolve().parent.parent):
+                if refused is not None:
+                    refused.append(str(rel))
                 continue  # a symlink out of the repository is never followed
             if p.is_file():
                 st = p.stat()
@@ -163,7 +167,8 @@ def architecture_file(model_dir: Path, version_dir: Path) -> Path | None:
 
 def scan_version(model_dir: Path, version: int, spec: ModelSpec | None) -> VersionFolder:
     vdir = model_dir / str(version)
-    files = _stat_files(vdir)
+    refused: list[str] = []
+    files = _stat_files(vdir, refused)
     names = {f[0] for f in files}
     top = sorted({n.split("/", 1)[0] for n in names})
     fmt = next((f for f in FORMATS if f in names), None)
@@ -178,7 +183,9 @@ def scan_version(model_dir: Path, version: int, spec: ModelSpec | None) -> Versi
             ignored.append((f"{version}/{name}", f"not read: a version folder holds "
                                                  f"{fmt}, model.py and warmup.json"))
     if fmt is None:
-        incomplete = (f"no loadable file in {model_dir.name}/{version}/: found {_listing(top)}; "
+        found = _listing(top) + "".join(f" ({r}: a symlink out of the repository, not followed)"
+                                        for r in refused[:2])
+        incomplete = (f"no loadable file in {model_dir.name}/{version}/: found {found}; "
                       f"expected one of {EXPECTED_FILES}")
     elif fmt == "model.safetensors":
         arch = architecture_file(model_dir, vdir)

@@ -149,8 +149,10 @@ def test_scan_says_what_it_ignores_and_why(tmp_path, version_cache):
     (m / "8").mkdir()
     (m / "8" / "model.pth").write_bytes(b"weights")
     (m / "9").mkdir()
+    (m / "10").mkdir()
+    (m / "10" / "model.pt2").symlink_to(version_cache / "pt2_2" / "model.pt2")  # out of the repo
     folder = scan_model(m)
-    assert sorted(folder.versions) == [2, 8, 9]
+    assert sorted(folder.versions) == [2, 8, 9, 10]
     assert dict(folder.ignored) == {
         "007": "not a version number: version folders are named 1, 2, ... without leading zeros, from 1",
         "v7": "not a version number: version folders are named 1, 2, ...",
@@ -169,3 +171,7 @@ def test_scan_says_what_it_ignores_and_why(tmp_path, version_cache):
         "no loadable file in mlp/8/: found model.pth; expected one of "
         "model.pt2, model.safetensors (+ model.py), model.pt")
     assert folder.versions[9].incomplete.startswith("no loadable file in mlp/9/: found nothing;")
+    assert folder.versions[10].incomplete == (
+        "no loadable file in mlp/10/: found nothing (model.pt2: a symlink out of the "
+        "repository, not followed); expected one of model.pt2, model.safetensors (+ model.py), "
+        "model.pt")
