@@ -97,15 +97,15 @@ class Core:
         names, split = self.router.missing_routes(model)
         missing = frozenset(names.values())
         seen = self._missing.get(model, frozenset())
-        for v in sorted((seen - missing) & present):
+        for v in sorted((seen - missing) & present & self.router.referenced_versions(model)):
             log.info("event=routed_version_restored model=%s version=%d", model, v)
         self._missing[model] = missing
         new = missing - seen
         if not new:
             return
-        deleted = new & had
-        reason = ("folder deleted" if deleted == new else "no folder in the repository"
-                  if not deleted else "folder deleted or never added")
+        # `had`: the folders of the last view; none before the model's first (at start)
+        reason = ("folder deleted" if new <= had else
+                  "folder deleted or never added" if new & had else "no folder in the repository")
         log.warning("event=routed_version_missing model=%s versions=%s routed_by=%r reason=%r "
                     "effective_split=%s", model, ",".join(map(str, sorted(new))),
                     ", ".join(w for w, v in names.items() if v in new), reason,

@@ -93,9 +93,12 @@ def test_bundled_example_survives_deleting_a_routed_folder_and_restarting(tmp_pa
         folder_gone_answer(srv.url)
         assert versions_served(srv.url) == {"2"}
         assert tf_versions(srv.url) == [("2", "AVAILABLE")]
-        # once the operator routes elsewhere, nothing is missing any more
-        r = httpx.put(f"{srv.url}/v1/models/mlp/routing", json={"labels": {"stable": 2}}, timeout=10)
-        assert r.status_code == 200 and r.json()["effective"]["missing"] == [], r.text
+        # the folder back (published by rename): it loads, the configured split returns
+        shutil.copytree(ROOT / "model_repository" / "mlp" / "1", repo / "mlp" / ".1.tmp")
+        (repo / "mlp" / ".1.tmp").rename(repo / "mlp" / "1")
+        srv.wait_line(r"level=INFO .*event=routed_version_restored model=mlp version=1", timeout=60)
+        assert wait_until(lambda: routing(srv.url)["effective"]["weights"] == {"1": 0.9, "2": 0.1}, 60)
+        assert routing(srv.url)["effective"]["missing"] == []
     assert len(re.findall("event=routed_version_missing", first_log)) == 1  # one line, not one per view
 
 
