@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from conftest import wait_until
+from runtime.types import VersionState
 from serverproc import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,3 +133,18 @@ def test_reload_keeps_routes_it_runs_and_applies_the_rest(make_repo, serve, tmp_
 
     assert wait_until(lambda: other_weights() == {"1": 1.0}, 30), other_weights()  # the watcher reloaded it
     assert routing(srv.http)["effective"]["missing"] == [1]
+
+
+def test_tf_status_forgets_a_version_whose_folder_is_gone(make_repo, serve, version_cache):
+    """END stays listed while its folder is there (the policy dropped it); once the folder
+    is deleted the version is forgotten, as in TF Serving."""
+    repo = make_repo({"mlp": {1: "st1", 2: "st2"}})
+    srv = serve(repo)
+    assert srv.available("mlp") == [2]
+    shutil.copytree(version_cache / "st3", repo / "mlp" / ".3.tmp")
+    (repo / "mlp" / ".3.tmp").rename(repo / "mlp" / "3")
+    assert srv.wait_state("mlp", 2, VersionState.END)
+    assert tf_versions(srv.http) == [("2", "END"), ("3", "AVAILABLE")]
+    shutil.rmtree(repo / "mlp" / "2")
+    assert srv.wait_for(lambda: srv.core.manager.state_of("mlp", 2) is None)
+    assert tf_versions(srv.http) == [("3", "AVAILABLE")]
