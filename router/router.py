@@ -29,6 +29,7 @@ class Router:
         self._rng = random.Random(seed)
         self._configs: dict[str, RouteConfig] = {}
         self._available: dict[str, frozenset[int]] = {}
+        self._present: dict[str, frozenset[int]] = {}  # version folders, where the runtime said
         self._tables: dict[str, RoutingTable] = {}
         for model, config in (configs or {}).items():
             self.set_config(model, config)
@@ -47,15 +48,19 @@ class Router:
         self._configs = configs
         self._rebuild(model)
 
-    def set_available(self, model: str, versions: Iterable[int]) -> None:
-        """Record the model's AVAILABLE versions and recompile its table."""
+    def set_available(self, model: str, versions: Iterable[int], present: Iterable[int] | None = None) -> None:
+        """Record the model's AVAILABLE versions (and, when given, the version folders in the
+        repository, so routes naming a deleted folder say so) and recompile its table."""
         self._available = {**self._available, model: frozenset(versions)}
+        if present is not None:
+            self._present = {**self._present, model: frozenset(present)}
         self._rebuild(model)
 
     def remove_model(self, model: str) -> None:
         """Forget the model entirely (its folder is gone)."""
         self._configs = {m: c for m, c in self._configs.items() if m != model}
         self._available = {m: a for m, a in self._available.items() if m != model}
+        self._present = {m: a for m, a in self._present.items() if m != model}
         self._tables = {m: t for m, t in self._tables.items() if m != model}
 
     def _rebuild(self, model: str) -> None:
@@ -65,6 +70,7 @@ class Router:
             self._configs.get(model, EMPTY_CONFIG),
             self._available.get(model, ()),
             previous_labels=old.labels if old is not None else None,
+            present=self._present.get(model),
         )
         self._tables = {**self._tables, model: table}
 
@@ -135,6 +141,18 @@ class Router:
         if table is not None:
             refs.update(table.labels.values())
         return frozenset(refs)
+
+    def missing_routes(self, model: str) -> tuple[dict[str, int], dict[int, float]]:
+        """What the routes name that has no folder ("label 'stable'" -> 1), and the split
+        traffic takes without those versions once the versions present are AVAILABLE
+        (version -> fraction; what a WARNING about the missing folders reports)."""
+        table = self.table(model)
+        if not table.missing:
+            return {}, dict(table.weights)
+        names = {what: v for what, v in config_versions(table.config).items() if v in table.missing}
+        without = (table.available | self._present.get(model, frozenset())) - set(table.missing)
+        split = RoutingTable.compile(model, table.config, without, table.labels, self._present.get(model))
+        return names, dict(split.weights)
 
     def routing_state(self, model: str) -> dict[str, Any]:
         return self.table(model).state()

@@ -171,7 +171,7 @@ class ModelEntry:
         self.folder: ModelFolder | None = None
         self.harnesses: list[Harness] = []
         self.serving: dict[int, Harness] = {}  # AVAILABLE harness per version
-        self.ended: dict[int, VersionStatus] = {}  # last END/FAILED record per version
+        self.ended: dict[int, VersionStatus] = {}  # last END record per version with a folder
         self.disabled = False  # unloaded through the repository API
         self.dirty = True  # a rescan is due
         self.in_grace = False  # the one timer left waits out incomplete_grace_s: settled
@@ -384,6 +384,8 @@ class Manager:
             self._apply_in_place(entry, folder.spec)
         entry.spec, entry.folder = folder.spec, folder
         present = folder.versions
+        # TF Serving forgets a version whose folder is gone: so does the status (END records)
+        entry.ended = {v: st for v, st in entry.ended.items() if v in present}
         entry.failures = {v: r for v, r in entry.failures.items() if v in present}
         gone = entry.disabled or entry.path.is_symlink() or not entry.path.is_dir()
         aspired = set() if gone else (select_versions(folder.spec, present) |
@@ -574,8 +576,9 @@ class Manager:
         await h.runner.close(lm.release if lm is not None else (lambda: None))
         h._set(S.END)
         entry.harnesses.remove(h)
-        if not any(x.version == h.version for x in entry.harnesses):
-            entry.ended[h.version] = VersionStatus(h.version, S.END, None, h.state_since)
+        if not any(x.version == h.version for x in entry.harnesses) and \
+                entry.folder is not None and h.version in entry.folder.versions:
+            entry.ended = {**entry.ended, h.version: VersionStatus(h.version, S.END, None, h.state_since)}
         log.info("event=unloaded servable=%s reason=%r drain_unload_ms=%.1f", h.sid, why,
                  (time.perf_counter() - t0) * 1e3)
         self.on_event(LifecycleEvent("unloaded", h.sid.model, h.version, at=time.monotonic()))
