@@ -15,7 +15,7 @@ from runtime.control import Control
 from runtime.experiment_runner import ExperimentRunner
 from runtime.inference import InferenceService
 from runtime.manager import Manager
-from runtime.metrics import Metrics
+from runtime.metrics import CHECKPOINT_S, Metrics
 from runtime.mirror import Mirror
 from runtime.repository import scan_model
 from runtime.settings import Settings
@@ -41,6 +41,7 @@ class Core:
         self.root = self.mirror.cache_dir if self.mirror else Path(settings.repository.path).resolve()
         self.router = Router()
         self.metrics = Metrics(self.router, views=lambda: self.manager.view())
+        self.router.subscribe(self.metrics.routing_changed)  # baselines of since=routing
         self.manager = Manager(self.root, settings.repository,
                                referenced=self.router.referenced_versions,
                                on_event=self.metrics.lifecycle_event,
@@ -57,6 +58,8 @@ class Core:
         self.experiments = ExperimentRunner(
             self.router, self.control, cfg.with_name(cfg.stem + ".experiments.json") if cfg is not None else None)
         self.inference.on_finished = self.experiments.on_finished
+        self.metrics.experiments = self.experiments.published
+        self._checkpoints: asyncio.Task | None = None
         self.watcher: Watcher | None = None
         self.source = None  # runtime.configsource: where routing lives (file, ConfigMap)
         self.started = False
@@ -113,7 +116,17 @@ class Core:
             raise TimeoutError(f"start deadline of {wait_s:g}s (server.start_timeout_s) passed "
                                f"with models still loading: {', '.join(busy) or '-'}")
         self.experiments.start()
+        self._checkpoints = loop.create_task(self._checkpoint_loop(), name="metrics-checkpoints")
         self.started = True
+
+    async def _checkpoint_loop(self) -> None:
+        """Baselines for the A/B summary's `since=<epoch>` (runtime/metrics.py)."""
+        while True:
+            await asyncio.sleep(CHECKPOINT_S)
+            try:
+                self.metrics.checkpoint()
+            except Exception as e:  # a failed checkpoint costs one baseline, never serving
+                log.error("event=metrics_checkpoint_failed error=%r", e)
 
     async def settle(self, timeout: float) -> bool:
         """Wait, under one deadline for all models, until nothing loads; False past it."""
@@ -124,6 +137,8 @@ class Core:
 
     async def stop(self) -> None:
         self.stopping = True
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
         await self.experiments.stop()
         if self.mirror is not None:
             await self.mirror.stop()
