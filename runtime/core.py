@@ -41,7 +41,6 @@ class Core:
         self.root = self.mirror.cache_dir if self.mirror else Path(settings.repository.path).resolve()
         self.router = Router()
         self.metrics = Metrics(self.router, views=lambda: self.manager.view())
-        self.router.subscribe(self.metrics.routing_changed)  # baselines of since=routing
         self.manager = Manager(self.root, settings.repository,
                                referenced=self.router.referenced_versions,
                                on_event=self.metrics.lifecycle_event,
@@ -101,6 +100,9 @@ class Core:
                     validate_against(rc, scan_model(self.root / model).versions, model=model)
                     self.router.set_config(model, rc)
             self.control.source = source
+        # Baselines of the A/B summary's since=routing; the document read at start is not a
+        # change (until one, the window is since start: every worker's counts).
+        self.router.subscribe(self.metrics.routing_changed)
         rs = self.settings.repository
         self.watcher = Watcher(polling=rs.polling, poll_interval_s=rs.poll_interval_s)
         self.watcher.watch(loop, self.root, self.manager.on_path_changed)
