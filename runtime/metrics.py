@@ -114,6 +114,12 @@ def _r4(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
+def _units(x: float) -> float | int:
+    """A weight in the config's units, as the config writes it (90, not 90.0)."""
+    x = round(x, 4)
+    return int(x) if x.is_integer() else x
+
+
 def _parse_since(since: str) -> float:
     try:
         t = float(since)
@@ -629,9 +635,9 @@ class Metrics:
                 "reason": st.error if st is not None else None,
                 "labels": labels.get(v, []),
                 "label": labels.get(v, []),  # the old name of `labels`, kept for one release
-                "weight": None if configured is None else _r4(configured.get(v, 0.0)),
+                "weight": None if configured is None else _units(configured.get(v, 0.0)),
                 "configured_share": None if configured is None else _r4(configured.get(v, 0.0) / units),
-                "effective_weight": _r4(effective.get(v, 0.0) * units),
+                "effective_weight": _units(effective.get(v, 0.0) * units),
                 "expected_share": _r4(effective.get(v, 0.0)),
                 "observed_share": None,
                 "requests": n_ok + n_err,
