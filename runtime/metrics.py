@@ -543,6 +543,10 @@ class Metrics:
         state = self.export_state(model)
         if self.peers is not None:
             state = merge_states([state, *self.peers()])
+            if model is not None:  # a peer's file holds every model
+                for f in ("cells", "series", "exec", "shadow", "shadow_dropped", "retired"):
+                    state[f] = [x for x in state[f] if x[0] == model]
+        state["experiment_counts"] = []  # a window never subtracts them
         for *_k, d in state["series"]:
             for f in ("q", "c", "window"):
                 d.pop(f, None)

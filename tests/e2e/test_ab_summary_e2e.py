@@ -88,7 +88,8 @@ def test_the_summary_carries_the_experiment_and_prometheus_its_series(make_repo,
         for body in ({"items": items}, {"items": extra}):
             assert c.post(f"{srv.http}/v1/models/mlp/feedback", json=body, headers=AUTH).status_code == 200
         samples = _scrape(srv)
-        assert one(samples, "splitserve_experiment_state", model="mlp", state="running") == 1
+        lit = [lab["state"] for lab, v in samples["splitserve_experiment_state"] if v == 1]
+        assert lit in (["running"], ["holding"]), lit  # holding: an interval passed without traffic
         assert one(samples, "splitserve_experiment_state", model="mlp", state="rolled_back") == 0
         assert one(samples, "splitserve_experiment_step", model="mlp") == 1
         assert one(samples, "splitserve_experiment_candidate_weight", model="mlp") == 50
