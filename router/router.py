@@ -9,7 +9,7 @@ no AVAILABLE version: whether a model exists is the runtime's business, not the 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from router.config import EMPTY_CONFIG, RouteConfig, config_versions
@@ -31,22 +31,32 @@ class Router:
         self._available: dict[str, frozenset[int]] = {}
         self._present: dict[str, frozenset[int]] = {}  # version folders, where the runtime said
         self._tables: dict[str, RoutingTable] = {}
+        self._listeners: list[Callable[[str], None]] = []
         for model, config in (configs or {}).items():
             self.set_config(model, config)
 
     # -- changes (event loop) ---------------------------------------------------------
+
+    def subscribe(self, fn: Callable[[str], None]) -> None:
+        """Call `fn(model)` after each set_config that changed the model's config (metrics
+        keep a baseline there: the A/B summary's `since=routing` window)."""
+        self._listeners.append(fn)
 
     def set_config(self, model: str, config: RouteConfig | None) -> None:
         """Replace the model's config (None removes it) and recompile its table."""
         if config is not None and not isinstance(config, RouteConfig):
             raise TypeError(f"expected a RouteConfig, got {type(config).__name__}")
         configs = dict(self._configs)
+        changed = configs.get(model) != config
         if config is None:
             configs.pop(model, None)
         else:
             configs[model] = config
         self._configs = configs
         self._rebuild(model)
+        if changed:
+            for fn in self._listeners:
+                fn(model)
 
     def set_available(self, model: str, versions: Iterable[int], present: Iterable[int] | None = None) -> None:
         """Record the model's AVAILABLE versions (and, when given, the version folders in the

@@ -15,7 +15,7 @@ from runtime.control import Control
 from runtime.experiment_runner import ExperimentRunner
 from runtime.inference import InferenceService
 from runtime.manager import Manager
-from runtime.metrics import Metrics
+from runtime.metrics import CHECKPOINT_S, Metrics
 from runtime.mirror import Mirror
 from runtime.settings import Settings
 from runtime.watch import Watcher
@@ -57,6 +57,8 @@ class Core:
         self.experiments = ExperimentRunner(
             self.router, self.control, cfg.with_name(cfg.stem + ".experiments.json") if cfg is not None else None)
         self.inference.on_finished = self.experiments.on_finished
+        self.metrics.experiments = self.experiments.published
+        self._checkpoints: asyncio.Task | None = None
         self.watcher: Watcher | None = None
         self.source = None  # runtime.configsource: where routing lives (file, ConfigMap)
         self.started = False
@@ -129,6 +131,9 @@ class Core:
                 for model, rc in parse_config_text(text, source.name).items():
                     self.router.set_config(model, rc)
             self.control.source = source
+        # Baselines of the A/B summary's since=routing; the document read at start is not a
+        # change (until one, the window is since start: every worker's counts).
+        self.router.subscribe(self.metrics.routing_changed)
         rs = self.settings.repository
         self.watcher = Watcher(polling=rs.polling, poll_interval_s=rs.poll_interval_s)
         self.watcher.watch(loop, self.root, self.manager.on_path_changed)
@@ -146,7 +151,17 @@ class Core:
         for model in sorted(set(self.router.configs()) - set(self._available)):
             self._on_view(self.manager.view(), model)  # routed, but no model folder at all
         self.experiments.start()
+        self._checkpoints = loop.create_task(self._checkpoint_loop(), name="metrics-checkpoints")
         self.started = True
+
+    async def _checkpoint_loop(self) -> None:
+        """Baselines for the A/B summary's `since=<epoch>` (runtime/metrics.py)."""
+        while True:
+            await asyncio.sleep(CHECKPOINT_S)
+            try:
+                self.metrics.checkpoint()
+            except Exception as e:  # a failed checkpoint costs one baseline, never serving
+                log.error("event=metrics_checkpoint_failed error=%r", e)
 
     async def settle(self, timeout: float) -> bool:
         """Wait, under one deadline for all models, until nothing loads; False past it."""
@@ -157,6 +172,8 @@ class Core:
 
     async def stop(self) -> None:
         self.stopping = True
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
         await self.experiments.stop()
         if self.mirror is not None:
             await self.mirror.stop()

@@ -29,6 +29,7 @@ from router.configfile import atomic_write
 from runtime import errors
 from runtime.errors import Code, ServingError
 from runtime.metrics import EDGES, NB
+from runtime.views import ExperimentsView
 
 log = logging.getLogger("splitserve.experiments")
 
@@ -69,6 +70,7 @@ class ExperimentRunner:
         self._seen_capacity = seen_capacity
         self._due: dict[str, float] = {}
         self._task: asyncio.Task | None = None
+        self._counts: dict[tuple[str, str, str], int] = {}  # (kind, model, key): published counters
 
     # ---- hot path ---------------------------------------------------------------------
     def on_finished(self, model: str, version: int | None, how: str, ok: bool, latency_s: float,
@@ -163,6 +165,8 @@ class ExperimentRunner:
             d = j.decision
             log.info("event=experiment_decision model=%s action=%s by=%s step=%d candidate_weight=%g reason=%r",
                      model, d.action, d.by, d.step, d.candidate_weight, d.reason)
+            if d.action == "rollback":
+                self._count("rollbacks", model, rollback_reason(d))
         if j.route is not None or j.decision is not None:
             await asyncio.to_thread(self._save_states)
             self._refresh(model, self.router.get_config(model))
@@ -208,5 +212,26 @@ class ExperimentRunner:
             items = parse_feedback(body, exp.outcomes)
         except FeedbackError as e:
             raise errors.invalid(str(e)) from None
-        return self.log.join(model, items).to_json()
+        result = self.log.join(model, items).to_json()
+        for k, n in result.items():
+            self._count("feedback", model, k, n)
+        return result
+
+    # ---- published view (read-only; metrics reads it) ------------------------------------
+    def _count(self, kind: str, model: str, key: str, n: int = 1) -> None:
+        k = (kind, model, key)
+        self._counts[k] = self._counts.get(k, 0) + n
+
+    def published(self) -> ExperimentsView:
+        """Every model's report (as GET .../experiment answers it) and this process's counters."""
+        models = {m for m, r in self.router.configs().items() if r.experiment is not None} | set(self.states)
+        return ExperimentsView({m: self.view(m) for m in sorted(models)}, dict(self._counts))
+
+
+def rollback_reason(d) -> str:
+    """`manual` for a person's rollback, else the guardrail that alarmed (`errors`, `latency`)."""
+    if d.by != "auto":
+        return "manual"
+    head = d.reason.split(":", 1)[0].strip()
+    return head if head.isidentifier() else "other"
 

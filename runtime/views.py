@@ -113,3 +113,19 @@ class LifecycleEvent:
     device: str | None = None
     memory_bytes: int = 0
     at: float = 0.0  # monotonic seconds
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentsView:
+    """What the ExperimentRunner publishes for readers (metrics, the A/B summary).
+
+    `reports`: model -> the GET .../experiment answer, for every model with an experiment
+    block or a kept state. With several workers these show the deciding process's state
+    (every worker shows the same), so a reader exports them as gauges from one process,
+    never summed. `counts`: (kind, model, key) -> what this process did since it started
+    (kind `rollbacks`, key the reason; kind `feedback`, key matched|unknown|duplicate):
+    readers sum these across processes.
+    """
+
+    reports: Mapping[str, Mapping] = field(default_factory=dict)
+    counts: Mapping[tuple[str, str, str], int] = field(default_factory=dict)
