@@ -667,6 +667,7 @@ class Metrics:
             row["recent"]["observed_share"] = _r4(_ratio(rrouted, routed_recent))
             (ended if is_ended else out).append(row)
         unrouted = [s for s in self._series.values() if s.model == model and s.version is None]
+        mv = self.views().model(model)
         return {"model": model, "window": window, "window_s": self.window_s, "versions": out,
                 "ended": ended,
                 # Refused before any version ran them (bad input, unknown version or
@@ -675,6 +676,8 @@ class Metrics:
                                      if k[0] == model and k[1] is None
                                      and k[4] in CLIENT_CODES),
                 "unrouted_errors": sum(s.err for s in unrouted),
+                # a bad model.yaml: what serves uses the last good one, or nothing serves
+                "model_config_error": mv.config_error() if mv is not None else None,
                 "experiment": experiment}
 
     @staticmethod

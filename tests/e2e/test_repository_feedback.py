@@ -161,6 +161,8 @@ def test_bad_model_yaml_is_on_the_api_start_finishes_and_fixes_are_confirmed(tmp
         assert httpx.get(f"{url}/v2/models/mlp/ready", timeout=10).status_code == 503
         meta = httpx.get(f"{url}/v2/models/mlp", timeout=10).json()
         assert meta["versions"] == [] and meta["parameters"]["model_config_error"] == TYPO
+        r = httpx.get(f"{url}/v1/models/mlp/metrics", timeout=10)
+        assert r.json()["model_config_error"] == TYPO
         r = httpx.post(f"{url}/v2/models/mlp/infer", json=BODY, timeout=30)
         assert r.status_code == 503, r.text
         bad = log_lines(proc, "bad_model_yaml")
@@ -182,6 +184,8 @@ def test_bad_model_yaml_is_on_the_api_start_finishes_and_fixes_are_confirmed(tmp
                                             "reason": LAST_GOOD}
         assert httpx.get(f"{url}/v2/models/mlp", timeout=10).json()["parameters"][
             "model_config_error"] == LAST_GOOD
+        r = httpx.get(f"{url}/v1/models/mlp/metrics", timeout=10)
+        assert r.json()["model_config_error"] == LAST_GOOD
         r = httpx.post(f"{url}/v2/models/mlp/infer", json=BODY, timeout=30)
         assert r.status_code == 200, r.text
         assert "keeping=last_good" in log_lines(proc, "bad_model_yaml")[-1]
@@ -191,6 +195,8 @@ def test_bad_model_yaml_is_on_the_api_start_finishes_and_fixes_are_confirmed(tmp
         assert wait_until(lambda: tf_status(url)["1"]["status"]["error_message"] == "", 30)
         assert "error" not in index(url)[("mlp", "1")]["reason"]
         assert "parameters" not in httpx.get(f"{url}/v2/models/mlp", timeout=10).json()
+        r = httpx.get(f"{url}/v1/models/mlp/metrics", timeout=10)
+        assert r.json()["model_config_error"] is None
         assert len(log_lines(proc, "model_config_recovered")) == 2
         assert len(log_lines(proc, "loaded")) == 2, "the bad file or its fix reloaded a version"
     assert start_s < 90, f"start with a bad model.yaml took {start_s:.1f}s"
