@@ -166,7 +166,7 @@ class FileSource:
         if why is not None:
             raise conflict(why)
         try:
-            await asyncio.to_thread(persist_config_file, self.path, model, config)
+            written = await asyncio.to_thread(persist_config_file, self.path, model, config)
         except OSError as e:
             if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
                 raise conflict(f"the read-only file {self.path}") from None
@@ -175,10 +175,9 @@ class FileSource:
         except RoutingError as e:
             raise errors.ServingError(errors.Code.INTERNAL, f"routing not changed: could not "
                                       f"persist {self.path}: {e.message}") from None
-        try:
-            self._hash = digest(read_limited(self.path))  # our own write is not news
-        except (OSError, RoutingError):
-            pass
+        # Our own write is not news; what the file holds now may be: another process may
+        # have written since (hashing a re-read here would hide its change from us).
+        self._hash = digest(written)
 
 
 def make_source(settings) -> FileSource | None:
