@@ -115,13 +115,15 @@ def load_config_file(path: str | os.PathLike[str], *, missing_ok: bool = False) 
     return parse_config_text(text, p)
 
 
-def persist_config_file(path: str | os.PathLike[str], model: str, config: RouteConfig | None) -> bytes:
+def persist_config_file(path: str | os.PathLike[str], model: str,
+                        config: RouteConfig | None) -> tuple[bytes, bytes]:
     """Set (or, with None, remove) one model's entry and write the file atomically.
 
     Other models and top-level keys are left as they are (as they are NOW: re-read under
-    the writers' lock). Returns the bytes written, so the caller can tell its own write
-    from a later one by another process. Raises RoutingError("invalid") when the existing
-    file cannot be parsed (it is never overwritten then).
+    the writers' lock). Returns (the bytes found under the lock, the bytes written): a
+    watcher of the file can tell whether the write carried another process's changes it
+    has not applied yet. Raises RoutingError("invalid") when the existing file cannot be
+    parsed (it is never overwritten then).
     """
 
     return _update(os.fspath(path), _set_model(model, config))
@@ -154,17 +156,22 @@ def _merge(dst: MutableMapping[Any, Any], src: Mapping[Any, Any]) -> None:
             dst[old_key] = v
 
 
-def _update(path: str, change: Any) -> bytes:
+def _update(path: str, change: Any) -> tuple[bytes, bytes]:
     real = os.path.realpath(path)  # write through a symlink, do not replace the link
     with writers_lock(real):
         try:
-            with open(real, encoding="utf-8") as f:
-                text = f.read()
+            with open(real, "rb") as f:
+                before = f.read()
         except FileNotFoundError:
-            text = ""
+            before = b""
+        try:
+            text = before.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RoutingError("invalid", f"{real}: not UTF-8 text ({e.reason} at byte "
+                               f"{e.start}); not overwriting it") from None
         data = _changed_text(text, real, change).encode("utf-8")
         atomic_write(real, data)
-    return data
+    return before, data
 
 
 @contextlib.contextmanager
