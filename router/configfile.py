@@ -5,7 +5,10 @@ other top-level key (`server:` ...) belongs to someone else and is kept untouche
 
 Persisting re-reads the file, changes only what it must and writes the result atomically:
 a temp file in the same folder, flush, fsync, os.replace, fsync of the folder. A reader,
-or a crash, sees the old file or the new one, never a mix. With ruamel.yaml (round trip)
+or a crash, sees the old file or the new one, never a mix. The read-modify-write holds an
+exclusive `flock` on `.<name>.lock` beside the file, so writers in other processes (the
+workers of `--workers N`) take turns: each re-reads what the last one wrote and changes
+only its own model's entry, so no PUT is lost. With ruamel.yaml (round trip)
 comments, key order and quoting survive; without it, PyYAML rewrites the file plainly.
 """
 
@@ -15,6 +18,7 @@ import contextlib
 import io
 import os
 import tempfile
+from collections.abc import Iterator
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
@@ -22,6 +26,11 @@ import yaml
 
 from router.config import RouteConfig
 from router.errors import RoutingError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: one process writes, as before
+    fcntl = None  # type: ignore[assignment]
 
 try:
     from ruamel.yaml import YAML
@@ -106,14 +115,18 @@ def load_config_file(path: str | os.PathLike[str], *, missing_ok: bool = False) 
     return parse_config_text(text, p)
 
 
-def persist_config_file(path: str | os.PathLike[str], model: str, config: RouteConfig | None) -> None:
+def persist_config_file(path: str | os.PathLike[str], model: str,
+                        config: RouteConfig | None) -> tuple[bytes, bytes]:
     """Set (or, with None, remove) one model's entry and write the file atomically.
 
-    Other models and top-level keys are left as they are. Raises RoutingError("invalid")
-    when the existing file cannot be parsed (it is never overwritten then).
+    Other models and top-level keys are left as they are (as they are NOW: re-read under
+    the writers' lock). Returns (the bytes found under the lock, the bytes written): a
+    watcher of the file can tell whether the write carried another process's changes it
+    has not applied yet. Raises RoutingError("invalid") when the existing file cannot be
+    parsed (it is never overwritten then).
     """
 
-    _update(os.fspath(path), _set_model(model, config))
+    return _update(os.fspath(path), _set_model(model, config))
 
 
 def _yaml_obj(config: RouteConfig) -> dict[str, Any]:
@@ -143,14 +156,41 @@ def _merge(dst: MutableMapping[Any, Any], src: Mapping[Any, Any]) -> None:
             dst[old_key] = v
 
 
-def _update(path: str, change: Any) -> None:
+def _update(path: str, change: Any) -> tuple[bytes, bytes]:
     real = os.path.realpath(path)  # write through a symlink, do not replace the link
+    with writers_lock(real):
+        try:
+            with open(real, "rb") as f:
+                before = f.read()
+        except FileNotFoundError:
+            before = b""
+        try:
+            text = before.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RoutingError("invalid", f"{real}: not UTF-8 text ({e.reason} at byte "
+                               f"{e.start}); not overwriting it") from None
+        data = _changed_text(text, real, change).encode("utf-8")
+        atomic_write(real, data)
+    return before, data
+
+
+@contextlib.contextmanager
+def writers_lock(path: str) -> Iterator[None]:
+    """An exclusive flock on `.<name>.lock` beside `path`, across processes.
+
+    A file of its own, never the config itself: the atomic rename replaces the config's
+    inode, so a lock on it would guard a file nobody reads any more. The lock file stays
+    (deleting it would let two writers hold locks on different inodes)."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    folder, name = os.path.split(path)
+    fd = os.open(os.path.join(folder, f".{name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        with open(real, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        text = ""
-    atomic_write(real, _changed_text(text, real, change).encode("utf-8"))
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released by close, also if we die holding it
+        yield
+    finally:
+        os.close(fd)
 
 
 def update_config_text(text: str, model: str, config: RouteConfig | None, source: str = "<config>") -> str:

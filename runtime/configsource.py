@@ -166,7 +166,7 @@ class FileSource:
         if why is not None:
             raise conflict(why)
         try:
-            await asyncio.to_thread(persist_config_file, self.path, model, config)
+            before, written = await asyncio.to_thread(persist_config_file, self.path, model, config)
         except OSError as e:
             if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
                 raise conflict(f"the read-only file {self.path}") from None
@@ -175,10 +175,11 @@ class FileSource:
         except RoutingError as e:
             raise errors.ServingError(errors.Code.INTERNAL, f"routing not changed: could not "
                                       f"persist {self.path}: {e.message}") from None
-        try:
-            self._hash = digest(read_limited(self.path))  # our own write is not news
-        except (OSError, RoutingError):
-            pass
+        # Our own write is not news, but only when we had seen the file it started from:
+        # under --workers N another process may have written just before us (its change
+        # is in our file and not yet applied here) or just after (a re-read would hide it).
+        if self._hash == digest(before):
+            self._hash = digest(written)
 
 
 def make_source(settings) -> FileSource | None:

@@ -2,7 +2,7 @@
 
 They talk to a running server through its public HTTP API only (urllib, stdlib), except
 `publish`, which is a filesystem operation on the repository: copy under a hidden name,
-fsync, rename. Every failure is one readable line on stderr and a non-zero exit status
+fsync, rename (with `--wait` it then follows the load through the API). Every failure is one readable line on stderr and a non-zero exit status
 (1: the server or the filesystem refused; 2: the command line is wrong).
 """
 
@@ -244,6 +244,7 @@ def cmd_publish(args: argparse.Namespace, out=None) -> int:
         raise OpsError(f"--model {model!r}: expected a plain folder name (letters, digits, _ . -)", 2)
     if args.version is not None and not _VERSION_RE.fullmatch(args.version):
         raise OpsError(f"--version {args.version!r}: expected a positive integer without leading zeros", 2)
+    api = Api(args.url) if args.wait else None  # a bad --url is refused before any copy
     model_dir = repo / model
     if model_dir.is_symlink():
         raise OpsError(f"{model_dir} is a symlink; the server does not follow those")
@@ -280,7 +281,43 @@ def cmd_publish(args: argparse.Namespace, out=None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(f"published {model} version {version} at {target}", file=out)
+    if api is not None:
+        _wait_loaded(api, model, version, args.timeout, out)
     return 0
+
+
+WAIT_POLL_S = 0.2  # between reads of the server's summary while a version loads
+
+
+def _wait_loaded(api: Api, model: str, version: int, timeout_s: float, out) -> None:
+    """Until the server reports `version` AVAILABLE (one line on `out`) or FAILED (OpsError),
+    polling its per-model summary; OpsError when `timeout_s` passes first. A 404 means the
+    server has not scanned a brand-new model folder yet: keep waiting."""
+    t0 = time.monotonic()
+    deadline = t0 + timeout_s
+    last = "not seen by the server yet"
+    while True:
+        api.timeout_s = max(0.5, min(10.0, deadline - time.monotonic()))
+        try:
+            summary = api.call("GET", _model_path(model) + "/metrics")
+        except OpsError as e:
+            if e.status != 404:
+                raise OpsError(f"published, but could not follow the load: {e}") from None
+            summary = {}
+        row = next((v for v in summary.get("versions", []) if str(v.get("version")) == str(version)), None)
+        took = time.monotonic() - t0
+        if row is not None:
+            last = row.get("state") or "unknown"
+            if last == "AVAILABLE":
+                print(f"{model} version {version} AVAILABLE after {took:.1f}s", file=out)
+                return
+            if last == "FAILED":
+                reason = " ".join(str(row.get("reason") or "no reason given").split())
+                raise OpsError(f"{model} version {version} FAILED after {took:.1f}s: {reason}")
+        if time.monotonic() >= deadline:
+            raise OpsError(f"{model} version {version} not AVAILABLE within {timeout_s:g}s "
+                           f"(last state: {last})")
+        time.sleep(min(WAIT_POLL_S, max(0.0, deadline - time.monotonic())))
 
 
 # ---- experiment --------------------------------------------------------------------------
@@ -333,6 +370,16 @@ def format_experiment(model: str, doc: dict) -> list[str]:
 
 # ---- wiring into runtime/cli.py ---------------------------------------------------------
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def add_subcommands(sub) -> None:
     """Register the operator subcommands on `splitserve`'s subparsers."""
     url_help = f"server base URL (default: $SPLITSERVE_URL, else {DEFAULT_URL})"
@@ -373,6 +420,13 @@ def add_subcommands(sub) -> None:
     p.add_argument("--repository", required=True, help="the model repository the server watches")
     p.add_argument("--model", required=True, help="model folder name (created if missing)")
     p.add_argument("--version", help="version number (default: one above the highest present)")
+    p.add_argument("--wait", action="store_true",
+                   help="then wait until the server reports the version AVAILABLE or FAILED; "
+                        "exit 1 on FAILED or timeout")
+    p.add_argument("--url", default=os.environ.get("SPLITSERVE_URL", DEFAULT_URL),
+                   help=f"with --wait: {url_help}")
+    p.add_argument("--timeout", type=_positive, default=120.0,
+                   help="with --wait: seconds to wait for the load (default 120)")
     p.set_defaults(ops=cmd_publish)
 
     e = sub.add_parser("experiment", help="show or steer a model's experiment",

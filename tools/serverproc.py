@@ -3,7 +3,9 @@
 `ServerProcess` starts `python -m runtime serve ...` on OS-chosen ports (`--http-port 0
 --grpc-port 0`) and reads the bound ports from the server's own log line
 `event=serving http=HOST:PORT grpc=HOST:PORT ...`, so no port is guessed and none can be
-taken between a probe and the bind. It waits for `/v2/health/ready`, stops the server
+taken between a probe and the bind (`wait_listening()` reads them earlier, from the
+`event=listening` line logged once both ports are bound and before any model loads: what
+a Kubernetes probe sees). It waits for `/v2/health/ready`, stops the server
 with SIGTERM (SIGKILL only after a timeout) and keeps its log: the last `keep_lines`
 lines in memory (`log_text()`), and all of it in `log_path` when one is given.
 
@@ -36,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVING = re.compile(r"event=serving http=(\S+):(\d+) grpc=(\S+):(\d+|None)\b")
+LISTENING = re.compile(r"event=listening http=(\S+):(\d+) grpc=(\S+):(\d+|None)\b")
 _QUIET_LEVELS = {"WARNING", "WARN", "ERROR", "CRITICAL"}
 _LIVE: "weakref.WeakSet[ChildProcess]" = weakref.WeakSet()
 
@@ -97,9 +100,10 @@ class ChildProcess:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._eof = False
-        self.host: str | None = None  # from the child's event=serving line, if it logs one
+        self.host: str | None = None  # from the child's event=listening/serving line
         self.http_port: int | None = None
         self.grpc_port: int | None = None
+        self.serving = False  # its event=serving line was seen
         full_env = dict(os.environ)
         full_env["PYTHONUNBUFFERED"] = "1"
         for k, v in (env or {}).items():
@@ -134,11 +138,17 @@ class ChildProcess:
                 self._changed.notify_all()
 
     def _on_line(self, line: str) -> None:
-        """Called with the lock held for each line: picks up the event=serving ports."""
-        if self.http_port is None and "serving" in line:
+        """Called with the lock held for each line: picks up the listening/serving ports."""
+        if not self.serving and "serving" in line:
             got = parse_serving(line)
             if got is not None:
                 self.host, self.http_port, self.grpc_port = got
+                self.serving = True
+        elif self.http_port is None and "event=listening" in line:
+            m = LISTENING.search(line)
+            if m is not None:
+                self.host, self.http_port = m.group(1), int(m.group(2))
+                self.grpc_port = int(m.group(4)) if m.group(4).isdigit() else None
 
     def lines(self) -> list[str]:
         with self._lock:
@@ -216,8 +226,16 @@ class ChildProcess:
     def wait_serving(self, timeout: float = 180.0) -> ChildProcess:
         """Wait for the event=serving line (both servers listen, the repository has settled).
         Stops the child on failure."""
-        if not self._wait_for(lambda: self.http_port is not None, timeout):
-            err = self._failure("no event=serving line")
+        return self._wait_ports(lambda: self.serving, "event=serving", timeout)
+
+    def wait_listening(self, timeout: float = 120.0) -> ChildProcess:
+        """Wait until the ports are known: the event=listening line (bound, models maybe
+        still loading) or the event=serving line. Stops the child on failure."""
+        return self._wait_ports(lambda: self.http_port is not None, "event=listening", timeout)
+
+    def _wait_ports(self, pred, what: str, timeout: float) -> ChildProcess:
+        if not self._wait_for(pred, timeout):
+            err = self._failure(f"no {what} line")
             self.stop(10)
             raise err
         return self
@@ -247,7 +265,10 @@ class ChildProcess:
             self.proc.send_signal(sig)
 
     def wait(self, timeout: float | None = None) -> int:
-        return self.proc.wait(timeout)
+        """Wait for the child to exit; its log is then complete (lines(), log_text())."""
+        rc = self.proc.wait(timeout)
+        self._reader.join(10)
+        return rc
 
     def stop(self, timeout: float = 60.0, sig: int = signal.SIGTERM) -> int:
         """SIGTERM the child's process group (our own session only), SIGKILL after
@@ -289,9 +310,11 @@ class ServerProcess(ChildProcess):
     """`python -m runtime serve` as a child on ports 0; ports read from its log.
 
     ServerProcess(repo, "--token", "t", config=cfg).wait_ready() -> .url, .grpc_target
+    `repository=None` runs it as a user in `cwd` does, on the default paths there.
+    `config` is a path or a `kubernetes://NAMESPACE/NAME` source.
     """
 
-    def __init__(self, repository: Path, *args: str, config: Path | None = None,
+    def __init__(self, repository: Path | None, *args: str, config: Path | str | None = None,
                  cwd: Path | None = None, env: Mapping[str, str | None] | None = None,
                  log_path: Path | None = None, name: str = "splitserve",
                  python: str = sys.executable, keep_lines: int = 20_000):
@@ -300,8 +323,11 @@ class ServerProcess(ChildProcess):
         if level is not None and level.upper() in _QUIET_LEVELS:
             raise ValueError(f"--log-level {level} hides the event=serving line this harness "
                              f"reads the ports from; use INFO (the default) or DEBUG")
-        cmd = [python, "-m", "runtime", "serve", "--repository", str(repository),
-               "--http-port", "0", "--grpc-port", "0"]
+        if repository is None and cwd is None:
+            raise ValueError("without a repository, give the cwd the server runs in")
+        cmd = [python, "-m", "runtime", "serve", "--http-port", "0", "--grpc-port", "0"]
+        if repository is not None:
+            cmd += ["--repository", str(repository)]
         if config is not None:
             cmd += ["--config", str(config)]
         cmd += args

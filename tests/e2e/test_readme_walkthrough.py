@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import yaml
 
-from serve_process import ServeProcess
+from serverproc import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = [".gitignore", "configs", "model_repository", "tools/make_example_models.py"]
@@ -80,11 +80,11 @@ def test_walkthrough_leaves_the_checkout_clean(scratch, tmp_path):
     assert not (work / "configs" / "splitserve.yaml").exists()
     assert not (work / "model_repository" / "mlp" / "3").exists()  # published below
 
-    srv = ServeProcess(work).wait_serving()
+    srv = ServerProcess(None, cwd=work).wait_serving()
     try:
-        assert "event=config_created" in srv.log()
+        assert "event=config_created" in srv.log_text()
         # the state the README describes: 1 stable, 2 canary, 90/10, sticky x-user-id
-        state = httpx.get(f"{srv.http}/v1/models/mlp/routing", timeout=30).json()
+        state = httpx.get(f"{srv.url}/v1/models/mlp/routing", timeout=30).json()
         assert state["labels"] == {"stable": 1, "canary": 2}
         assert state["weights"] == {"stable": 90, "canary": 10}
         assert state["sticky"] == {"header": "x-user-id"}
@@ -99,31 +99,31 @@ def test_walkthrough_leaves_the_checkout_clean(scratch, tmp_path):
                   work / "model_repository" / "mlp" / "3")
 
         _wait("version 3 to be ready", lambda: httpx.get(
-            f"{srv.http}/v2/models/mlp/versions/3/ready", timeout=30).status_code == 200)
-        assert {_routed(srv.http, f"user-{i}") for i in range(20)} <= {"1", "2"}  # no traffic yet
+            f"{srv.url}/v2/models/mlp/versions/3/ready", timeout=30).status_code == 200)
+        assert {_routed(srv.url, f"user-{i}") for i in range(20)} <= {"1", "2"}  # no traffic yet
 
         # 2. label it canary at 10%
         canary = {"labels": {"stable": 2, "canary": 3}, "weights": {"stable": 90, "canary": 10},
                   "sticky": {"header": "x-user-id"}}
-        r = httpx.put(f"{srv.http}/v1/models/mlp/routing", json=canary, timeout=60)
+        r = httpx.put(f"{srv.url}/v1/models/mlp/routing", json=canary, timeout=60)
         assert r.status_code == 200, r.text
         _wait("the canary label to move to 3", lambda: httpx.get(
-            f"{srv.http}/v1/models/mlp/routing", timeout=30).json()["labels"]["canary"] == 3)
-        served = {_routed(srv.http, f"user-{i}") for i in range(60)}
+            f"{srv.url}/v1/models/mlp/routing", timeout=30).json()["labels"]["canary"] == 3)
+        served = {_routed(srv.url, f"user-{i}") for i in range(60)}
         assert served <= {"2", "3"} and "2" in served, served
 
         # 3. the comparison answers
-        r = httpx.get(f"{srv.http}/v1/models/mlp/metrics", timeout=30)
+        r = httpx.get(f"{srv.url}/v1/models/mlp/metrics", timeout=30)
         assert r.status_code == 200 and "3" in r.text, r.text
 
         # 4. promote it
-        r = httpx.put(f"{srv.http}/v1/models/mlp/routing",
+        r = httpx.put(f"{srv.url}/v1/models/mlp/routing",
                       json={"labels": {"stable": 3}, "weights": {"stable": 100}}, timeout=60)
         assert r.status_code == 200, r.text
         _wait("all traffic on 3", lambda: all(
-            _routed(srv.http, f"user-{i}") == "3" for i in range(20)))
+            _routed(srv.url, f"user-{i}") == "3" for i in range(20)))
     finally:
-        assert srv.stop() == 0, srv.log()[-3000:]
+        assert srv.stop() == 0, srv.log_text()[-3000:]
 
     # the state is kept, in the ignored files ...
     persisted = yaml.safe_load((work / "configs" / "splitserve.yaml").read_text())

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from runtime.protocol.pb import grpc_service_pb2 as pb
 from runtime.protocol.pb import grpc_service_pb2_grpc as pb_grpc
-from serve_process import ServeProcess
+from serverproc import ServerProcess
 
 
 def _version(dist: str) -> str:
@@ -34,16 +34,16 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("beside")
     mk.write_model_folder(root / "repo" / "mlp")
     mk.write_safetensors(root / "repo" / "mlp" / "1", seed=1)
-    srv = ServeProcess(root, "--repository", str(root / "repo")).wait_serving()
+    srv = ServerProcess(root / "repo").wait_serving()
     print("\n  beside: " + " ".join(f"{d}={_version(d)}" for d in (
         "protobuf", "grpcio", "grpcio-health-checking", "grpcio-reflection", "tritonclient")))
     yield srv
-    assert srv.stop() == 0, srv.log()[-3000:]
+    assert srv.stop() == 0, srv.log_text()[-3000:]
 
 
 def test_grpc_health_and_infer_with_our_stubs(server):
     x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64)
-    with grpc.insecure_channel(server.grpc) as ch:
+    with grpc.insecure_channel(server.grpc_target) as ch:
         health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         stub = pb_grpc.GRPCInferenceServiceStub(ch)
@@ -62,7 +62,7 @@ def test_tritonclient_grpc_and_http_talk_to_it(server):
     tgrpc = pytest.importorskip("tritonclient.grpc")
     thttp = pytest.importorskip("tritonclient.http")
     x = np.linspace(-1, 1, 128, dtype=np.float32).reshape(2, 64)
-    g = tgrpc.InferenceServerClient(url=server.grpc)
+    g = tgrpc.InferenceServerClient(url=server.grpc_target)
     try:
         assert g.is_server_ready(client_timeout=30)
         assert g.get_model_metadata("mlp", as_json=True, client_timeout=30)["name"] == "mlp"
@@ -71,7 +71,7 @@ def test_tritonclient_grpc_and_http_talk_to_it(server):
         via_grpc = g.infer("mlp", [inp], client_timeout=30).as_numpy("output")
     finally:
         g.close()
-    h = thttp.InferenceServerClient(url=server.http.removeprefix("http://"))
+    h = thttp.InferenceServerClient(url=server.http_hostport)
     try:
         inp = thttp.InferInput("input", [2, 64], "FP32")
         inp.set_data_from_numpy(x)

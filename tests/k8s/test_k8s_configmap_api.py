@@ -123,15 +123,15 @@ def test_an_invalid_edit_keeps_the_last_good_routing(api, replicas):
 
 
 def test_the_cli_reads_server_settings_and_routing_from_the_configmap(api, make_repo):
-    from k8sproc import ServeProcess
+    from serverproc import ServerProcess
 
     repo = make_repo({"mlp": {1: "st1", 2: "st2"}})
     api.put(NS, CM, {KEY: "server:\n  shutdown_delay_s: 0.5\n" + DOC})
-    p = ServeProcess(repo, f"kubernetes://{NS}/{CM}")
+    p = ServerProcess(repo, config=f"kubernetes://{NS}/{CM}")
     try:
         p.wait_ready()
-        r = httpx.get(f"{p.http}/v1/models/mlp/routing", timeout=10)
+        r = httpx.get(f"{p.url}/v1/models/mlp/routing", timeout=10)
         assert r.json()["weights"] == {"stable": 100, "canary": 0}
     finally:
-        assert p.stop() == 0, p.log()
-    assert any("event=stopping" in line and "shutdown_delay_s=0.5" in line for line in p.lines), p.log()
+        assert p.stop() == 0, p.log_text(60)
+    assert any("event=stopping" in line and "shutdown_delay_s=0.5" in line for line in p.lines()), p.log_text(60)

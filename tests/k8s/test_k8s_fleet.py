@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from k8sproc import ServeProcess
+from serverproc import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -78,13 +79,13 @@ class Fleet:
         self.spare = base / "v3"
         self.config = base / "splitserve.yaml"
         self.config.write_text(CONFIG)
-        self.replicas = [ServeProcess(self.repo, self.config) for _ in range(3)]
+        self.replicas = [ServerProcess(self.repo, config=self.config) for _ in range(3)]
         for r in self.replicas:
             r.wait_ready(180)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(512)
-        servers = "\n".join(f"    server r{i} {r.http.removeprefix('http://')} check"
+        servers = "\n".join(f"    server r{i} {r.http_hostport} check"
                             for i, r in enumerate(self.replicas))
         cfg = base / "haproxy.cfg"
         cfg.write_text(HAPROXY_CFG.replace("{fd}", str(self.sock.fileno())).replace("{servers}", servers))
@@ -117,7 +118,7 @@ class Fleet:
         self.haproxy.wait(10)
         for r in self.replicas:
             rc = r.stop()
-            assert rc == 0, r.log()
+            assert rc == 0, r.log_text(60)
         self.sock.close()
 
 
@@ -171,9 +172,9 @@ def test_routing_put_to_one_replica_is_in_force_on_all_three_within_2s(fleet):
     new = {"labels": {"stable": 1, "canary": 2}, "weights": {"stable": 80, "canary": 20},
            "sticky": {"header": "x-user-id"}}
     t0 = time.monotonic()
-    r = httpx.put(f"{r0.http}/v1/models/mlp/routing", json=new, timeout=10)
+    r = httpx.put(f"{r0.url}/v1/models/mlp/routing", json=new, timeout=10)
     assert r.status_code == 200, r.text
-    pending = {p.http for p in fleet.replicas}
+    pending = {p.url for p in fleet.replicas}
     reached: dict[str, float] = {}
     while pending and time.monotonic() - t0 < 5:
         for url in list(pending):
@@ -194,8 +195,8 @@ def test_new_version_folder_is_served_by_all_three(fleet):
     os.rename(tmp, fleet.repo / "mlp" / "3")
     for p in fleet.replicas:
         deadline = time.monotonic() + 60
-        while httpx.get(f"{p.http}/v2/models/mlp/versions/3/ready", timeout=5).status_code != 200:
-            assert time.monotonic() < deadline, p.log()
+        while httpx.get(f"{p.url}/v2/models/mlp/versions/3/ready", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, p.log_text(60)
             time.sleep(0.05)
     took = time.monotonic() - t0
     by_replica = Counter()
@@ -219,7 +220,7 @@ def _served(url: str) -> int:
 
 
 def test_summed_prometheus_counters_equal_the_clients_count(fleet):
-    counts = [_served(p.http) for p in fleet.replicas]
+    counts = [_served(p.url) for p in fleet.replicas]
     assert sum(counts) == fleet.sent, (counts, fleet.sent)
     assert all(c > 0 for c in counts)
     print(f"fleet metrics: replicas counted {counts}, sum {sum(counts)} == client {fleet.sent}")
@@ -248,8 +249,8 @@ def test_sigterm_to_one_replica_under_load_fails_nothing(fleet):
     while sum(codes.values()) < 200:
         time.sleep(0.01)
     t0 = time.monotonic()
-    victim.terminate()
-    rc = victim.wait_exit(60)
+    victim.send_signal(signal.SIGTERM)
+    rc = victim.wait(60)
     gone = time.monotonic() - t0
     n_at_exit = sum(codes.values())
     while sum(codes.values()) < n_at_exit + 200:  # and the two left carry on
@@ -257,7 +258,7 @@ def test_sigterm_to_one_replica_under_load_fails_nothing(fleet):
     stop.set()
     for t in threads:
         t.join(30)
-    assert rc == 0, victim.log()
+    assert rc == 0, victim.log_text(60)
     assert not errors and set(codes) == {200}, (codes, errors[:5])
     print(f"fleet SIGTERM: {sum(codes.values())} requests under load, 0 failures; the replica "
           f"exited {gone:.1f}s after SIGTERM")

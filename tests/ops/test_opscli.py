@@ -149,6 +149,50 @@ def test_publish_next_free_version_is_loaded_and_never_overwritten(live, capsys,
     assert rc == 0 and (repo / "mlp" / "7" / "model.safetensors").is_file()
 
 
+def test_publish_wait_reports_available_or_failed(live, capsys, version_cache, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    repo = live.settings.repository.path
+    rc, out, err = run(capsys, "publish", str(version_cache / "st3"), "--repository", str(repo),
+                       "--model", "mlp", "--wait", "--url", live.http, "--timeout", "60")
+    assert rc == 0, err
+    published, result = out.splitlines()
+    assert published == f"published mlp version 3 at {repo / 'mlp' / '3'}"
+    assert result.startswith("mlp version 3 AVAILABLE after ") and result.endswith("s"), result
+    assert live.available("mlp") and 3 in live.available("mlp")  # the server agrees
+
+    bogus = tmp_path / "bogus"
+    bogus.mkdir()
+    save_file({"bogus": torch.zeros(2)}, str(bogus / "model.safetensors"))
+    rc, out, err = run(capsys, "publish", str(bogus), "--repository", str(repo), "--model", "mlp",
+                       "--wait", "--url", live.http, "--timeout", "60")
+    assert rc == 1 and out.strip() == f"published mlp version 4 at {repo / 'mlp' / '4'}"
+    assert err.startswith("splitserve publish: mlp version 4 FAILED after ") and err.count("\n") == 1, err
+    assert "weights do not fit the architecture" in err
+    assert live.wait_state("mlp", 4, VersionState.FAILED, timeout=1)
+
+
+def test_publish_wait_times_out_and_bad_url_copies_nothing(live, capsys, version_cache, tmp_path):
+    # A repository this server does not watch: it never sees the version, so the wait ends
+    # at its deadline with the last state it knew.
+    other = tmp_path / "other"
+    other.mkdir()
+    rc, out, err = run(capsys, "publish", str(version_cache / "st1"), "--repository", str(other),
+                       "--model", "elsewhere", "--wait", "--url", live.http, "--timeout", "1")
+    assert rc == 1 and out.startswith("published elsewhere version 1")
+    assert err == ("splitserve publish: elsewhere version 1 not AVAILABLE within 1s "
+                   "(last state: not seen by the server yet)\n")
+
+    rc, out, err = run(capsys, "publish", str(version_cache / "st1"), "--repository", str(other),
+                       "--model", "m2", "--wait", "--url", "ftp://x")
+    assert rc == 2 and "--url must start with http://" in err and not (other / "m2").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["publish", str(version_cache / "st1"), "--repository", str(other), "--model", "m3",
+              "--wait", "--timeout", "0"])
+    assert e.value.code == 2 and "positive number of seconds" in capsys.readouterr().err
+
+
 def test_publish_refusals(tmp_path, capsys, version_cache):
     repo = tmp_path / "repo"
     repo.mkdir()

@@ -152,7 +152,8 @@ def test_persist_keeps_file_mode(path):
 
 
 def _leftovers(folder):
-    return sorted(n for n in os.listdir(folder) if n != "splitserve.yaml")
+    """Files beside the config other than the writers' lock (which stays by design)."""
+    return sorted(n for n in os.listdir(folder) if n not in ("splitserve.yaml", ".splitserve.yaml.lock"))
 
 
 def test_crash_midway_through_the_write_leaves_the_old_file(path, monkeypatch):
@@ -222,3 +223,36 @@ def test_without_ruamel_pyyaml_still_loads_and_persists(path, monkeypatch):
     configs = load_config_file(path)
     assert configs["resnet"] == config and list(configs) == ["resnet", "bert"]
     assert "port: 8500" in path.read_text()
+
+
+def _hammer(path: str, model: str, n: int, start, out) -> None:
+    """One writer process: PUT-like edits of its own model only, reading back after each."""
+    start.wait(60)
+    reverted = 0
+    for i in range(1, n + 1):
+        persist_config_file(path, model, RouteConfig.from_json({"weights": {"1": i}}))
+        if load_config_file(path)[model].weights != {1: i}:
+            reverted += 1  # another writer put back an older copy of our entry
+    out.put((model, reverted))
+
+
+def test_writers_in_two_processes_never_lose_each_others_edits(path):
+    # The workers of `--workers N` persist routing PUTs to one file. Each writer's
+    # read-modify-write holds the lock and re-reads the file, so an edit of model A never
+    # writes back a stale copy of model B (last writer wins only within one model).
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    start, out, n = ctx.Event(), ctx.Queue(), 150
+    procs = [ctx.Process(target=_hammer, args=(str(path), m, n, start, out)) for m in ("resnet", "bert")]
+    for p in procs:
+        p.start()
+    start.set()
+    results = dict(out.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert results == {"resnet": 0, "bert": 0}, f"entries reverted by the other writer: {results}"
+    configs = load_config_file(path)
+    assert configs["resnet"].weights == {1: n} and configs["bert"].weights == {1: n}
+    assert "port: 8500" in path.read_text() and (path.parent / f".{path.name}.lock").exists()

@@ -19,6 +19,8 @@ import httpx
 import numpy as np
 import pytest
 
+from serverproc import ServerProcess
+
 ROOT = Path(__file__).resolve().parents[2]
 BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.1] * 64}]}
 CONFIG = "models:\n  mlp:\n    labels: {stable: 1, canary: 2}\n    weights: {stable: 100, canary: 0}\n"
@@ -26,48 +28,18 @@ CONFIG = "models:\n  mlp:\n    labels: {stable: 1, canary: 2}\n    weights: {sta
 pytestmark = pytest.mark.slow
 
 
-class Supervised:
-    """The CLI with --workers 2 in a child process; its stderr lines collected."""
+def supervised(repo: Path, cwd: Path, *extra: str) -> ServerProcess:
+    """The CLI with --workers 2 in a child process, once the supervisor's event=serving."""
+    return ServerProcess(repo, "--workers", "2", *extra, cwd=cwd).wait_serving(240)
 
-    def __init__(self, repo: Path, cwd: Path, *extra: str):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-        env.pop("SPLITSERVE_TOKEN", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "runtime", "serve", "--repository", str(repo), "--http-port", "0",
-             "--grpc-port", "0", "--workers", "2", *extra], cwd=cwd, env=env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self.serving = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-        assert self.serving.wait(240) and self.proc.poll() is None, "".join(self.lines[-30:])
-        line = next(x for x in self.lines if "logger=splitserve.supervisor event=serving" in x)
-        self.http = "http://" + re.search(r" http=(\S+)", line).group(1)
-        self.grpc = re.search(r" grpc=(\S+)", line).group(1)
 
-    def _read(self):
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            if "logger=splitserve.supervisor event=serving" in line:
-                self.serving.set()
-        self.serving.set()
-
-    def pids(self) -> dict[int, int]:
-        out = {}
-        for x in list(self.lines):
-            m = re.search(r"event=worker_started worker=(\d+) pid=(\d+)", x)
-            if m:
-                out[int(m.group(1))] = int(m.group(2))
-        return out
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(90)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+def pids(srv: ServerProcess) -> dict[int, int]:
+    out = {}
+    for x in srv.lines():
+        m = re.search(r"event=worker_started worker=(\d+) pid=(\d+)", x)
+        if m:
+            out[int(m.group(1))] = int(m.group(2))
+    return out
 
 
 def wait_until(fn, timeout: float, interval: float = 0.02):
@@ -79,7 +51,7 @@ def wait_until(fn, timeout: float, interval: float = 0.02):
         time.sleep(interval)
 
 
-def surfaces(srv: Supervised) -> dict[str, int]:
+def surfaces(srv: ServerProcess) -> dict[str, int]:
     """The successful mlp request count on every surface, each read on a fresh connection
     (so from whichever worker the kernel picks)."""
     import grpc
@@ -87,20 +59,20 @@ def surfaces(srv: Supervised) -> dict[str, int]:
     from runtime.protocol.pb import grpc_service_pb2 as pb
     from runtime.protocol.pb import grpc_service_pb2_grpc as pbg
     out = {}
-    st = httpx.get(f"{srv.http}/v2/models/mlp/stats", timeout=10).json()
+    st = httpx.get(f"{srv.url}/v2/models/mlp/stats", timeout=10).json()
     out["v2_stats"] = sum(s["inference_stats"]["success"]["count"] for s in st["model_stats"])
-    summ = httpx.get(f"{srv.http}/v1/models/mlp/metrics", timeout=10).json()
+    summ = httpx.get(f"{srv.url}/v1/models/mlp/metrics", timeout=10).json()
     out["summary"] = sum(v["requests"] - v["errors"] for v in summ["versions"])
-    text = httpx.get(f"{srv.http}/metrics", timeout=10).text
+    text = httpx.get(f"{srv.url}/metrics", timeout=10).text
     out["prometheus"] = int(sum(float(m.group(1)) for m in re.finditer(
         r'^splitserve_requests_total\{[^}]*code="OK"[^}]*model="mlp"[^}]*\} (\S+)$', text, re.M)))
-    with grpc.insecure_channel(srv.grpc) as ch:
+    with grpc.insecure_channel(srv.grpc_target) as ch:
         s = pbg.GRPCInferenceServiceStub(ch).ModelStatistics(pb.ModelStatisticsRequest(name="mlp"))
         out["grpc_stats"] = sum(m.inference_stats.success.count for m in s.model_stats)
     return out
 
 
-def all_equal(srv: Supervised, n: int, reads: int = 6) -> bool:
+def all_equal(srv: ServerProcess, n: int, reads: int = 6) -> bool:
     return all(set(surfaces(srv).values()) == {n} for _ in range(reads))
 
 
@@ -112,18 +84,18 @@ def repo(make_repo):
 def test_two_workers_one_port_exact_totals_and_one_routing_truth(repo, tmp_path):
     cfg = tmp_path / "splitserve.yaml"
     cfg.write_text(CONFIG)
-    srv = Supervised(repo, tmp_path, "--config", str(cfg))
+    srv = supervised(repo, tmp_path, "--config", str(cfg))
     try:
         by_worker = collections.Counter()
         for _ in range(400):  # a fresh connection each: the kernel spreads them
-            r = httpx.post(f"{srv.http}/v2/models/mlp/infer", json=BODY, timeout=30)
+            r = httpx.post(f"{srv.url}/v2/models/mlp/infer", json=BODY, timeout=30)
             assert r.status_code == 200, r.text
             by_worker[r.headers["x-worker"]] += 1
         assert set(by_worker) == {"0", "1"}, by_worker
         # The bound: a worker publishes within SNAPSHOT_INTERVAL_S (0.1 s) of a change.
         assert wait_until(lambda: all_equal(srv, 400), 5), surfaces(srv)
 
-        put = httpx.put(f"{srv.http}/v1/models/mlp/routing", timeout=10, json={
+        put = httpx.put(f"{srv.url}/v1/models/mlp/routing", timeout=10, json={
             "labels": {"stable": 1, "canary": 2}, "weights": {"stable": 50, "canary": 50}})
         assert put.status_code == 200, put.text
         t0 = time.monotonic()
@@ -131,7 +103,7 @@ def test_two_workers_one_port_exact_totals_and_one_routing_truth(repo, tmp_path)
         def everyone_sees_it():
             seen = []
             for _ in range(10):
-                r = httpx.get(f"{srv.http}/v1/models/mlp/routing", timeout=10)
+                r = httpx.get(f"{srv.url}/v1/models/mlp/routing", timeout=10)
                 seen.append((r.headers["x-worker"], r.json()["weights"]))
             return {w for w, _ in seen} == {"0", "1"} and \
                 all(cw == {"stable": 50, "canary": 50} for _, cw in seen)
@@ -140,7 +112,7 @@ def test_two_workers_one_port_exact_totals_and_one_routing_truth(repo, tmp_path)
 
         versions, workers = collections.Counter(), collections.Counter()
         for _ in range(400):
-            r = httpx.post(f"{srv.http}/v2/models/mlp/infer", json=BODY, timeout=30)
+            r = httpx.post(f"{srv.url}/v2/models/mlp/infer", json=BODY, timeout=30)
             assert r.status_code == 200
             versions[r.headers["x-model-version"]] += 1
             workers[r.headers["x-worker"]] += 1
@@ -148,16 +120,16 @@ def test_two_workers_one_port_exact_totals_and_one_routing_truth(repo, tmp_path)
         chi2 = sum((versions[v] - 200) ** 2 / 200 for v in ("1", "2"))
         assert chi2 < 10.83, versions  # 1 dof, p = 0.001
     finally:
-        assert srv.stop() == 0, "".join(srv.lines[-20:])
+        assert srv.stop() == 0, srv.log_text(20)
 
 
 def test_kill_9_worker_replaced_counts_kept_then_sigterm_drains(repo, tmp_path):
-    srv = Supervised(repo, tmp_path)
+    srv = supervised(repo, tmp_path)
     try:
         for _ in range(100):
-            assert httpx.post(f"{srv.http}/v2/models/mlp/infer", json=BODY, timeout=30).status_code == 200
+            assert httpx.post(f"{srv.url}/v2/models/mlp/infer", json=BODY, timeout=30).status_code == 200
         assert wait_until(lambda: all_equal(srv, 100), 5), surfaces(srv)
-        victim = srv.pids()[1]
+        victim = pids(srv)[1]
 
         stop = threading.Event()
         results = []  # (worker the connection first reached, ok count, failures)
@@ -169,7 +141,7 @@ def test_kill_9_worker_replaced_counts_kept_then_sigterm_drains(repo, tmp_path):
             with httpx.Client(timeout=30) as c:  # one keep-alive connection, reopened on error
                 while not stop.is_set():
                     try:
-                        r = c.post(f"{srv.http}/v2/models/mlp/infer", json=BODY)
+                        r = c.post(f"{srv.url}/v2/models/mlp/infer", json=BODY)
                         if first is None:
                             first = r.headers["x-worker"]
                             connected.append(first)
@@ -189,8 +161,8 @@ def test_kill_9_worker_replaced_counts_kept_then_sigterm_drains(repo, tmp_path):
         assert wait_until(lambda: len(connected) == len(threads), 30), connected
         os.kill(victim, signal.SIGKILL)
         assert wait_until(lambda: sum("supervisor event=worker_serving worker=1 " in x
-                                      for x in srv.lines) == 2, 120), "not replaced"
-        assert any(f"event=worker_died worker=1 signal=SIGKILL" in x for x in srv.lines)
+                                      for x in srv.lines()) == 2, 120), "not replaced"
+        assert any(f"event=worker_died worker=1 signal=SIGKILL" in x for x in srv.lines())
         stop.set()
         for t in threads:
             t.join(60)
@@ -211,7 +183,7 @@ def test_kill_9_worker_replaced_counts_kept_then_sigterm_drains(repo, tmp_path):
             with httpx.Client(timeout=30) as c:
                 while not stop.is_set():
                     try:
-                        codes[c.post(f"{srv.http}/v2/models/mlp/infer", json=BODY).status_code] += 1
+                        codes[c.post(f"{srv.url}/v2/models/mlp/infer", json=BODY).status_code] += 1
                     except httpx.TransportError:
                         codes["closed"] += 1
                         return
@@ -219,8 +191,8 @@ def test_kill_9_worker_replaced_counts_kept_then_sigterm_drains(repo, tmp_path):
         for t in threads:
             t.start()
         assert wait_until(lambda: codes[200] > 50, 30)
-        srv.proc.send_signal(signal.SIGTERM)
-        assert srv.proc.wait(90) == 0, "".join(srv.lines[-20:])
+        srv.send_signal(signal.SIGTERM)
+        assert srv.wait(90) == 0, srv.log_text(20)
         stop.set()
         for t in threads:
             t.join(60)
