@@ -87,6 +87,40 @@ class WorkerInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+class ThreadedWorkerInterceptor(grpc.ServerInterceptor):
+    """WorkerInterceptor for the threaded gRPC server (`server.grpc_threads` > 0)."""
+
+    def __init__(self, worker: int):
+        self.md = ((WORKER_HEADER, str(worker)),)
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None:
+            return handler
+        md = self.md
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            def call(request, context):
+                context.send_initial_metadata(md)
+                return inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                call, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if inspect.isgeneratorfunction(handler.stream_stream):  # ModelStreamInfer, reflection
+            stream = handler.stream_stream
+
+            def streaming(request_iterator, context):
+                context.send_initial_metadata(md)
+                yield from stream(request_iterator, context)
+
+            return grpc.stream_stream_rpc_method_handler(
+                streaming, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler
+
+
 class WorkerServer(Server):
     """A Server that shares its ports and its metrics with the other workers."""
 
@@ -95,7 +129,8 @@ class WorkerServer(Server):
     def __init__(self, settings, worker: int, run_dir: Path):
         super().__init__(settings)
         self.worker = worker
-        self.grpc_interceptors = (WorkerInterceptor(worker),)
+        threaded = settings.server.grpc_threads > 0
+        self.grpc_interceptors = ((ThreadedWorkerInterceptor if threaded else WorkerInterceptor)(worker),)
         self.snapshots = SnapshotDir(run_dir, worker)
         self._writer: asyncio.Task | None = None
         self._mark = None
@@ -188,7 +223,8 @@ def main(argv: list[str], worker: int, run_dir: str, http_port: int, grpc_port: 
         h.addFilter(_Tag(worker))
     code = 0
     try:
-        asyncio.run(_serve(WorkerServer(settings, worker, Path(run_dir)), conn))
+        from runtime.server import loops
+        loops.run(_serve(WorkerServer(settings, worker, Path(run_dir)), conn), settings.server.loop)
     except Exception as e:  # noqa: BLE001  the supervisor restarts us, with backoff
         log.error("event=worker_failed error=%r", f"{type(e).__name__}: {e}")
         log.debug("traceback", exc_info=e)
