@@ -377,9 +377,6 @@ def options(core: Core, reuse_port: bool) -> list[tuple]:
         ("grpc.max_send_message_length", -1),
         # one process: a taken port is an error, not a silent share
         ("grpc.so_reuseport", 1 if reuse_port else 0),
-        # no bandwidth-delay probing: a PING per burst of data costs small calls more than
-        # a window tuned for bulk transfers gains them (bench/RESULTS_HOTPATH.md)
-        ("grpc.http2.bdp_probe", 0),
     ]
 
 
