@@ -249,7 +249,8 @@ def test_a_taken_port_fails_at_once_with_one_line(make_repo, tmp_path):
     assert "worker_started" not in r.stderr
 
 
-def test_grpc_channels_spread_over_workers_and_streams_say_who_answered(repo, tmp_path):
+@pytest.mark.parametrize("transport", [(), ("--grpc-threads", "2")], ids=["grpc.aio", "grpc-threads"])
+def test_grpc_channels_spread_over_workers_and_streams_say_who_answered(repo, tmp_path, transport):
     """One HTTP/2 connection lands on one worker (as with any SO_REUSEPORT server), so a
     client scales over workers by opening several connections: channels with their own
     subchannel pool each get one. ModelStreamInfer says which worker answers, too."""
@@ -275,7 +276,7 @@ def test_grpc_channels_spread_over_workers_and_streams_say_who_answered(repo, tm
                 ch.close()
         return seen
 
-    srv = Supervised(repo, tmp_path)
+    srv = Supervised(repo, tmp_path, *transport)
     try:
         shared = workers_of([])  # grpc's global subchannel pool: one connection for all
         assert len(shared) == 1, shared
