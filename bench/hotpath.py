@@ -9,7 +9,7 @@ JSON REST and gRPC from bench/loadgen.py, and Triton's perf_analyzer over gRPC a
 HTTP (binary tensors) when bench/.tools/perf_analyzer exists. Rounds alternate the
 variants (A, B, A, B, ...), so background load hits both alike; the table reports the
 median per variant and client. `--ref COMMIT` adds a variant served from a checkout of
-another commit (a git worktree under bench/out/), e.g. the baseline before a change.
+another commit (a temporary git worktree, removed at the end), e.g. the baseline before a change.
 With --append, a dated section goes to --results (bench/RESULTS_HOTPATH.md).
 """
 
@@ -129,12 +129,11 @@ def measure(kind: str, addr: dict, o, pid: int) -> dict:
     return r
 
 
-def checkout(commit: str) -> Path:
-    """A worktree of `commit` under bench/out/ (the code a --ref variant serves)."""
-    path = ROOT / "bench" / "out" / f"ref-{commit}"
-    if not path.exists():
-        subprocess.run(["git", "worktree", "add", "--detach", str(path), commit], cwd=ROOT,
-                       check=True, capture_output=True)
+def checkout(commit: str, tmp: Path) -> Path:
+    """A detached worktree of `commit` in `tmp` (the code a --ref variant serves)."""
+    path = tmp / f"ref-{re.sub(r'[^A-Za-z0-9_.-]', '_', commit)}"
+    subprocess.run(["git", "worktree", "add", "--detach", str(path), commit], cwd=ROOT,
+                   check=True, capture_output=True)
     return path
 
 
@@ -154,15 +153,15 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS_HOTPATH.md")
     o = ap.parse_args()
     variants = [(n, ROOT, shlex.split(f)) for n, _, f in (v.partition("=") for v in o.variant)]
-    for r in o.ref:
-        name, _, rest = r.partition("=")
-        commit, _, flags = rest.partition(":")
-        variants.append((name, checkout(commit), shlex.split(flags)))
     clients = [c for c in o.clients if not c.startswith("pa-") or PA.exists()]
     results: dict[tuple[str, str], list[dict]] = {}
     t_start = time.time()
     with tempfile.TemporaryDirectory() as t:
         o.tmp = Path(t)
+        for r in o.ref:
+            name, _, rest = r.partition("=")
+            commit, _, flags = rest.partition(":")
+            variants.append((name, checkout(commit, o.tmp), shlex.split(flags)))
         for rnd in range(o.rounds):
             order = variants if rnd % 2 == 0 else variants[::-1]
             for name, root, extra in order:
@@ -176,6 +175,10 @@ def main() -> None:
                 finally:
                     p.send_signal(signal.SIGTERM)
                     p.wait(120)
+        for _name, root, _extra in variants:
+            if root != ROOT:
+                subprocess.run(["git", "worktree", "remove", "--force", str(root)], cwd=ROOT,
+                               capture_output=True)
     lines = table(variants, clients, results, o, time.time() - t_start)
     print("\n".join(lines))
     if o.append:
@@ -205,7 +208,7 @@ def table(variants, clients, results, o, took: float) -> list[str]:
             cells.append(f"{statistics.median(r['infer_per_s'] for r in rs):,.0f} "
                          f"({statistics.median(r['cpu_us_per_req'] for r in rs):,.0f} µs)"
                          if rs else "-")
-        where = "" if root == ROOT else f" (code of {root.name[4:]})"
+        where = "" if root == ROOT else f" (code of {root.name[4:]})"  # ref-<commit>
         lines.append(f"| {name} | `{' '.join(extra) or '-'}`{where} | " + " | ".join(cells) + " |")
     return lines
 
