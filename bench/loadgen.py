@@ -172,7 +172,9 @@ async def run_grpc(args) -> dict:
 
     req = _grpc_request(args.model, args.input)
     rec = Recorder(args.warmup, args.duration)
-    opts = [("grpc.max_receive_message_length", 64 << 20)]
+    # Each channel its own HTTP/2 connection (own subchannel pool): with --workers N one
+    # connection lands on one worker, so --channels spreads the load over the workers.
+    opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.use_local_subchannel_pool", 1)]
     channels = [grpc.aio.insecure_channel(args.target, options=opts)
                 for _ in range(max(1, min(args.channels, args.concurrency)))]
     stubs = [pbg.GRPCInferenceServiceStub(ch) for ch in channels]
@@ -216,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--target", required=True, help="host:port")
             p.add_argument("--model", required=True)
             p.add_argument("--input", action="append", required=True, help="NAME:FP32:1x64")
-            p.add_argument("--channels", type=int, default=1)
+            p.add_argument("--channels", type=int, default=1,
+                           help="gRPC connections (each lands on one worker of --workers N)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     res = asyncio.run(run_http(args) if args.mode == "http" else run_grpc(args))

@@ -60,7 +60,7 @@ def summarize(raw: Path, top: int) -> str:
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
-        if not stack:
+        if not stack or not n.isdigit():  # a frame name with a line break in it
             continue
         n = int(n)
         frames = stack.split(";")

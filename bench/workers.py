@@ -52,13 +52,15 @@ def serve(workers: int, tmp: Path):
     return p, found
 
 
-def load(kind: str, addr: str, c: int, duration: float, tmp: Path) -> dict:
+def load(kind: str, addr: str, c: int, duration: float, tmp: Path, channels: int = 8) -> dict:
     body = tmp / "body.json"
     body.write_text(json.dumps(BODY))
     if kind == "rest":
         args = ["http", "--url", f"http://{addr}/v2/models/mlp/infer", "--body", str(body)]
     else:
-        args = ["grpc", "--target", addr, "--model", "mlp", "--input", "input:FP32:1x64"]
+        # One gRPC connection lands on one worker: open one per worker and more.
+        args = ["grpc", "--target", addr, "--model", "mlp", "--input", "input:FP32:1x64",
+                "--channels", str(channels)]
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), *args,
                           "--concurrency", str(c), "--duration", str(duration), "--warmup", "2"],
                          capture_output=True, text=True, check=True)
@@ -70,6 +72,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--channels", type=int, default=8,
+                    help="gRPC connections of the client (one lands on one worker)")
     ap.add_argument("--append", action="store_true")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     a = ap.parse_args()
@@ -81,7 +85,7 @@ def main() -> None:
             try:
                 for kind in ("rest", "grpc"):
                     r = load(kind, addr["http"] if kind == "rest" else addr["grpc"],
-                             a.concurrency, a.duration, tmp)
+                             a.concurrency, a.duration, tmp, a.channels)
                     row = {"workers": n, "protocol": kind, "c": a.concurrency,
                            "infer_per_s": r.get("throughput"), "p50_ms": r.get("p50_ms"),
                            "p99_ms": r.get("p99_ms"), "errors": r.get("errors")}
@@ -98,7 +102,7 @@ def main() -> None:
         lines = [f"\n## --workers ({time.strftime('%Y-%m-%d')}, {platform.node()}, "
                  f"{os.cpu_count()} cores, commit {commit}, torch {torch.__version__})",
                  f"Small model (mlp), c={a.concurrency}, {a.duration:g} s, client bench/loadgen.py "
-                 "on the same machine.", "",
+                 f"on the same machine (gRPC: {a.channels} connections).", "",
                  "| workers | protocol | infer/s | p50 ms | p99 ms | errors | vs first |",
                  "|---|---|---|---|---|---|---|"]
         for r in rows:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from runtime.errors import Code, ServingError, invalid
+from runtime.transfer import pinned_cat
 
 log = logging.getLogger("splitserve.batcher")
 
@@ -104,7 +105,8 @@ def _padded(rows: int, multiple: int, max_rows: int) -> int:
     return max(rows, min(-(-rows // multiple) * multiple, max_rows))
 
 
-def _concat(parts: list[list[torch.Tensor]], key: Key, padded: int) -> list[torch.Tensor]:
+def _concat(parts: list[list[torch.Tensor]], key: Key, padded: int,
+            pin: bool = False) -> list[torch.Tensor]:
     total = sum(p[0].shape[0] for p in parts)
     if len(parts) == 1 and padded == total:
         return parts[0]  # zero-copy
@@ -113,15 +115,16 @@ def _concat(parts: list[list[torch.Tensor]], key: Key, padded: int) -> list[torc
         ts = [p[i] for p in parts]
         if padded > total:
             ts.append(torch.zeros((padded - total, *shape), dtype=dtype, device=device))
-        out.append(torch.cat(ts))
+        out.append(pinned_cat(ts) if pin else torch.cat(ts))
     return out
 
 
 def run_batch(forward: Forward, parts: list[list[torch.Tensor]], key: Key,
-              padded: int) -> list[list[torch.Tensor]]:
-    """Executor thread: concatenate, one forward pass, split back (views, no copies)."""
+              padded: int, pin: bool = False) -> list[list[torch.Tensor]]:
+    """Executor thread: concatenate (into pinned memory when `pin`: the batch goes to a
+    CUDA device), one forward pass, split back (views, no copies)."""
     rows = [int(p[0].shape[0]) for p in parts]
-    outs = forward(_concat(parts, key, padded))
+    outs = forward(_concat(parts, key, padded, pin))
     total = sum(rows)
     if len(parts) == 1 and padded == total:
         return [list(outs)]
@@ -192,6 +195,7 @@ class Batcher:
         self.max_queue_size = max_queue_size
         self.exact = exact
         self.on_batch = on_batch  # (executed rows, forward seconds) per batch: metrics
+        self.pin = False  # concatenate into pinned memory (the version runs on CUDA)
         self.stats = BatcherStats()
         self.row_multiple: dict[Key, int] = {}  # per input shape, after calibration
         self._unsplittable: set[Key] = set()
@@ -393,7 +397,7 @@ class Batcher:
             parts = [s.inputs for s in batch]
             try:
                 outs = await loop.run_in_executor(self.executor, run_batch, self.forward,
-                                                  parts, key, padded)
+                                                  parts, key, padded, self.pin)
             except _Unsplittable as e:
                 log.warning("event=batching_disabled model=%r reason=%r", self.name, str(e))
                 self._unsplittable.add(key)
@@ -425,7 +429,7 @@ class Batcher:
                 s.rows, self.row_multiple.get(key, 1), max(self.max_batch_size, s.rows))
             try:
                 out = await loop.run_in_executor(self.executor, run_batch, self.forward,
-                                                 [s.inputs], key, padded)
+                                                 [s.inputs], key, padded, self.pin)
             except Exception as e:  # noqa: BLE001
                 if not s.fut.done():
                     s.fut.set_exception(e)
@@ -489,6 +493,7 @@ def make_batcher(name: str, loaded, spec, executor, calibration: dict | None = N
                       preferred_batch_sizes=b.preferred_batch_sizes,
                       max_queue_size=spec.queue_size(), exact=b.exact, on_batch=on_batch)
     batcher.row_multiple.update(calibration or {})
+    batcher.pin = loaded.device.type == "cuda"
     batcher.start(calibrate_keys=[_signature_key(loaded)] if b.exact else ())
     return batcher
 

@@ -114,6 +114,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--access-log", choices=("off", "sample", "all"), default=None,
                    help="REST access log: off, sample (default: every 4xx/5xx plus "
                         "server.access_log_sample of the rest), all")
+    s.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default=None,
+                   help="event loop (default auto: uvloop when installed, else asyncio)")
+    s.add_argument("--http", choices=("auto", "httptools", "h11"), default=None,
+                   help="HTTP/1.1 parser (default auto: httptools when installed, else h11)")
+    s.add_argument("--grpc-threads", type=int, default=None, metavar="N",
+                   help="gRPC on its own pool of N handler threads (0: grpc.aio on the event "
+                        "loop; default: server.grpc_threads)")
     from runtime.opscli import add_subcommands  # status, route, publish, experiment (stdlib only)
     add_subcommands(sub)
     s.add_argument("--workers", type=_workers, default=1, metavar="N",
@@ -210,6 +217,9 @@ def build_settings(args: argparse.Namespace, env: dict | None = None, notes: lis
                          ("server.http_port", "--http-port", args.http_port),
                          ("server.grpc_port", "--grpc-port", args.grpc_port),
                          ("server.access_log", "--access-log", args.access_log),
+                         ("server.loop", "--loop", args.loop),
+                         ("server.http", "--http", args.http),
+                         ("server.grpc_threads", "--grpc-threads", args.grpc_threads),
                          ("repository.polling", "--polling", True if args.polling else None),
                          ("log_level", "--log-level", args.log_level)):
         if v is not None:
@@ -270,6 +280,7 @@ def _check_paths(settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from runtime.server import loops
     args = _parser().parse_args(argv)
     if getattr(args, "ops", None) is not None:
         from runtime.opscli import run
@@ -279,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = build_settings(args, notes=notes)
         _check_paths(settings)
-    except CliError as e:
+        loops.check(settings.server.loop, settings.server.http)
+    except (CliError, loops.NotInstalled) as e:
         print(f"splitserve: error: {e}", file=sys.stderr)
         return 2
     from runtime.logs import setup_logging
@@ -289,9 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     s = settings.server
     # Before the heavy imports (torch) and the loads: the operator sees at once that it started.
     log.info("event=starting pid=%d repository=%s config=%s http=%s:%s grpc=%s:%s "
-             "access_log=%s auth=%s", os.getpid(), Path(settings.repository.path).resolve(),
-             settings.config_path, s.host, s.http_port, s.host, s.grpc_port, s.access_log,
-             "token" if s.token else "none")
+             "access_log=%s auth=%s loop=%s http_parser=%s", os.getpid(),
+             Path(settings.repository.path).resolve(), settings.config_path, s.host,
+             s.http_port, s.host, s.grpc_port, s.access_log, "token" if s.token else "none",
+             loops.loop_name(s.loop), loops.http_name(s.http))
     if seeded:
         log.info("event=config_created path=%s from=%s", DEFAULT_CONFIG, TEMPLATE)
     workers = args.workers
@@ -310,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.server.app import Server
     from runtime.objectstore import StoreError
     try:
-        asyncio.run(Server(settings).serve_forever())
+        loops.run(Server(settings).serve_forever(), s.loop)
     except KeyboardInterrupt:
         pass
     except RoutingError as e:

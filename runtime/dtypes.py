@@ -6,8 +6,19 @@ BYTES has no torch dtype: it is only accepted where a model declares it.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
+
+# Request inputs reach torch as views of the request's own bytes (raw_input_contents,
+# binary REST parts). torch warns once per process that such a buffer is not writable;
+# the first read-only conversion consumes that warning quietly. A model must not modify
+# its inputs in place (they are the request's bytes).
+_readonly_seen = False
+# Below this many bytes a read-only buffer is copied: the copy costs nothing there, and
+# CPython shares its one-byte bytes objects, which a view must never alias.
+COPY_BELOW_BYTES = 64
 
 # v2 name -> (numpy dtype used on the wire, torch dtype)
 _TABLE: dict[str, tuple[np.dtype, torch.dtype]] = {
@@ -55,14 +66,27 @@ def from_torch(dtype: torch.dtype) -> str:
 
 
 def to_torch(array: np.ndarray, name: str) -> torch.Tensor:
-    """Zero-copy numpy -> torch (BF16 bits reinterpreted)."""
-    if not array.flags.writeable:
-        # torch warns on read-only buffers (e.g. np.frombuffer over bytes); copying is the
-        # honest fix since the model might write in place.
-        array = array.copy()
-    t = torch.from_numpy(array)
+    """numpy -> torch without a copy (BF16 bits reinterpreted), also over read-only
+    request bytes (the tensor keeps them alive). Copied only where a view cannot be
+    right: misaligned or byte-swapped data, and tiny read-only buffers."""
+    if not (array.flags.aligned and array.dtype.isnative) or (
+            not array.flags.writeable and array.nbytes < COPY_BELOW_BYTES):
+        array = np.array(array, dtype=array.dtype.newbyteorder("="), order="C")
+    if array.flags.writeable or _readonly_seen:
+        t = torch.from_numpy(array)
+    else:
+        t = _first_readonly(array)
     if name == "BF16":
         t = t.view(torch.bfloat16)
+    return t
+
+
+def _first_readonly(array: np.ndarray) -> torch.Tensor:
+    global _readonly_seen
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        t = torch.from_numpy(array)
+    _readonly_seen = True
     return t
 
 

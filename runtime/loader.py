@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime import dtypes
+from runtime import dtypes, transfer
 from runtime.modelspec import ModelSpec
 from runtime.repository import architecture_file, inside
 from runtime.types import Signature, TensorSpec
@@ -65,14 +65,15 @@ class LoadedModel:
     sample_numel: int = 0  # input elements of that sample
 
     def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """inputs in signature order (CPU tensors) -> outputs in signature order (CPU)."""
+        """inputs in signature order (CPU tensors) -> outputs in signature order (CPU).
+        On CUDA: inputs go up from pinned memory, outputs come back in one copy
+        (runtime/transfer.py), all on the version's stream."""
         dev = self.device
         with torch.inference_mode():
             if dev.type == "cuda":
                 with torch.cuda.stream(self.stream):
-                    args = [t.to(dev, non_blocking=True) for t in inputs]
-                    out = self.module(*args)
-                    outs = [o.to("cpu", non_blocking=True) for o in _as_list(out, self.signature)]
+                    out = self.module(*transfer.to_device(inputs, dev))
+                    outs = transfer.to_host(_as_list(out, self.signature))
                     self.stream.synchronize()
                 return outs
             return _as_list(self.module(*inputs), self.signature)

@@ -27,6 +27,8 @@ SECRET_KEYS = frozenset({"server.token"})  # never logged
 _TOKEN = re.compile(r"[\x21-\x7e]{1,4096}\Z")
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 AccessLogMode = Literal["off", "sample", "all"]
+LoopName = Literal["auto", "uvloop", "asyncio"]
+HttpName = Literal["auto", "httptools", "h11"]
 
 
 class _S(BaseModel):
@@ -44,6 +46,12 @@ class ServerSettings(_S):
     # the rest); all (every request).
     access_log: AccessLogMode = "sample"
     access_log_sample: float = Field(default=0.01, ge=0, le=1)
+    # The event loop and HTTP parser (runtime/server/loops.py): auto = the fastest installed.
+    loop: LoopName = "auto"
+    http: HttpName = "auto"
+    # gRPC transport: 0 = grpc.aio on the event loop; N = gRPC's own threads plus N handler
+    # threads, each call crossing to the loop once (runtime/server/rpc_threads.py).
+    grpc_threads: int = Field(default=0, ge=0, le=1024)
 
 
     @field_validator("token")

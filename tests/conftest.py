@@ -123,6 +123,8 @@ def serve():
                 setattr(s.repository, k, v)
             elif hasattr(s.limits, k):
                 setattr(s.limits, k, v)
+            elif hasattr(s.server, k):  # e.g. grpc_threads
+                setattr(s.server, k, v)
             else:
                 raise AttributeError(k)
         s.config_path = config

@@ -4,7 +4,8 @@ Wire -> `InferRequest` and `InferResponse` -> wire, plus dict -> message helpers
 read-only views (`runtime.metadata`, `Metrics.statistics`). No I/O, no routing.
 
 Inputs in `raw_input_contents` become numpy arrays over the bytes protobuf hands us
-(`np.frombuffer`, no further copy); typed `contents` (fp32_contents, ...) are converted
+(`np.frombuffer`), and reach the model as torch views of those bytes (`dtypes.to_torch`,
+no further copy); typed `contents` (fp32_contents, ...) are converted
 in C by numpy. Outputs always go back in `raw_output_contents`, as Triton does.
 """
 

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from runtime.core import Core
 from runtime.errors import ServingError
 from runtime.server.access_log import AccessLog
+from runtime.server import loops
 from runtime.server.banner import serving_line
 from runtime.server.http import error_response, json_response
 from runtime.settings import Settings
@@ -143,6 +144,7 @@ class Server:
         sock.setblocking(False)
         self.http_port = sock.getsockname()[1]
         cfg = uvicorn.Config(self.build_app(), log_level="warning", access_log=False,
+                             http=loops.http_name(s.http),
                              lifespan="off", timeout_graceful_shutdown=s.drain_timeout_s + 5,
                              limit_concurrency=None, timeout_keep_alive=30)
         self._uv = _Uvicorn(cfg)
@@ -159,7 +161,12 @@ class Server:
                 if e.name != "runtime.server.rpc":
                     raise
                 rpc = None
-            if rpc is not None:
+            if rpc is not None and s.grpc_threads > 0:  # gRPC on its own thread pool
+                from runtime.server import rpc_threads
+                self._grpc, self.grpc_port = await rpc_threads.start(
+                    self.core, s.host, s.grpc_port, self.reuse_port, self.grpc_interceptors,
+                    s.grpc_threads)
+            elif rpc is not None:
                 self._grpc, self.grpc_port = await rpc.start(self.core, s.host, s.grpc_port,
                                                               self.reuse_port, self.grpc_interceptors)
             log.info("event=listening http=%s:%s grpc=%s:%s ready=false", s.host, self.http_port,

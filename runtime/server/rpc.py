@@ -369,29 +369,29 @@ class GrpcServer:
         return getattr(self.server, name)
 
 
-async def start(core: Core, host: str, port: int, reuse_port: bool = False,
-                interceptors: tuple = ()) -> tuple[GrpcServer, int]:
-    """Build, bind and start the gRPC server; returns (server, bound port). `reuse_port`:
-    share the port with other worker processes (SO_REUSEPORT)."""
+def options(core: Core, reuse_port: bool) -> list[tuple]:
+    """Channel options both gRPC servers (grpc.aio here, threads in rpc_threads) use."""
     limits = core.settings.limits
-    options = [
+    return [
         ("grpc.max_receive_message_length", limits.max_body_bytes),  # over: RESOURCE_EXHAUSTED
         ("grpc.max_send_message_length", -1),
         # one process: a taken port is an error, not a silent share
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
-    server = grpc.aio.server(options=options, interceptors=interceptors or None)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core), server)
-    mpb_grpc.add_RoutingServiceServicer_to_server(RoutingServicer(core), server)
-    health_servicer = _HealthServicer(core)
+
+
+def add_services(server, inference, routing, health_servicer) -> None:
+    """The four services on one server (aio or threaded): ours, health, reflection."""
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
+    mpb_grpc.add_RoutingServiceServicer_to_server(routing, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    serving = health_pb2.HealthCheckResponse.SERVING
-    for name in ("", INFERENCE_SERVICE, ROUTING_SERVICE):
-        await health_servicer.set(name, serving)
     names = (INFERENCE_SERVICE, ROUTING_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
     from google.protobuf import descriptor_pool
     reflection.enable_server_reflection(names, server,
                                         pool=_ChainedPool(POOL, descriptor_pool.Default()))
+
+
+def bind(server, host: str, port: int) -> int:
     addr = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(addr)
@@ -399,5 +399,19 @@ async def start(core: Core, host: str, port: int, reuse_port: bool = False,
         raise OSError(f"gRPC could not bind {addr}: address in use or not available") from None
     if not bound:
         raise OSError(f"gRPC could not bind {addr}")
+    return bound
+
+
+async def start(core: Core, host: str, port: int, reuse_port: bool = False,
+                interceptors: tuple = ()) -> tuple[GrpcServer, int]:
+    """Build, bind and start the gRPC server; returns (server, bound port). `reuse_port`:
+    share the port with other worker processes (SO_REUSEPORT)."""
+    server = grpc.aio.server(options=options(core, reuse_port), interceptors=interceptors or None)
+    health_servicer = _HealthServicer(core)
+    add_services(server, InferenceServicer(core), RoutingServicer(core), health_servicer)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    for name in ("", INFERENCE_SERVICE, ROUTING_SERVICE):
+        await health_servicer.set(name, serving)
+    bound = bind(server, host, port)
     await server.start()
     return GrpcServer(server, health_servicer), bound

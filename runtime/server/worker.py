@@ -2,7 +2,8 @@
 
 A worker is a complete runtime (its own Core, event loop, REST and gRPC servers) that
 joins the shared ports with SO_REUSEPORT, says who answered (`x-worker: K` on every REST
-response and in every unary gRPC call's initial metadata), and shares its metrics through
+response and in the initial metadata of every unary gRPC call and ModelStreamInfer
+stream), and shares its metrics through
 the supervisor's run folder: every `SNAPSHOT_INTERVAL_S` (when something changed) and at
 exit it writes its raw counters there atomically; every read merges the other workers'
 files with its own live counters (runtime/metrics_merge.py). It stops on SIGTERM/SIGINT,
@@ -12,6 +13,7 @@ or when the supervisor is gone (its parent pid changes).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -50,25 +52,73 @@ class WorkerHeader:
 
 
 class WorkerInterceptor(grpc.aio.ServerInterceptor):
-    """Sends `x-worker: K` as initial metadata on every unary gRPC call (before the
-    handler runs, so an error answer carries it too)."""
+    """Sends `x-worker: K` as initial metadata on every unary call and on every
+    ModelStreamInfer stream (before the handler runs, so an error answer carries it too)."""
 
     def __init__(self, worker: int):
         self.md = ((WORKER_HEADER, str(worker)),)
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
-        inner, md = handler.unary_unary, self.md
+        md = self.md
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
 
-        async def call(request, context):
-            await context.send_initial_metadata(md)
-            return await inner(request, context)
+            async def call(request, context):
+                await context.send_initial_metadata(md)
+                return await inner(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            call, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(
+                call, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if inspect.isasyncgenfunction(handler.stream_stream):  # ModelStreamInfer, reflection
+            stream = handler.stream_stream
+
+            async def streaming(request_iterator, context):
+                await context.send_initial_metadata(md)
+                async for response in stream(request_iterator, context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(
+                streaming, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler
+
+
+class ThreadedWorkerInterceptor(grpc.ServerInterceptor):
+    """WorkerInterceptor for the threaded gRPC server (`server.grpc_threads` > 0)."""
+
+    def __init__(self, worker: int):
+        self.md = ((WORKER_HEADER, str(worker)),)
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None:
+            return handler
+        md = self.md
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            def call(request, context):
+                context.send_initial_metadata(md)
+                return inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                call, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if inspect.isgeneratorfunction(handler.stream_stream):  # ModelStreamInfer, reflection
+            stream = handler.stream_stream
+
+            def streaming(request_iterator, context):
+                context.send_initial_metadata(md)
+                yield from stream(request_iterator, context)
+
+            return grpc.stream_stream_rpc_method_handler(
+                streaming, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler
 
 
 class WorkerServer(Server):
@@ -79,7 +129,8 @@ class WorkerServer(Server):
     def __init__(self, settings, worker: int, run_dir: Path):
         super().__init__(settings)
         self.worker = worker
-        self.grpc_interceptors = (WorkerInterceptor(worker),)
+        threaded = settings.server.grpc_threads > 0
+        self.grpc_interceptors = ((ThreadedWorkerInterceptor if threaded else WorkerInterceptor)(worker),)
         self.snapshots = SnapshotDir(run_dir, worker)
         self._writer: asyncio.Task | None = None
         self._mark = None
@@ -172,7 +223,8 @@ def main(argv: list[str], worker: int, run_dir: str, http_port: int, grpc_port: 
         h.addFilter(_Tag(worker))
     code = 0
     try:
-        asyncio.run(_serve(WorkerServer(settings, worker, Path(run_dir)), conn))
+        from runtime.server import loops
+        loops.run(_serve(WorkerServer(settings, worker, Path(run_dir)), conn), settings.server.loop)
     except Exception as e:  # noqa: BLE001  the supervisor restarts us, with backoff
         log.error("event=worker_failed error=%r", f"{type(e).__name__}: {e}")
         log.debug("traceback", exc_info=e)

@@ -3,6 +3,7 @@ routing and pinning, the error table, streaming, health, reflection, management,
 
 from __future__ import annotations
 
+import functools
 import json
 
 import grpc
@@ -19,6 +20,12 @@ from runtime.protocol.pb import grpc_service_pb2_grpc as pb_grpc
 from runtime.protocol.pb import splitserve_management_pb2 as mpb
 from runtime.protocol.pb import splitserve_management_pb2_grpc as mpb_grpc
 from runtime.types import VersionState
+
+@pytest.fixture(params=[0, 4], ids=["grpc.aio", "grpc-threads"])
+def serve(request, serve):
+    """Every test here runs against both gRPC transports (server.grpc_threads 0 and 4)."""
+    return functools.partial(serve, grpc_threads=request.param)
+
 
 MLP_ALL = MLP_YAML.replace("version_policy: {latest: 1}", "version_policy: all")
 assert MLP_ALL != MLP_YAML

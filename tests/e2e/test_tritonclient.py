@@ -4,6 +4,8 @@ gRPC), a pinned version, model config, repository index, load and unload."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +26,12 @@ def _x(n=4, seed=0):
 
 def _expect(seed, x):
     return expected_output(seed, torch.from_numpy(x)).numpy()
+
+
+@pytest.fixture(params=[0, 4], ids=["grpc.aio", "grpc-threads"])
+def serve(request, serve):
+    """Every test here runs against both gRPC transports (server.grpc_threads 0 and 4)."""
+    return functools.partial(serve, grpc_threads=request.param)
 
 
 @pytest.fixture

@@ -120,3 +120,20 @@ def test_the_real_command_exits_2_with_one_line(tmp_path):
     assert p.returncode == 2
     assert p.stderr.splitlines() == ["splitserve serve: error: argument --http-port: must be an "
                                      "integer from 0 to 65535, got '70000' (see 'splitserve serve --help')"]
+
+
+def test_transport_flags_and_their_auto_defaults(tmp_path):
+    from runtime.server import loops
+    cfg = write_config(tmp_path, "server: {loop: asyncio, http: h11, grpc_threads: 2}\n")
+    s = settings_for("--config", str(cfg))
+    assert (s.server.loop, s.server.http, s.server.grpc_threads) == ("asyncio", "h11", 2)
+    s = settings_for("--config", str(cfg), "--loop", "uvloop", "--http", "httptools",
+                     "--grpc-threads", "0")
+    assert (s.server.loop, s.server.http, s.server.grpc_threads) == ("uvloop", "httptools", 0)
+    s = settings_for()
+    assert (s.server.loop, s.server.http, s.server.grpc_threads) == ("auto", "auto", 0)
+    # uvicorn[standard] is a dependency: auto means the fast ones
+    assert (loops.loop_name("auto"), loops.http_name("auto")) == ("uvloop", "httptools")
+    assert (loops.loop_name("asyncio"), loops.http_name("h11")) == ("asyncio", "h11")
+    with pytest.raises(CliError, match="--grpc-threads: .*greater than or equal to 0"):
+        settings_for("--grpc-threads", "-1")

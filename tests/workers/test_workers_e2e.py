@@ -219,3 +219,47 @@ def test_a_taken_port_fails_at_once_with_one_line(make_repo, tmp_path):
     err = [x for x in r.stderr.splitlines() if "error" in x]
     assert r.returncode == 2 and len(err) == 1 and f"HTTP port 127.0.0.1:{port}" in err[0], r.stderr
     assert "worker_started" not in r.stderr
+
+
+@pytest.mark.parametrize("transport", [(), ("--grpc-threads", "2")], ids=["grpc.aio", "grpc-threads"])
+def test_grpc_channels_spread_over_workers_and_streams_say_who_answered(repo, tmp_path, transport):
+    """One HTTP/2 connection lands on one worker (as with any SO_REUSEPORT server), so a
+    client scales over workers by opening several connections: channels with their own
+    subchannel pool each get one. ModelStreamInfer says which worker answers, too."""
+    import grpc
+
+    from runtime.protocol.pb import grpc_service_pb2 as pb
+    from runtime.protocol.pb import grpc_service_pb2_grpc as pbg
+    req = pb.ModelInferRequest(model_name="mlp")
+    req.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+    req.raw_input_contents.append(np.full(64, 0.1, np.float32).tobytes())
+
+    def workers_of(options) -> collections.Counter:
+        seen = collections.Counter()
+        channels = [grpc.insecure_channel(srv.grpc, options=options) for _ in range(16)]
+        try:
+            for ch in channels:
+                stub = pbg.GRPCInferenceServiceStub(ch)
+                for _ in range(3):
+                    _, call = stub.ModelInfer.with_call(req, timeout=30)
+                    seen[dict(call.initial_metadata())["x-worker"]] += 1
+        finally:
+            for ch in channels:
+                ch.close()
+        return seen
+
+    srv = Supervised(repo, tmp_path, *transport)
+    try:
+        shared = workers_of([])  # grpc's global subchannel pool: one connection for all
+        assert len(shared) == 1, shared
+        spread = workers_of([("grpc.use_local_subchannel_pool", 1)])
+        assert set(spread) == {"0", "1"}, spread
+
+        with grpc.insecure_channel(srv.grpc) as ch:
+            call = pbg.GRPCInferenceServiceStub(ch).ModelStreamInfer(iter([req, req]), timeout=30)
+            answers = list(call)
+            assert dict(call.initial_metadata())["x-worker"] in {"0", "1"}
+        assert [a.error_message for a in answers] == ["", ""]
+        assert all(len(a.infer_response.raw_output_contents[0]) == 8 * 4 for a in answers)
+    finally:
+        assert srv.stop() == 0, "".join(srv.lines[-20:])
