@@ -236,7 +236,7 @@ def test_grpc_channels_spread_over_workers_and_streams_say_who_answered(repo, tm
 
     def workers_of(options) -> collections.Counter:
         seen = collections.Counter()
-        channels = [grpc.insecure_channel(srv.grpc, options=options) for _ in range(16)]
+        channels = [grpc.insecure_channel(srv.grpc_target, options=options) for _ in range(16)]
         try:
             for ch in channels:
                 stub = pbg.GRPCInferenceServiceStub(ch)
@@ -248,18 +248,18 @@ def test_grpc_channels_spread_over_workers_and_streams_say_who_answered(repo, tm
                 ch.close()
         return seen
 
-    srv = Supervised(repo, tmp_path, *transport)
+    srv = supervised(repo, tmp_path, *transport)
     try:
         shared = workers_of([])  # grpc's global subchannel pool: one connection for all
         assert len(shared) == 1, shared
         spread = workers_of([("grpc.use_local_subchannel_pool", 1)])
         assert set(spread) == {"0", "1"}, spread
 
-        with grpc.insecure_channel(srv.grpc) as ch:
+        with grpc.insecure_channel(srv.grpc_target) as ch:
             call = pbg.GRPCInferenceServiceStub(ch).ModelStreamInfer(iter([req, req]), timeout=30)
             answers = list(call)
             assert dict(call.initial_metadata())["x-worker"] in {"0", "1"}
         assert [a.error_message for a in answers] == ["", ""]
         assert all(len(a.infer_response.raw_output_contents[0]) == 8 * 4 for a in answers)
     finally:
-        assert srv.stop() == 0, "".join(srv.lines[-20:])
+        assert srv.stop() == 0, srv.log_text(20)
