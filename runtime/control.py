@@ -76,6 +76,7 @@ class Control:
             self.refused(f"put_routing model={model}", e.message)
             raise errors.invalid(e.message) from None
         if self.source is not None and not self.source.writable:
+            self.refused(f"put_routing model={model}", "the config source is read-only")
             raise conflict(self.source.managed_by())  # before any change: nothing moves
         async with self._write_lock:
             if self.source is not None:

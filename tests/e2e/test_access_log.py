@@ -150,3 +150,28 @@ def test_config_edit_switches_access_log_and_limits_live(make_repo, serve, tmp_p
     assert [f["status"] for f in access.fields()] == [200, 413]
     assert any("event=setting_needs_restart key=server.http_port old=8000 new=9999" in m for m in msgs), msgs
     assert any("event=setting_applied key=server.access_log old='off' new='all'" in m for m in msgs), msgs
+
+
+def test_every_refused_state_change_is_one_warning(make_repo, serve, tmp_path):
+    """Issue 11 item 7: the audit trail. A wrong token, an invalid routing document and a
+    change of an unknown model are each refused with a 4xx, and each leaves one WARNING
+    line naming the action and why (never the token itself)."""
+    cfg = tmp_path / "splitserve.yaml"
+    cfg.write_text("models:\n  mlp:\n    weights: {1: 100}\n")
+    srv = serve(make_repo({"mlp": {1: "st1"}}), config=cfg, token="s3cret-token")
+    good = {"Authorization": "Bearer s3cret-token"}
+    with Lines("splitserve") as log:
+        r1 = httpx.put(f"{srv.http}/v1/models/mlp/routing", json={"weights": {"1": 100}},
+                       headers={"Authorization": "Bearer wrong"})
+        r2 = httpx.put(f"{srv.http}/v1/models/mlp/routing", json={"weights": {"1": -5}}, headers=good)
+        r3 = httpx.post(f"{srv.http}/v2/repository/models/mlp/unload")
+        assert (r1.status_code, r2.status_code, r3.status_code) == (401, 400, 401), (r1.text, r2.text, r3.text)
+        assert srv.wait_for(lambda: sum(r.levelno == logging.WARNING for r in log.records) >= 3, 10)
+    refused = [f for f, r in zip(log.fields(), log.records)
+               if r.levelno == logging.WARNING and f.get("event") == "state_change_refused"]
+    assert len(refused) == 3, [r.getMessage() for r in log.records]
+    assert all("\n" not in r.getMessage() and "s3cret" not in r.getMessage() and "wrong" not in
+               r.getMessage().split("reason=")[0] for r in log.records)
+    reasons = [f["reason"] for f in refused]
+    assert sum("token" in x for x in reasons) == 2 and any("weight" in x for x in reasons), reasons
+    assert cfg.read_text() == "models:\n  mlp:\n    weights: {1: 100}\n"  # nothing changed
