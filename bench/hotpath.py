@@ -23,57 +23,34 @@ import os
 import platform
 import re
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from serverproc import ServerProcess  # noqa: E402  (tools/)
+from workers import load  # noqa: E402  (bench/workers.py: the same loadgen run)
+
 PA = ROOT / "bench" / ".tools" / "perf_analyzer"
 BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.1] * 64}]}
 CLIENTS = ("rest-json", "grpc", "pa-grpc", "pa-http")
 
 
 def serve(root: Path, extra: list[str], tmp: Path):
+    """`splitserve serve` from checkout `root` (tools/serverproc.py), once it serves."""
     cfg = tmp / "empty.yaml"
     cfg.write_text("{}\n")
-    p = subprocess.Popen([sys.executable, "-m", "runtime", "serve", "--repository",
-                          str(ROOT / "model_repository"), "--config", str(cfg), "--http-port", "0",
-                          "--grpc-port", "0", "--access-log", "off", *extra],
-                         cwd=root, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                         env={**os.environ, "PYTHONPATH": str(root)})
-    found, ready = {}, threading.Event()
-
-    def read():
-        for line in p.stderr:
-            m = re.search(r"event=serving http=(\S+) grpc=(\S+)", line)
-            if m and "worker=" not in line:
-                found["http"], found["grpc"] = m.groups()
-                ready.set()
-        ready.set()
-    threading.Thread(target=read, daemon=True).start()
-    if not ready.wait(300) or not found:
-        p.kill()
-        raise SystemExit(f"server {extra} did not start")
-    return p, found
+    p = ServerProcess(ROOT / "model_repository", "--access-log", "off", *extra, config=cfg,
+                      cwd=root, env={"PYTHONPATH": str(root)}).wait_serving(300)
+    return p, {"http": p.http_hostport, "grpc": p.grpc_target}
 
 
 def loadgen(kind: str, addr: str, c: int, duration: float, channels: int, tmp: Path) -> dict:
-    body = tmp / "body.json"
-    body.write_text(json.dumps(BODY))
-    if kind == "rest-json":
-        args = ["http", "--url", f"http://{addr}/v2/models/mlp/infer", "--body", str(body)]
-    else:
-        args = ["grpc", "--target", addr, "--model", "mlp", "--input", "input:FP32:1x64",
-                "--channels", str(channels)]
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), *args,
-                          "--concurrency", str(c), "--duration", str(duration), "--warmup", "1"],
-                         capture_output=True, text=True, check=True, cwd=ROOT)
-    r = json.loads(out.stdout)
+    r = load("rest" if kind == "rest-json" else "grpc", addr, c, duration, tmp, channels)
     return {"infer_per_s": r["throughput"], "p50_ms": r["p50_ms"], "errors": r["errors"]}
 
 
@@ -173,8 +150,7 @@ def main() -> None:
                         print(json.dumps({"round": rnd, "variant": name, "client": kind, **r}),
                               flush=True)
                 finally:
-                    p.send_signal(signal.SIGTERM)
-                    p.wait(120)
+                    p.stop(120)
         for _name, root, _extra in variants:
             if root != ROOT:
                 subprocess.run(["git", "worktree", "remove", "--force", str(root)], cwd=ROOT,

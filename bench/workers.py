@@ -14,42 +14,26 @@ import argparse
 import json
 import os
 import platform
-import re
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from serverproc import ServerProcess  # noqa: E402  (tools/)
+
 BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.1] * 64}]}
 
 
 def serve(workers: int, tmp: Path):
+    """`splitserve serve --workers N` (tools/serverproc.py), once every worker serves."""
     cfg = tmp / "empty.yaml"
     cfg.write_text("{}\n")
-    p = subprocess.Popen([sys.executable, "-m", "runtime", "serve", "--repository",
-                          str(ROOT / "model_repository"), "--config", str(cfg), "--http-port", "0",
-                          "--grpc-port", "0", "--workers", str(workers), "--access-log", "off"],
-                         cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    found = {}
-    ready = threading.Event()
-
-    def read():
-        for line in p.stderr:
-            m = re.search(r"event=serving http=(\S+) grpc=(\S+)", line)
-            if m and "worker=" not in line:
-                found["http"], found["grpc"] = m.groups()
-                ready.set()
-        ready.set()
-    threading.Thread(target=read, daemon=True).start()
-    if not ready.wait(300) or not found:
-        p.kill()
-        raise SystemExit(f"server with --workers {workers} did not start")
-    return p, found
+    p = ServerProcess(ROOT / "model_repository", "--workers", str(workers), "--access-log", "off",
+                      config=cfg, cwd=ROOT).wait_serving(300)
+    return p, {"http": p.http_hostport, "grpc": p.grpc_target}
 
 
 def load(kind: str, addr: str, c: int, duration: float, tmp: Path, channels: int = 8) -> dict:
@@ -92,8 +76,7 @@ def main() -> None:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
             finally:
-                p.send_signal(signal.SIGTERM)
-                p.wait(120)
+                p.stop(120)
     if a.append:
         import torch
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
