@@ -320,10 +320,10 @@ class ExperimentRunner:
             j = act(self.router.get_config(model), self.states.get(model), action, now)
         except ExperimentError as e:
             raise ServingError(_CODES.get(e.kind, Code.INVALID_ARGUMENT), e.message) from None
-        await self._apply(model, j)
         exp = self.router.get_config(model).experiment
         if exp is not None:  # the next judgment is a whole interval after a person's move
-            self._due[model] = now + exp.interval_s
+            self._due[model] = now + exp.interval_s  # (set first: a tick may run while we write)
+        await self._apply(model, j)
         return self.view(model)
 
     async def feedback(self, model: str, body: object) -> dict:
