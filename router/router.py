@@ -9,7 +9,7 @@ no AVAILABLE version: whether a model exists is the runtime's business, not the 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from router.config import EMPTY_CONFIG, RouteConfig, config_versions
@@ -29,33 +29,48 @@ class Router:
         self._rng = random.Random(seed)
         self._configs: dict[str, RouteConfig] = {}
         self._available: dict[str, frozenset[int]] = {}
+        self._present: dict[str, frozenset[int]] = {}  # version folders, where the runtime said
         self._tables: dict[str, RoutingTable] = {}
+        self._listeners: list[Callable[[str], None]] = []
         for model, config in (configs or {}).items():
             self.set_config(model, config)
 
     # -- changes (event loop) ---------------------------------------------------------
+
+    def subscribe(self, fn: Callable[[str], None]) -> None:
+        """Call `fn(model)` after each set_config that changed the model's config (metrics
+        keep a baseline there: the A/B summary's `since=routing` window)."""
+        self._listeners.append(fn)
 
     def set_config(self, model: str, config: RouteConfig | None) -> None:
         """Replace the model's config (None removes it) and recompile its table."""
         if config is not None and not isinstance(config, RouteConfig):
             raise TypeError(f"expected a RouteConfig, got {type(config).__name__}")
         configs = dict(self._configs)
+        changed = configs.get(model) != config
         if config is None:
             configs.pop(model, None)
         else:
             configs[model] = config
         self._configs = configs
         self._rebuild(model)
+        if changed:
+            for fn in self._listeners:
+                fn(model)
 
-    def set_available(self, model: str, versions: Iterable[int]) -> None:
-        """Record the model's AVAILABLE versions and recompile its table."""
+    def set_available(self, model: str, versions: Iterable[int], present: Iterable[int] | None = None) -> None:
+        """Record the model's AVAILABLE versions (and, when given, the version folders in the
+        repository, so routes naming a deleted folder say so) and recompile its table."""
         self._available = {**self._available, model: frozenset(versions)}
+        if present is not None:
+            self._present = {**self._present, model: frozenset(present)}
         self._rebuild(model)
 
     def remove_model(self, model: str) -> None:
         """Forget the model entirely (its folder is gone)."""
         self._configs = {m: c for m, c in self._configs.items() if m != model}
         self._available = {m: a for m, a in self._available.items() if m != model}
+        self._present = {m: a for m, a in self._present.items() if m != model}
         self._tables = {m: t for m, t in self._tables.items() if m != model}
 
     def _rebuild(self, model: str) -> None:
@@ -65,6 +80,7 @@ class Router:
             self._configs.get(model, EMPTY_CONFIG),
             self._available.get(model, ()),
             previous_labels=old.labels if old is not None else None,
+            present=self._present.get(model),
         )
         self._tables = {**self._tables, model: table}
 
@@ -135,6 +151,18 @@ class Router:
         if table is not None:
             refs.update(table.labels.values())
         return frozenset(refs)
+
+    def missing_routes(self, model: str) -> tuple[dict[str, int], dict[int, float]]:
+        """What the routes name that has no folder ("label 'stable'" -> 1), and the split
+        traffic takes without those versions once the versions present are AVAILABLE
+        (version -> fraction; what a WARNING about the missing folders reports)."""
+        table = self.table(model)
+        if not table.missing:
+            return {}, dict(table.weights)
+        names = {what: v for what, v in config_versions(table.config).items() if v in table.missing}
+        without = (table.available | self._present.get(model, frozenset())) - set(table.missing)
+        split = RoutingTable.compile(model, table.config, without, table.labels, self._present.get(model))
+        return names, dict(split.weights)
 
     def routing_state(self, model: str) -> dict[str, Any]:
         return self.table(model).state()

@@ -12,7 +12,10 @@ Effective routes:
 - a label whose configured target is not AVAILABLE keeps resolving to its previous
   effective target (when that is still AVAILABLE) and is listed as pending: the target is
   loaded first and the label moves once it is AVAILABLE;
-- the shadow target resolves the same way and is used only while AVAILABLE.
+- the shadow target resolves the same way and is used only while AVAILABLE;
+- a routed version whose folder is gone from the repository (`present` given and not
+  naming it) is unavailable like any other, and the notes say its folder is gone, so
+  the operator knows to restore the folder or change the routes rather than to wait.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class RoutingTable:
     pending_labels: Mapping[str, int]  # label -> configured target not AVAILABLE yet
     weights: Mapping[int, float]  # effective fractions over AVAILABLE versions
     unavailable: tuple[int, ...]  # configured versions that are not AVAILABLE
+    missing: tuple[int, ...]  # configured versions with no folder in the repository
     shadow_target: int | None  # resolved and AVAILABLE, else None
     shadow_p: float  # shadow fraction in [0, 1]; 0 when no usable target
     note: str
@@ -73,11 +77,18 @@ class RoutingTable:
         config: RouteConfig,
         available: Iterable[int],
         previous_labels: Mapping[str, int] | None = None,
+        present: Iterable[int] | None = None,
     ) -> RoutingTable:
+        """`present`: the version folders in the repository (None: not known, none missing)."""
         avail = frozenset(available)
         newest = max(avail, default=None)
         prev = previous_labels or {}
         notes: list[str] = []
+        referenced = set(config_versions(config).values())
+        missing = frozenset() if present is None else frozenset(referenced - set(present))
+
+        def why(v: int) -> str:
+            return "whose folder is gone from the repository" if v in missing else "which is not AVAILABLE yet"
 
         labels: dict[str, int] = {}
         pending: dict[str, int] = {}
@@ -93,7 +104,7 @@ class RoutingTable:
                     f"label '{name}' moves to version {target} once it is AVAILABLE; until then it resolves to {was}"
                 )
             else:
-                notes.append(f"label '{name}' points at version {target}, which is not AVAILABLE yet")
+                notes.append(f"label '{name}' points at version {target}, {why(target)}")
 
         def resolve(ref: str | int) -> int:
             return ref if isinstance(ref, int) else labels.get(ref, config.labels[ref])
@@ -105,8 +116,11 @@ class RoutingTable:
         live_w = {v: w for v, w in configured.items() if v in avail and w > 0}
         dead = sorted(v for v, w in configured.items() if v not in avail and w > 0)
         if live_w and dead:
+            gone = [v for v in dead if v in missing]
             notes.append(
-                f"{_plural(dead)} not AVAILABLE: the share goes to "
+                f"{_plural(dead)} not AVAILABLE"
+                + (f" ({_plural(gone, 'folder')} gone from the repository)" if gone else "")
+                + ": the share goes to "
                 f"{', '.join(map(str, sorted(live_w)))} in proportion to their weights"
             )
         if not live_w and newest is not None:
@@ -127,7 +141,8 @@ class RoutingTable:
             if t in avail:
                 shadow_target, shadow_p = t, config.shadow.percent / 100.0
             else:
-                notes.append(f"shadow target version {t} is not AVAILABLE: shadowing is paused")
+                gone = " (its folder is gone from the repository)" if t in missing else ""
+                notes.append(f"shadow target version {t} is not AVAILABLE{gone}: shadowing is paused")
 
         live = layout(live_w)
         bands = layout(configured) if configured else live
@@ -139,7 +154,6 @@ class RoutingTable:
             shadowed = RouteDecision(v, how, shadow_target) if shadow_target not in (None, v) else plain
             return plain, shadowed
 
-        referenced = set(config_versions(config).values())
         return cls(
             model=model,
             config=config,
@@ -148,6 +162,7 @@ class RoutingTable:
             pending_labels=MappingProxyType(pending),
             weights=MappingProxyType(fractions(live_w)),
             unavailable=tuple(sorted(referenced - avail)),
+            missing=tuple(sorted(missing)),
             shadow_target=shadow_target,
             shadow_p=shadow_p,
             note="; ".join(notes),
@@ -204,10 +219,8 @@ class RoutingTable:
     def _no_label(self, label: str) -> RoutingError:
         target = self.config.labels.get(label)
         if target is not None:
-            return RoutingError(
-                "unavailable",
-                f"label '{label}' of model '{self.model}' points at version {target}, which is not AVAILABLE yet",
-            )
+            why = "whose folder is gone from the repository" if target in self.missing else "which is not AVAILABLE yet"
+            return RoutingError("unavailable", f"label '{label}' of model '{self.model}' points at version {target}, {why}")
         names = ", ".join(self.config.labels) or "none defined"
         return RoutingError("not_found", f"model '{self.model}' has no label '{label}' (labels: {names})")
 
@@ -227,6 +240,7 @@ class RoutingTable:
                 "labels": dict(self.labels),
                 "pending_labels": dict(self.pending_labels),
                 "unavailable": list(self.unavailable),
+                "missing": list(self.missing),
                 "shadow": (
                     {"target": self.shadow_target, "percent": self.config.shadow.percent}  # type: ignore[union-attr]
                     if self.shadow_target is not None
@@ -237,7 +251,9 @@ class RoutingTable:
         }
 
 
-def _plural(versions: list[int]) -> str:
+def _plural(versions: list[int], what: str = "") -> str:
+    """'version 1 is' / 'versions 1, 2 are'; with `what`: "version 1's folder is" / "... folders are"."""
     if len(versions) == 1:
-        return f"version {versions[0]} is"
-    return f"versions {', '.join(map(str, versions))} are"
+        return f"version {versions[0]}'s {what} is" if what else f"version {versions[0]} is"
+    listed = ", ".join(map(str, versions))
+    return f"versions {listed}' {what}s are" if what else f"versions {listed} are"

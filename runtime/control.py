@@ -2,7 +2,9 @@
 persisted atomically), config-file hot reload, and model load/unload.
 
 Runs on the event loop. A rejected change raises `ServingError(INVALID_ARGUMENT)` and
-changes nothing: not the router, not the file.
+changes nothing: not the router, not the file. A version with no folder is refused only
+in new intent (a PUT, a changed model entry in the file): routes the server already runs
+stay, their missing versions unavailable (core.py warns), so a restart never refuses them.
 """
 
 from __future__ import annotations
@@ -112,8 +114,10 @@ class Control:
         try:
             configs = (parse_config_text(text, str(where)) if text is not None
                        else load_config_file(self.config_path))
-            snap = self.manager.view()
+            snap, running = self.manager.view(), self.router.configs()
             for model, cfg in configs.items():
+                if running.get(model) == cfg:
+                    continue  # what serves now (its folder may be gone): not new intent
                 mv = snap.model(model)
                 validate_against(cfg, set(mv.present) if mv else set(), model=model)
         except RoutingError as e:

@@ -33,6 +33,7 @@ from runtime import errors
 from runtime.errors import Code, ServingError
 from runtime.experiment_peers import Peers
 from runtime.metrics import EDGES, NB
+from runtime.views import ExperimentsView
 
 log = logging.getLogger("splitserve.experiments")
 
@@ -91,6 +92,7 @@ class ExperimentRunner:
         self._seen_capacity = seen_capacity
         self._due: dict[str, float] = {}
         self._task: asyncio.Task | None = None
+        self._counts: dict[tuple[str, str, str], int] = {}  # (kind, model, key): published counters
 
     # ---- hot path ---------------------------------------------------------------------
     def on_finished(self, model: str, version: int | None, how: str, ok: bool, latency_s: float,
@@ -287,6 +289,8 @@ class ExperimentRunner:
             d = j.decision
             log.info("event=experiment_decision model=%s action=%s by=%s step=%d candidate_weight=%g reason=%r",
                      model, d.action, d.by, d.step, d.candidate_weight, d.reason)
+            if d.action == "rollback":
+                self._count("rollbacks", model, rollback_reason(d))
         if j.route is not None or j.decision is not None or changed:  # the others show what is saved
             await asyncio.to_thread(self._save_states)
             self._refresh(model, self.router.get_config(model))
@@ -338,5 +342,26 @@ class ExperimentRunner:
         except FeedbackError as e:
             raise errors.invalid(str(e)) from None
         self._ingest()  # records other workers appended since the last tick
-        return self.log.join(model, items).to_json()
+        result = self.log.join(model, items).to_json()
+        for k, n in result.items():
+            self._count("feedback", model, k, n)
+        return result
+
+    # ---- published view (read-only; metrics reads it) ------------------------------------
+    def _count(self, kind: str, model: str, key: str, n: int = 1) -> None:
+        k = (kind, model, key)
+        self._counts[k] = self._counts.get(k, 0) + n
+
+    def published(self) -> ExperimentsView:
+        """Every model's report (as GET .../experiment answers it) and this process's counters."""
+        models = {m for m, r in self.router.configs().items() if r.experiment is not None} | set(self.states)
+        return ExperimentsView({m: self.view(m) for m in sorted(models)}, dict(self._counts))
+
+
+def rollback_reason(d) -> str:
+    """`manual` for a person's rollback, else the guardrail that alarmed (`errors`, `latency`)."""
+    if d.by != "auto":
+        return "manual"
+    head = d.reason.split(":", 1)[0].strip()
+    return head if head.isidentifier() else "other"
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from runtime import errors
 from runtime.batcher import batching_on, calibrate_loaded, make_batcher
 from runtime.loader import LoadedModel, LoadError, load_version, warmup
+from runtime.logs import value
 from runtime.modelspec import ModelSpec
 from runtime.policy import HarnessInfo, plan, select_versions
 from runtime.runner import Runner
@@ -164,12 +165,16 @@ class ModelEntry:
         self.path = path
         self.spec: ModelSpec | None = None
         self.spec_error: str | None = None
+        self.spec_error_since = 0.0
+        self.ignored: dict[str, str] = {}  # path -> reason, as last logged (logged once)
+        self.failures: dict[int, str] = {}  # last load failure per version, until it loads
         self.folder: ModelFolder | None = None
         self.harnesses: list[Harness] = []
         self.serving: dict[int, Harness] = {}  # AVAILABLE harness per version
-        self.ended: dict[int, VersionStatus] = {}  # last END/FAILED record per version
+        self.ended: dict[int, VersionStatus] = {}  # last END record per version with a folder
         self.disabled = False  # unloaded through the repository API
         self.dirty = True  # a rescan is due
+        self.in_grace = False  # the one timer left waits out incomplete_grace_s: settled
         self.task: asyncio.Task | None = None
         self.timer: asyncio.TimerHandle | None = None
 
@@ -177,7 +182,8 @@ class ModelEntry:
         return sorted(self.serving)
 
     def visible(self) -> bool:
-        return self.spec is not None or bool(self.harnesses) or self.disabled
+        return (self.spec is not None or bool(self.harnesses) or self.disabled
+                or self.spec_error is not None)
 
     def view(self) -> ModelView:
         mem: dict[int, int] = {}
@@ -215,6 +221,11 @@ class ModelEntry:
             if h.state is S.AVAILABLE or h.version not in live or live[h.version].state is not S.AVAILABLE:
                 live[h.version] = VersionStatus(h.version, h.state, h.error, h.state_since)
         merged = {**self.ended, **live}
+        if self.spec is None and self.spec_error is not None and self.folder is not None:
+            # never a valid model.yaml: its versions cannot load, FAILED for that reason
+            for v in self.folder.versions:
+                merged.setdefault(v, VersionStatus(v, S.FAILED, self.spec_error,
+                                                   self.spec_error_since))
         return [merged[v] for v in sorted(merged)]
 
 
@@ -313,13 +324,16 @@ class Manager:
             if not is_model_name(name):
                 return
             entry = self.models[name] = ModelEntry(name, self.root / name)
-        entry.dirty = True
         if entry.timer is not None:
             entry.timer.cancel()
+        entry.in_grace = False
         loop = asyncio.get_running_loop()
         entry.timer = loop.call_later(delay, self._kick, entry)
 
     def _kick(self, entry: ModelEntry) -> None:
+        # dirty when the timer fires, not when it is set: a recheck asked for from inside
+        # a pass must not make that pass loop at once (it rescanned ~300 times a second)
+        entry.dirty = True
         entry.timer = None
         if entry.task is None or entry.task.done():
             entry.task = self._spawn(self._reconcile(entry))
@@ -360,9 +374,7 @@ class Manager:
         self._changed = asyncio.Event()
 
     def _apply(self, entry: ModelEntry, folder: ModelFolder) -> None:
-        if folder.spec_error and folder.spec_error != entry.spec_error:
-            log.error("event=bad_model_yaml model=%s keeping=last_good reason=%r",
-                      entry.name, folder.spec_error)
+        self._report(entry, folder)
         entry.spec_error = folder.spec_error
         if folder.spec is None:  # invalid model.yaml and nothing good seen before
             entry.folder = folder
@@ -372,16 +384,20 @@ class Manager:
             self._apply_in_place(entry, folder.spec)
         entry.spec, entry.folder = folder.spec, folder
         present = folder.versions
+        # TF Serving forgets a version whose folder is gone: so does the status (END records)
+        entry.ended = {v: st for v, st in entry.ended.items() if v in present}
+        entry.failures = {v: r for v, r in entry.failures.items() if v in present}
         gone = entry.disabled or entry.path.is_symlink() or not entry.path.is_dir()
         aspired = set() if gone else (select_versions(folder.spec, present) |
                                       (set(self.referenced(entry.name)) & set(present)))
-        loadable, recheck = set(), None
+        loadable, recheck, grace_only = set(), None, True
         for v in aspired:
             wait = self._not_ready_for(present[v])
             if wait is None:
                 loadable.add(v)
-            elif wait >= 0:
-                recheck = wait if recheck is None else min(recheck, wait)
+            else:
+                recheck = wait[0] if recheck is None else min(recheck, wait[0])
+                grace_only &= wait[1]
         infos = [HarnessInfo(h.generation, h.version, h.folder.fingerprint, h.state)
                  for h in entry.harnesses]
         actions = plan(infos, {v: present[v].fingerprint for v in aspired}, loadable,
@@ -404,9 +420,28 @@ class Manager:
         self._notify(entry)
         if recheck is not None:
             self.request_reconcile(entry.name, delay=recheck)
+            entry.in_grace = grace_only
         if not entry.harnesses and not entry.path.is_dir():
             self.models.pop(entry.name, None)
             self._publish(entry.name)
+
+    @staticmethod
+    def _report(entry: ModelEntry, folder: ModelFolder) -> None:
+        """Log, once per change (the watcher rescans often): what the scan ignored, a
+        model.yaml that turned bad, and one that is good again."""
+        for path, why in folder.ignored:
+            if entry.ignored.get(path) != why:
+                log.info("event=ignored model=%s path=%s reason=%r", entry.name, value(path), why)
+        entry.ignored = dict(folder.ignored)
+        if folder.spec_error == entry.spec_error:
+            return
+        entry.spec_error_since = time.time()
+        if folder.spec_error is not None:
+            log.error("event=bad_model_yaml model=%s keeping=%s reason=%r", entry.name,
+                      "last_good" if entry.spec is not None else "nothing", folder.spec_error)
+        else:
+            log.info("event=model_config_recovered model=%s path=%s/model.yaml was=%r",
+                     entry.name, entry.name, entry.spec_error)
 
     def _apply_in_place(self, entry: ModelEntry, spec: ModelSpec) -> None:
         """model.yaml changed: settings that leave the weights valid apply to what serves."""
@@ -419,15 +454,17 @@ class Manager:
                                     preferred_batch_sizes=spec.batching.preferred_batch_sizes)
         log.info("event=model_yaml_changed model=%s", entry.name)
 
-    def _not_ready_for(self, vf: VersionFolder) -> float | None:
-        """Seconds to wait before this folder may be loaded, or None when it may be now."""
-        if vf.format is None:
-            return -1.0  # nothing to load yet (empty or still arriving): the next event rescans
+    def _not_ready_for(self, vf: VersionFolder) -> tuple[float, bool] | None:
+        """(seconds to wait, whether only incomplete_grace_s is left) before this folder
+        may be loaded, or None when it may be now. A folder with no model file (yet) or an
+        incomplete one is "loaded" once quiet for incomplete_grace_s, and so FAILS with
+        its reason. Waiting out the grace counts as settled: a copy that has not started
+        (or stalled) holds neither start nor readiness."""
         quiet = quiet_for(vf)
         if quiet < self.settings.quiet_s:
-            return self.settings.quiet_s - quiet + 0.05
+            return self.settings.quiet_s - quiet + 0.05, False
         if vf.incomplete and quiet < self.settings.incomplete_grace_s:
-            return self.settings.incomplete_grace_s - quiet + 0.05
+            return self.settings.incomplete_grace_s - quiet + 0.05, True
         return None
 
     # ---- load / unload -------------------------------------------------------------
@@ -447,6 +484,8 @@ class Manager:
         self._publish(None)
 
     async def _load(self, entry: ModelEntry, h: Harness) -> None:
+        if h.folder.format is None and not (h.cancelled or self._closing):
+            return self._fail(entry, h, h.folder.incomplete or "no model file")  # no slot needed
         async with self._load_sem:
             if h.cancelled or self._closing:
                 entry.harnesses.remove(h)
@@ -455,8 +494,6 @@ class Manager:
             h._set(S.LOADING)
             self._notify(entry)
             t0 = time.perf_counter()
-            if h.folder.format is None:
-                return self._fail(entry, h, h.folder.incomplete or "no model file")
             fut = _in_thread(self._load_and_warm, h, on_abandoned=lambda lm: self._abandoned(h, lm))
             try:
                 lm = await asyncio.wait_for(asyncio.shield(fut), timeout=h.spec.load_timeout_s)
@@ -494,6 +531,9 @@ class Manager:
                                      lm.warmup_s, str(lm.device), lm.memory_bytes,
                                      time.monotonic()))
         entry.ended.pop(h.version, None)
+        failed = entry.failures.pop(h.version, None)
+        if failed is not None:
+            log.info("event=version_recovered servable=%s was=%r", h.sid, failed)
         entry.dirty = True
         self._kick(entry)  # re-plan: what this version replaces can now unload
         self._notify(entry)
@@ -514,6 +554,7 @@ class Manager:
 
     def _fail(self, entry: ModelEntry, h: Harness, reason: str) -> None:
         h._set(S.FAILED, reason)
+        entry.failures[h.version] = reason
         log.error("event=load_failed servable=%s reason=%r", h.sid, reason)
         self.on_event(LifecycleEvent("failed", h.sid.model, h.version, reason, at=time.monotonic()))
         self._notify(entry)
@@ -535,8 +576,9 @@ class Manager:
         await h.runner.close(lm.release if lm is not None else (lambda: None))
         h._set(S.END)
         entry.harnesses.remove(h)
-        if not any(x.version == h.version for x in entry.harnesses):
-            entry.ended[h.version] = VersionStatus(h.version, S.END, None, h.state_since)
+        if not any(x.version == h.version for x in entry.harnesses) and \
+                entry.folder is not None and h.version in entry.folder.versions:
+            entry.ended = {**entry.ended, h.version: VersionStatus(h.version, S.END, None, h.state_since)}
         log.info("event=unloaded servable=%s reason=%r drain_unload_ms=%.1f", h.sid, why,
                  (time.perf_counter() - t0) * 1e3)
         self.on_event(LifecycleEvent("unloaded", h.sid.model, h.version, at=time.monotonic()))
@@ -588,9 +630,9 @@ class Manager:
 
     def _quiet(self, model: str) -> bool:
         e = self.models.get(model)
-        return e is None or (e.timer is None and (e.task is None or e.task.done()) and
-                             all(h.state in (S.AVAILABLE, S.FAILED) for h in e.harnesses)
-                             and not e.dirty)
+        return e is None or ((e.timer is None or e.in_grace) and not e.dirty and
+                             (e.task is None or e.task.done()) and
+                             all(h.state in (S.AVAILABLE, S.FAILED) for h in e.harnesses))
 
     async def settle(self, model: str, timeout: float) -> bool:
         """Wait until nothing of `model` is loading or unloading and no rescan is due."""

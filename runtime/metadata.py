@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from runtime import errors
+from runtime.policy import policy_text, selected_by
 from runtime.repository import list_models
 from runtime.types import Signature, VersionState
 from runtime.views import ModelView, Snapshot
@@ -54,6 +55,8 @@ def model_metadata(snapshot: Snapshot, model: str, version: int | None = None) -
     if sig is not None and sig.derived:
         meta["parameters"] = {"signature": "derived from the model file; declare inputs and "
                                            "outputs in model.yaml to pin them"}
+    if mv.spec_error is not None:
+        meta.setdefault("parameters", {})["model_config_error"] = mv.config_error()
     return meta
 
 
@@ -88,22 +91,38 @@ def model_config(snapshot: Snapshot, model: str, version: int | None = None) -> 
 
 
 def repository_index(snapshot: Snapshot, root: Path, ready_only: bool = False) -> list[dict]:
+    """Every model, and every version it has a status for or a folder of. A version on disk
+    that is not loaded (never, after a restart, or no longer) is UNAVAILABLE "not loaded: why"."""
     out = []
     for name in sorted(set(snapshot.names()) | {p.name for p in list_models(root)}):
         mv = snapshot.model(name)
-        statuses = mv.versions if mv else ()
-        if not statuses:
+        statuses = {st.version: st for st in mv.versions} if mv else {}
+        versions = sorted(set(statuses) | (mv.present if mv else set()))
+        note = mv.config_error() if mv else None  # a bad model.yaml shows on every row
+        if not versions:
             if not ready_only:
                 out.append({"name": name, "version": "", "state": "UNAVAILABLE",
-                            "reason": "unloaded" if mv and mv.disabled else "not loaded"})
+                            "reason": note or ("unloaded" if mv and mv.disabled else "not loaded")})
             continue
-        for st in statuses:
-            ready = st.state is VersionState.AVAILABLE
+        for v in versions:
+            st = statuses.get(v)
+            ready = st is not None and st.state is VersionState.AVAILABLE
             if ready_only and not ready:
                 continue
-            out.append({"name": name, "version": str(st.version),
+            if st is None or (st.state is VersionState.END and v in mv.present):
+                out.append({"name": name, "version": str(v), "state": "UNAVAILABLE",
+                            "reason": _not_loaded(mv, v)})
+                continue
+            out.append({"name": name, "version": str(v),
                         "state": "READY" if ready else ("LOADING" if st.state in (VersionState.START, VersionState.LOADING)
                                                         else "UNAVAILABLE"),
-                        "reason": st.error or ("" if ready else st.state.value.lower())})
+                        "reason": st.error or note or ("" if ready else st.state.value.lower())})
     return out
 
+
+def _not_loaded(mv: ModelView, version: int) -> str:
+    if mv.disabled:
+        return "not loaded: unloaded through the repository API"
+    if mv.version_policy is not None and version not in selected_by(mv.version_policy, mv.present):
+        return f"not loaded: not chosen by version policy {policy_text(mv.version_policy)}"
+    return "not loaded yet"

@@ -16,9 +16,11 @@ integer second arithmetic on the injectable `clock`.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable, Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -26,7 +28,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from runtime import errors
-from runtime.views import LifecycleEvent, Snapshot, VersionView
+from runtime.metrics_merge import merge_states, subtract_states
+from runtime.views import ExperimentsView, LifecycleEvent, Snapshot, VersionView
 
 log = logging.getLogger("splitserve.metrics")
 
@@ -45,6 +48,15 @@ CLIENT_CODES = ("INVALID_ARGUMENT", "TOO_LARGE", "NOT_FOUND", "CLIENT_TIMEOUT")
 ROUTED = ("split", "sticky")  # routes that follow the weights: what observed share counts
 PRIMARY_EXCLUDED = ("shadow",)
 STATE_FORMAT = 1  # of export_state(); a reader refuses any other
+# A/B summary windows: baselines of the cumulative counters (merged across workers),
+# taken at each routing change (the last ROUTING_MARKS kept per model) and every
+# CHECKPOINT_S (the last CHECKPOINTS kept: 15 minutes) for `?since=<epoch>`.
+CHECKPOINT_S = 10.0
+CHECKPOINTS = 90
+ROUTING_MARKS = 16
+SINCE_EXPECTED = "'routing', 'start' or a unix time in seconds"
+EXPERIMENT_STATES = ("running", "holding", "paused", "rolled_back", "promoted", "none")
+NO_EXPERIMENT = {"state": "none", "decisions": []}
 
 
 def _make_edges() -> list[float]:
@@ -95,6 +107,27 @@ def _ms(counts: list[int]) -> dict[str, float | None]:
 
 def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
+
+
+def _r4(x: float | None) -> float | None:
+    """Shares and rates as people read them: 4 digits."""
+    return None if x is None else round(x, 4)
+
+
+def _units(x: float) -> float | int:
+    """A weight in the config's units, as the config writes it (90, not 90.0)."""
+    x = round(x, 4)
+    return int(x) if x.is_integer() else x
+
+
+def _parse_since(since: str) -> float:
+    try:
+        t = float(since)
+    except ValueError:
+        t = math.nan
+    if not math.isfinite(t) or t < 0:
+        raise errors.invalid(f"since must be {SINCE_EXPECTED}, got {since!r}")
+    return t
 
 
 class Series:
@@ -198,6 +231,13 @@ class Metrics:
         # Worker processes: peers() returns the other workers' raw-counter snapshots
         # (runtime/metrics_merge.py); every read then answers the merged totals.
         self.peers: Callable[[], list[dict]] | None = None
+        # The ExperimentRunner's published view (set by Core): reports become gauges of
+        # this process, counts are summed across processes like every counter here.
+        self.experiments: Callable[[], ExperimentsView] | None = None
+        self._exp_counts: dict[tuple[str, str, str], int] | None = None  # imported (merged) counts
+        self.started = wall()
+        self._marks: dict[str, deque] = {}  # model -> (wall, "routing_change", its counters)
+        self._checkpoints: deque = deque(maxlen=CHECKPOINTS)  # (wall, "checkpoint", counters)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
 
@@ -378,18 +418,17 @@ class Metrics:
         return int((self.wall() - (self.clock() - last)) * 1000)
 
     def _weights(self, model: str) -> tuple[dict[int, float] | None, dict[int, float], dict[int, list[str]]]:
-        """(configured share per version or None without weights, effective share,
-        labels per version)."""
+        """(configured weight per version in the config's units, or None without weights;
+        effective share (fractions); labels per version)."""
         if self.router is None:
             return None, {}, {}
         cfg = self.router.get_config(model)
         configured = None
         if cfg.weights:
-            total = float(sum(cfg.weights.values()))
             configured = {}
             for ref, w in cfg.weights.items():
                 v = cfg.target_of(ref)
-                configured[v] = configured.get(v, 0.0) + w / total
+                configured[v] = configured.get(v, 0.0) + float(w)
         table = self.router.table(model)
         labels: dict[int, list[str]] = {}
         for name, v in sorted(table.labels.items()):
@@ -480,17 +519,84 @@ class Metrics:
         }
 
     # ---- A/B summary ---------------------------------------------------------------
-    def summary(self, model: str) -> dict:
-        """Per-version A/B figures: exact counts, latency percentiles (all time and the
-        recent window), configured/effective/observed shares, memory, shadow agreement.
-        Observed share counts weight-routed (split and sticky) requests only."""
-        if self.peers is not None:
-            return self.merged().summary(model)
-        self.retire()
-        if not self._model_known(model):
+    def summary(self, model: str, since: str | None = None) -> dict:
+        """Per-version A/B figures over a window: exact counts, latency percentiles,
+        configured/effective weights (the config's units) against observed shares, memory,
+        shadow agreement, and the experiment block. `since`: "routing" (the default: since
+        the model's last routing change), "start" or unix seconds. Observed share counts
+        weight-routed (split and sticky) requests only; `recent` is the last window_s
+        seconds whatever the window."""
+        src = self.merged() if self.peers is not None else self
+        if src is self:
+            self.retire()
+        if not src._model_known(model):
             raise errors.not_found(f"unknown model '{model}'")
+        window, base = self._window(model, since)
+        if base is not None:
+            src = src._copy(subtract_states(src.export_state(model), base))
+        return src._summary(model, window, self._experiment_report(model))
+
+    # ---- windows: baselines of the cumulative counters ---------------------------------
+    def _counters(self, model: str | None = None) -> dict:
+        """The cumulative counters now, merged with the peers' (every worker's totals),
+        without what a window never subtracts (queue/compute histograms, the ring)."""
+        state = self.export_state(model)
+        if self.peers is not None:
+            state = merge_states([state, *self.peers()])
+            if model is not None:  # a peer's file holds every model
+                for f in ("cells", "series", "exec", "shadow", "shadow_dropped", "retired"):
+                    state[f] = [x for x in state[f] if x[0] == model]
+        state["experiment_counts"] = []  # a window never subtracts them
+        for *_k, d in state["series"]:
+            for f in ("q", "c", "window"):
+                d.pop(f, None)
+        return state
+
+    def routing_changed(self, model: str) -> None:
+        """The router applied a new config for `model` (Router.subscribe): the baseline of
+        `since=routing`. Also at start, when the config is first read."""
+        marks = self._marks.get(model)
+        if marks is None:
+            marks = self._marks[model] = deque(maxlen=ROUTING_MARKS)
+        marks.append((self.wall(), "routing_change", self._counters(model)))
+
+    def checkpoint(self) -> None:
+        """A baseline for `since=<epoch>`; Core calls it every CHECKPOINT_S."""
+        self._checkpoints.append((self.wall(), "checkpoint", self._counters()))
+
+    def _window(self, model: str, since: str | None) -> tuple[dict, dict | None]:
+        """(the answer's `window`, the baseline counters or None for since start). An epoch
+        resolves to the first baseline at or after it (never earlier traffic), else the
+        latest one; `from` says which."""
+        now = self.wall()
+        start = (self.started, "process_start", None)
+        marks = self._marks.get(model, ())
+        since = since or "routing"
+        if since == "routing":
+            at, event, base = marks[-1] if marks else start
+        elif since == "start":
+            at, event, base = start
+        else:
+            t = _parse_since(since)
+            if t > now + 1.0:
+                raise errors.invalid(f"since={since} is in the future (now {now:.0f}); "
+                                     f"expected {SINCE_EXPECTED}")
+            cands = [start, *marks, *self._checkpoints]
+            after = [c for c in cands if c[0] >= t]
+            at, event, base = (min(after, key=lambda c: c[0]) if after
+                               else max(cands, key=lambda c: c[0]))
+        return {"since": since, "from": round(at, 3), "from_event": event,
+                "seconds": round(max(0.0, now - at), 3)}, base
+
+    def _experiment_report(self, model: str) -> dict:
+        if self.experiments is None:
+            return dict(NO_EXPERIMENT)
+        return dict(self.experiments().reports.get(model, NO_EXPERIMENT))
+
+    def _summary(self, model: str, window: dict, experiment: dict) -> dict:
         statuses = self._statuses(model)
         configured, effective, labels = self._weights(model)
+        units = sum(configured.values()) if configured else 100.0  # effective weight, config units
         now_sec = int(self.clock())
         shadow_by_v: dict[int, list[tuple[int, ShadowStats]]] = {}
         for (m, p, sv), st in self._shadow.items():
@@ -508,6 +614,10 @@ class Metrics:
             n_ok = sum(s.n for s in prim)
             n_err = sum(s.err for s in prim)
             routed = sum(s.n + s.err for s in prim if s.route in ROUTED)
+            by_route: dict[str, int] = {}
+            for s in prim:
+                if s.n + s.err:
+                    by_route[s.route] = by_route.get(s.route, 0) + s.n + s.err
             rn = re = rrouted = 0
             rlats = []
             for s in prim:
@@ -523,22 +633,26 @@ class Metrics:
             ex_n = sum(b[0] for b in ex.values())
             st = statuses.get(v)
             life = self._life.get((model, v))
-            rows[v] = (routed, rrouted, {
+            rows[v] = (routed, rrouted, st is not None and st.state.value == "END", {
                 "version": str(v),
                 "state": st.state.value if st is not None else None,
                 "reason": st.error if st is not None else None,
-                "label": labels.get(v, []),
-                "weight": None if configured is None else round(configured.get(v, 0.0), 6),
-                "effective_weight": round(effective.get(v, 0.0), 6),
+                "labels": labels.get(v, []),
+                "label": labels.get(v, []),  # the old name of `labels`, kept for one release
+                "weight": None if configured is None else _units(configured.get(v, 0.0)),
+                "configured_share": None if configured is None else _r4(configured.get(v, 0.0) / units),
+                "effective_weight": _units(effective.get(v, 0.0) * units),
+                "expected_share": _r4(effective.get(v, 0.0)),
                 "observed_share": None,
                 "requests": n_ok + n_err,
-                "errors": n_err,
-                "error_rate": _ratio(n_err, n_ok + n_err),
                 "routed_requests": routed,
+                "by_route": dict(sorted(by_route.items())),
+                "errors": n_err,
+                "error_rate": _r4(_ratio(n_err, n_ok + n_err)),
                 "latency_ms": _ms(_merge(s.lat for s in prim)),
-                "recent": {"requests": rn, "errors": re, "error_rate": _ratio(re, rn),
+                "recent": {"requests": rn, "errors": re, "error_rate": _r4(_ratio(re, rn)),
                            "latency_ms": _ms(_merge(rlats)), "observed_share": None},
-                "mean_batch_size": _ratio(sum(k * b[0] for k, b in ex.items()), ex_n),
+                "mean_batch_size": _r4(_ratio(sum(k * b[0] for k, b in ex.items()), ex_n)),
                 "memory_bytes": self._memory(model, v),
                 "device": life.device if life is not None else None,
                 "device_memory_allocated_bytes": _cuda_allocated(life.device if life else None),
@@ -546,19 +660,25 @@ class Metrics:
                 "shadow": self._shadow_summary(shadow_by_v.get(v)),
                 "shadow_dropped": self._shadow_dropped.get((model, v), 0),
             })
-        out = []
-        for v, (routed, rrouted, row) in rows.items():
-            row["observed_share"] = _ratio(routed, routed_all)
-            row["recent"]["observed_share"] = _ratio(rrouted, routed_recent)
-            out.append(row)
+        out: list[dict] = []
+        ended: list[dict] = []
+        for v, (routed, rrouted, is_ended, row) in rows.items():
+            row["observed_share"] = _r4(_ratio(routed, routed_all))
+            row["recent"]["observed_share"] = _r4(_ratio(rrouted, routed_recent))
+            (ended if is_ended else out).append(row)
         unrouted = [s for s in self._series.values() if s.model == model and s.version is None]
-        return {"model": model, "window_s": self.window_s, "versions": out,
+        mv = self.views().model(model)
+        return {"model": model, "window": window, "window_s": self.window_s, "versions": out,
+                "ended": ended,
                 # Refused before any version ran them (bad input, unknown version or
                 # label, nothing AVAILABLE): never part of a version's error rate.
                 "client_errors": sum(c.n for k, c in self._cells.items()
                                      if k[0] == model and k[1] is None
                                      and k[4] in CLIENT_CODES),
-                "unrouted_errors": sum(s.err for s in unrouted)}
+                "unrouted_errors": sum(s.err for s in unrouted),
+                # a bad model.yaml: what serves uses the last good one, or nothing serves
+                "model_config_error": mv.config_error() if mv is not None else None,
+                "experiment": experiment}
 
     @staticmethod
     def _shadow_summary(items: list[tuple[int, ShadowStats]] | None) -> dict | None:
@@ -587,6 +707,7 @@ class Metrics:
         yield from self._version_families()
         yield from self._routing_families()
         yield from self._shadow_families()
+        yield from self._experiment_families()
         yield from self._cuda_families()
 
     def _requests_family(self):
@@ -688,8 +809,9 @@ class Metrics:
             configured, effective, _ = self._weights(model)
             for v, w in sorted(effective.items()):
                 eff.add_metric([model, str(v)], w)
+            total = sum((configured or {}).values())
             for v, w in sorted((configured or {}).items()):
-                conf.add_metric([model, str(v)], w)
+                conf.add_metric([model, str(v)], w / total)
             counts = {}
             for s in self._series.values():
                 if s.model == model and s.version is not None and s.route in ROUTED:
@@ -725,6 +847,49 @@ class Metrics:
                 diff.add_metric(lv, st.diff_max)
         return comp, fail, agree, diff, dropped
 
+    def _experiment_families(self):
+        """Gauges from this process's published view (with several workers it shows the
+        deciding process's state, so they are never summed); counters from the (merged)
+        counts."""
+        state = GaugeMetricFamily("splitserve_experiment_state",
+                                  "1 for the experiment's current state", labels=["model", "state"])
+        step = GaugeMetricFamily("splitserve_experiment_step", "Current step (1-based)",
+                                 labels=["model"])
+        weight = GaugeMetricFamily("splitserve_experiment_candidate_weight",
+                                   "Candidate weight in percent", labels=["model"])
+        ev = GaugeMetricFamily("splitserve_experiment_guardrail_evidence", "Sequential evidence "
+                               "against the guardrail (alarm at 1/alpha)", labels=["model", "guardrail"])
+        alarm = GaugeMetricFamily("splitserve_experiment_guardrail_alarm",
+                                  "1 while the guardrail alarms", labels=["model", "guardrail"])
+        srm = GaugeMetricFamily("splitserve_experiment_srm_p_value", "Chi-square p-value of the "
+                                "sample ratio check (assignment units)", labels=["model"])
+        rollbacks = CounterMetricFamily("splitserve_experiment_rollbacks", "Rollbacks by reason "
+                                        "(errors, latency: a guardrail; manual: a person)",
+                                        labels=["model", "reason"])
+        feedback = CounterMetricFamily("splitserve_experiment_feedback", "Feedback items by "
+                                       "result (matched, unknown, duplicate)",
+                                       labels=["model", "result"])
+        reports = self.experiments().reports if self.experiments is not None else {}
+        for model, r in sorted(reports.items()):
+            for name in EXPERIMENT_STATES:
+                state.add_metric([model, name], 1.0 if r.get("state") == name else 0.0)
+            if r.get("step") is not None:
+                step.add_metric([model], float(r["step"]))
+            if r.get("candidate_weight") is not None:
+                weight.add_metric([model], float(r["candidate_weight"]))
+            for g, gv in sorted((r.get("guardrails") or {}).items()):
+                ev.add_metric([model, g], float(gv["evidence"]))
+                alarm.add_metric([model, g], 1.0 if gv["alarm"] else 0.0)
+            p = (r.get("srm") or {}).get("p_value")
+            if p is not None:
+                srm.add_metric([model], float(p))
+        for (kind, model, key), n in sorted(self._experiment_counts().items()):
+            if kind == "rollbacks":
+                rollbacks.add_metric([model, key], n)
+            elif kind == "feedback":
+                feedback.add_metric([model, key], n)
+        return state, step, weight, ev, alarm, srm, rollbacks, feedback
+
     def _cuda_families(self):
         torch = sys.modules.get("torch")
         if torch is None or not torch.cuda.is_available():
@@ -740,13 +905,20 @@ class Metrics:
 
 
     # ---- raw counters as JSON-able values (worker processes, replicas) ------------
-    def export_state(self) -> dict:
-        """Every counter this process recorded, as plain lists and numbers (no pickle):
-        what a worker writes to its snapshot file. Histograms are sparse [index, count]
-        pairs. Lifecycle figures stay per process (every worker loads every version)."""
+    def export_state(self, model: str | None = None) -> dict:
+        """Every counter this process recorded (of `model` only, when given), as plain
+        lists and numbers (no pickle): what a worker writes to its snapshot file.
+        Histograms are sparse [index, count] pairs. Lifecycle figures stay per process
+        (every worker loads every version)."""
         self.retire()
+
+        def mine(m: str) -> bool:
+            return model is None or m == model
+
         series = []
         for (m, v, r), s in self._series.items():
+            if not mine(m):
+                continue
             window = [[s.w_sec[j], s.w_n[j], s.w_err[j], _sparse(s.w_lat[j])]
                       for j in range(WINDOW_S) if s.w_sec[j] >= 0]
             series.append([m, v, r, {
@@ -757,14 +929,18 @@ class Metrics:
                 "last": s.last, "window": window}])
         return {
             "format": STATE_FORMAT,
-            "cells": [[m, v, r, p, c, cell.n] for (m, v, r, p, c), cell in self._cells.items()],
+            "cells": [[m, v, r, p, c, cell.n] for (m, v, r, p, c), cell in self._cells.items()
+                      if mine(m)],
             "series": series,
             "exec": [[m, v, [[k, b[0], b[1]] for k, b in d.items()]]
-                     for (m, v), d in self._exec.items()],
+                     for (m, v), d in self._exec.items() if mine(m)],
             "shadow": [[m, p, v, st.n, st.fails, st.diff_n, st.diff_sum, st.diff_max,
-                        st.agree_n, st.agree_yes] for (m, p, v), st in self._shadow.items()],
-            "shadow_dropped": [[m, v, n] for (m, v), n in self._shadow_dropped.items()],
-            "retired": [[m, p, c, n] for (m, p, c), n in self._retired.items()],
+                        st.agree_n, st.agree_yes] for (m, p, v), st in self._shadow.items()
+                       if mine(m)],
+            "shadow_dropped": [[m, v, n] for (m, v), n in self._shadow_dropped.items() if mine(m)],
+            "retired": [[m, p, c, n] for (m, p, c), n in self._retired.items() if mine(m)],
+            "experiment_counts": [[k, m, key, n] for (k, m, key), n in
+                                  sorted(self._experiment_counts().items()) if mine(m)],
         }
 
     def import_state(self, state: dict) -> None:
@@ -803,6 +979,13 @@ class Metrics:
             st.diff_max, st.agree_n, st.agree_yes = diff_max, agree_n, agree_yes
         self._shadow_dropped = {(m, v): n for m, v, n in state["shadow_dropped"]}
         self._retired = {(m, p, c): n for m, p, c, n in state["retired"]}
+        self._exp_counts = {(k, m, key): n for k, m, key, n in state.get("experiment_counts", [])}
+
+    def _experiment_counts(self) -> dict[tuple[str, str, str], int]:
+        """(kind, model, key) -> n: imported (merged) ones, else the runner's published."""
+        if self._exp_counts is not None:
+            return self._exp_counts
+        return dict(self.experiments().counts) if self.experiments is not None else {}
 
     def change_mark(self) -> tuple:
         """Cheap (O(keys)) and changes whenever a counter does: a worker writes its
@@ -810,17 +993,23 @@ class Metrics:
         return (sum(c.n for c in self._cells.values()),
                 sum(b[0] for d in self._exec.values() for b in d.values()),
                 sum(st.n + st.fails for st in self._shadow.values()),
-                sum(self._shadow_dropped.values()), len(self._retired), len(self._series))
+                sum(self._shadow_dropped.values()), len(self._retired), len(self._series),
+                sum(self._experiment_counts().values()))
 
     def merged(self) -> Metrics:
         """A read-only Metrics holding this process's counters plus every peer snapshot
         (summed by runtime.metrics_merge), reading the same views, router and clocks."""
-        from runtime.metrics_merge import merge_states
+        peers = self.peers() if self.peers is not None else []
+        return self._copy(merge_states([self.export_state(), *peers]))
+
+    def _copy(self, state: dict) -> Metrics:
+        """A read-only Metrics holding `state`, with this one's views, router, clocks,
+        lifecycle figures and experiment view."""
         out = Metrics(self.router, self.views, self.clock, self.wall, self.window_s,
                       self.retire_after_s)
-        peers = self.peers() if self.peers is not None else []
-        out.import_state(merge_states([self.export_state(), *peers]))
+        out.import_state(state)
         out._life, out._ended = self._life, self._ended
+        out.experiments = self.experiments
         return out
 
 

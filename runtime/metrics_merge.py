@@ -1,4 +1,5 @@
-"""Merging raw-counter snapshots of several processes into one: a pure function.
+"""Merging raw-counter snapshots of several processes into one, and the difference of two
+snapshots (a window of the A/B summary): pure functions.
 
 Each worker (or replica) exports its counters with `Metrics.export_state()`; a reader
 merges its own live state with the others' snapshots and answers from the merge, so any
@@ -48,6 +49,7 @@ def merge_states(states: Iterable[dict]) -> dict:
     shadow: dict[tuple, list] = {}
     dropped: dict[tuple, int] = {}
     retired: dict[tuple, int] = {}
+    exp_counts: dict[tuple, int] = {}
     for st in states:
         if st.get("format") != FORMAT:
             raise ValueError(f"metrics state format {st.get('format')!r}, expected {FORMAT}")
@@ -97,6 +99,9 @@ def merge_states(states: Iterable[dict]) -> dict:
             dropped[(m, v)] = dropped.get((m, v), 0) + n
         for m, p, c, n in st["retired"]:
             retired[(m, p, c)] = retired.get((m, p, c), 0) + n
+        for *k, n in st.get("experiment_counts", ()):
+            k = _key(k)
+            exp_counts[k] = exp_counts.get(k, 0) + n
 
     out_series = []
     for (m, v, r), acc in series.items():
@@ -122,6 +127,76 @@ def merge_states(states: Iterable[dict]) -> dict:
         "shadow": [[*k, *acc] for k, acc in shadow.items()],
         "shadow_dropped": [[*k, n] for k, n in dropped.items()],
         "retired": [[*k, n] for k, n in retired.items()],
+        "experiment_counts": [[*k, n] for k, n in sorted(exp_counts.items())],
+    }
+
+
+def _minus_pairs(cur, base) -> list[list[int]]:
+    acc: dict[int, int] = {}
+    _add_pairs(acc, cur)
+    for i, c in base:
+        if i in acc:
+            acc[i] -= c
+    return [[i, c] for i, c in sorted(acc.items()) if c > 0]
+
+
+def subtract_states(cur: dict, base: dict) -> dict:
+    """The counters between `base` and `cur` (both export_state shapes, base taken
+    earlier): a window of the A/B summary. Pure. Only `cur`'s keys are kept (a version
+    retired since is gone) and no count goes below 0 (a restarted peer without a snapshot
+    file). Not subtractable and so `cur`'s: the recent ring, `last`, the shadow maximum (all
+    time, kept when comparisons were made in the window). A histogram `base` lacks (its
+    checkpoints keep none for queue and compute) comes out empty, with its sum 0."""
+    for st in (cur, base):
+        if st.get("format") != FORMAT:
+            raise ValueError(f"metrics state format {st.get('format')!r}, expected {FORMAT}")
+
+    def minus(a, b):
+        return max(0, a - b) if isinstance(a, int) and isinstance(b, int) else max(0.0, a - b)
+
+    b_cells = {_key(k): n for *k, n in base["cells"]}
+    b_series = {(m, v, r): d for m, v, r, d in base["series"]}
+    b_exec = {(m, v): {k: (n, c) for k, n, c in d} for m, v, d in base["exec"]}
+    b_shadow = {(m, p, v): rest for m, p, v, *rest in base["shadow"]}
+    b_dropped = {(m, v): n for m, v, n in base["shadow_dropped"]}
+    b_retired = {(m, p, c): n for m, p, c, n in base["retired"]}
+    series = []
+    for m, v, r, d in cur["series"]:
+        b = b_series.get((m, v, r), {})
+        out = dict(d)
+        for f in ("n", "err", "inf", "err_sum"):
+            out[f] = minus(d[f], b.get(f, 0))
+        for f, fsum in (("lat", "ok_sum"), ("q", "q_sum"), ("c", "c_sum")):
+            if f == "lat" or f in b:
+                out[f] = _minus_pairs(d[f], b.get(f, ()))
+                out[fsum] = minus(d[fsum], b.get(fsum, 0.0))
+            else:
+                out[f], out[fsum] = [], 0.0
+        bb = {k: (n, c) for k, n, c in b.get("batches", ())}
+        out["batches"] = [[k, n - bb.get(k, (0, 0.0))[0], max(0.0, c - bb.get(k, (0, 0.0))[1])]
+                          for k, n, c in d["batches"] if n > bb.get(k, (0, 0.0))[0]]
+        series.append([m, v, r, out])
+    shadow = []
+    for m, p, v, n, fails, diff_n, diff_sum, diff_max, agree_n, agree_yes in cur["shadow"]:
+        bn, bfails, bdiff_n, bdiff_sum, _bmax, bagree_n, bagree_yes = b_shadow.get(
+            (m, p, v), (0, 0, 0, 0.0, None, 0, 0))
+        dn = minus(diff_n, bdiff_n)
+        shadow.append([m, p, v, minus(n, bn), minus(fails, bfails), dn, minus(diff_sum, bdiff_sum),
+                       diff_max if dn else None, minus(agree_n, bagree_n), minus(agree_yes, bagree_yes)])
+    execs = []
+    for m, v, d in cur["exec"]:
+        be = b_exec.get((m, v), {})
+        execs.append([m, v, [[k, n - be.get(k, (0, 0.0))[0], max(0.0, c - be.get(k, (0, 0.0))[1])]
+                             for k, n, c in d if n > be.get(k, (0, 0.0))[0]]])
+    return {
+        "format": FORMAT,
+        "cells": [[*k, minus(n, b_cells.get(_key(k), 0))] for *k, n in cur["cells"]],
+        "series": series,
+        "exec": execs,
+        "shadow": shadow,
+        "shadow_dropped": [[m, v, minus(n, b_dropped.get((m, v), 0))] for m, v, n in cur["shadow_dropped"]],
+        "retired": [[m, p, c, minus(n, b_retired.get((m, p, c), 0))] for m, p, c, n in cur["retired"]],
+        "experiment_counts": cur.get("experiment_counts", []),
     }
 
 

@@ -123,8 +123,8 @@ def cmd_status(args: argparse.Namespace, out=None) -> int:
         for v in versions:
             src = (v.get("recent") or {}) if use_recent else v
             lat = src.get("latency_ms") or {}
-            rows.append((name, v["version"], v.get("state") or "-", ",".join(v.get("label") or []) or "-",
-                         _pct(v.get("weight")), _pct(v.get("effective_weight")), _pct(src.get("observed_share")),
+            rows.append((name, v["version"], v.get("state") or "-", ",".join(v.get("labels") or []) or "-",
+                         _pct(v.get("configured_share")), _pct(v.get("expected_share")), _pct(src.get("observed_share")),
                          str(v.get("requests", 0)), str(v.get("errors", 0)), _pct(v.get("error_rate")),
                          _ms(lat.get("p50")), _ms(lat.get("p99"))))
             if v.get("state") == "FAILED" and v.get("reason"):

@@ -12,14 +12,27 @@ from runtime.types import VersionState
 
 def select_versions(spec: ModelSpec, present: Iterable[int]) -> set[int]:
     """The versions the model's version policy keeps loaded, out of those present."""
+    return selected_by(spec.version_policy, present)
+
+
+def selected_by(policy, present: Iterable[int]) -> set[int]:
+    """The versions `policy` (a ModelSpec.version_policy) selects out of those present."""
     present = sorted(set(present))
-    policy = spec.version_policy
     if policy == "all":
         return set(present)
     if isinstance(policy, SpecificPolicy):
         return set(policy.specific) & set(present)
     assert isinstance(policy, LatestPolicy)
     return set(present[-policy.latest:]) if present else set()
+
+
+def policy_text(policy) -> str:
+    """A version policy as model.yaml spells it, short: 'all', 'latest:1', 'specific:1,3'."""
+    if isinstance(policy, LatestPolicy):
+        return f"latest:{policy.latest}"
+    if isinstance(policy, SpecificPolicy):
+        return "specific:" + ",".join(map(str, policy.specific))
+    return str(policy)
 
 
 # ---- the lifecycle plan ----------------------------------------------------------------
@@ -69,8 +82,9 @@ def plan(harnesses: Sequence[HarnessInfo], aspired: Mapping[int, str],
         current = aspired.get(h.version)
         if h.state in (S.START, S.LOADING):
             if current != h.fingerprint:
-                out.append(Action("cancel", h.version, h.gen, "no longer aspired while loading"
-                                  if current is None else "files changed while loading"))
+                out.append(Action("cancel", h.version, h.gen, "files changed while loading"
+                                  if current is not None else
+                                  _leave_reason(h.version, present, disabled) + " while loading"))
             continue
         if h.state is S.FAILED:
             if current != h.fingerprint:  # folder changed or gone: forget the failure
@@ -113,5 +127,5 @@ def _leave_reason(version: int, present: AbstractSet[int], disabled: bool) -> st
     if disabled:
         return "the model was unloaded through the repository API"
     if version not in present:
-        return "its folder was deleted"
-    return "the version policy no longer selects it and no route names it"
+        return "folder deleted"
+    return "dropped by the version policy (and no route names it)"

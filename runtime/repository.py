@@ -3,13 +3,16 @@ fingerprint.
 
 Layout: `<root>/<model>/<version>/` where `<version>` is a positive integer without
 leading zeros; anything else (dot folders, `2.tmp`, `latest`, `007`) is ignored, so
-"copy to a temp name, then rename" publishes atomically. Completeness is checked from
-the files themselves (safetensors header vs file size, zip central directory), so a
+"copy to a temp name, then rename" publishes atomically. What is ignored is reported with
+the reason (`ignored`: the manager logs each once), except hidden names (`.3.tmp`,
+`__pycache__`), which publishing by rename uses all the time. Completeness is checked
+from the files themselves (safetensors header vs file size, zip central directory), so a
 half-copied folder is never handed to the loader while it is still changing.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -23,7 +26,13 @@ from runtime.modelspec import ModelSpec, SpecError, read_spec
 
 VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")
 MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
-FORMATS = ("model.pt2", "model.safetensors", "model.pt")
+FORMATS = ("model.pt2", "model.safetensors", "model.pt")  # the first one present is loaded
+EXPECTED_FILES = "model.pt2, model.safetensors (+ model.py), model.pt"
+MODEL_FILES = ("model.yaml", "model.py")  # beside the version folders
+VERSION_EXTRAS = ("model.py", "warmup.json")  # read beside a version's model file
+VERSION_NAMES = "version folders are named 1, 2, ..."
+
+Ignored = tuple[tuple[str, str], ...]  # (path relative to the model folder, why), sorted
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +43,7 @@ class VersionFolder:
     format: str | None  # which of FORMATS was found, None when none
     incomplete: str | None  # why the folder is not complete yet, None when complete
     newest_mtime: float  # wall-clock seconds of the newest file change
+    ignored: Ignored = ()  # entries beside the model file that nothing reads
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +53,7 @@ class ModelFolder:
     spec: ModelSpec | None  # None when model.yaml is invalid (spec_error says why)
     spec_error: str | None
     versions: dict[int, VersionFolder]
+    ignored: Ignored = ()  # entries of the model folder and its versions that nothing reads
 
 
 def is_version_name(name: str) -> bool:
@@ -53,14 +64,51 @@ def is_model_name(name: str) -> bool:
     return MODEL_RE.fullmatch(name) is not None
 
 
-def _stat_files(folder: Path) -> list[tuple[str, int, int]]:
+def is_hidden(name: str) -> bool:
+    """Names publishing uses on the way (`.3.tmp`) or Python writes: never reported."""
+    return name.startswith(".") or name == "__pycache__"
+
+
+def ignored_reason(entry: Path) -> str | None:
+    """Why the runtime ignores this entry of a model folder; None when it is used."""
+    name = entry.name
+    if is_version_name(name):
+        if entry.is_symlink():
+            return "a symlink: version folders are never followed through links"
+        return None if entry.is_dir() else f"a file, not a folder: {VERSION_NAMES}"
+    if entry.is_dir():
+        leading = " without leading zeros, from 1" if name.isdigit() else ""
+        return f"not a version number: {VERSION_NAMES}{leading}"
+    if name in MODEL_FILES:
+        return None
+    if name in FORMATS:
+        return f"a model file outside a version folder: move it into one (e.g. 1/{name})"
+    close = difflib.get_close_matches(name, MODEL_FILES, n=1, cutoff=0.8)
+    if close:
+        return f"not a file the runtime reads; did you mean {close[0]!r}?"
+    return ("not a file the runtime reads: a model folder holds model.yaml, model.py and "
+            "version folders 1, 2, ...")
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    if not names:
+        return "nothing"
+    more = len(names) - limit
+    return ", ".join(names[:limit]) + (f" and {more} more" if more > 0 else "")
+
+
+def _stat_files(folder: Path, refused: list[str] | None = None) -> list[tuple[str, int, int]]:
+    """(relative path, size, mtime) of the files that count; `refused` collects the
+    symlinks out of the repository, which never do."""
     out = []
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder)
-        if any(part.startswith(".") or part == "__pycache__" for part in rel.parts):
+        if any(is_hidden(part) for part in rel.parts):
             continue
         try:
             if p.is_symlink() and not p.resolve().is_relative_to(folder.resolve().parent.parent):
+                if refused is not None:
+                    refused.append(str(rel))
                 continue  # a symlink out of the repository is never followed
             if p.is_file():
                 st = p.stat()
@@ -119,13 +167,26 @@ def architecture_file(model_dir: Path, version_dir: Path) -> Path | None:
 
 def scan_version(model_dir: Path, version: int, spec: ModelSpec | None) -> VersionFolder:
     vdir = model_dir / str(version)
-    files = _stat_files(vdir)
+    refused: list[str] = []
+    files = _stat_files(vdir, refused)
     names = {f[0] for f in files}
+    top = sorted({n.split("/", 1)[0] for n in names})
     fmt = next((f for f in FORMATS if f in names), None)
     extra: list[tuple[str, int, int]] = []
     incomplete = None
+    ignored: list[tuple[str, str]] = []
+    for name in top if fmt is not None else ():  # without one, the listing is the reason
+        if name in FORMATS and name != fmt:
+            ignored.append((f"{version}/{name}", f"not loaded: {fmt} is (the first of "
+                                                 f"{', '.join(FORMATS)} present)"))
+        elif name != fmt and name not in VERSION_EXTRAS:
+            ignored.append((f"{version}/{name}", f"not read: a version folder holds "
+                                                 f"{fmt}, model.py and warmup.json"))
     if fmt is None:
-        incomplete = f"no model file yet (expected one of {', '.join(FORMATS)})"
+        found = _listing(top) + "".join(f" ({r}: a symlink out of the repository, not followed)"
+                                        for r in refused[:2])
+        incomplete = (f"no loadable file in {model_dir.name}/{version}/: found {found}; "
+                      f"expected one of {EXPECTED_FILES}")
     elif fmt == "model.safetensors":
         arch = architecture_file(model_dir, vdir)
         if arch is None:
@@ -146,26 +207,37 @@ def scan_version(model_dir: Path, version: int, spec: ModelSpec | None) -> Versi
     except OSError:
         folder_mtime = 0
     newest = max([f[2] for f in files + extra] + [folder_mtime]) / 1e9
-    return VersionFolder(version, vdir, h.hexdigest(), fmt, incomplete, newest)
+    return VersionFolder(version, vdir, h.hexdigest(), fmt, incomplete, newest, tuple(ignored))
 
 
 def scan_model(model_dir: Path, last_good: ModelSpec | None = None) -> ModelFolder:
     if model_dir.is_symlink():  # never follow a model folder out of (or around) the repository
-        return ModelFolder(model_dir.name, model_dir, last_good, "model folder is a symlink: not followed", {})
+        return ModelFolder(model_dir.name, model_dir, last_good, None, {},
+                           ((".", "a symlink: model folders are never followed through links"),))
     try:
         spec, err = read_spec(model_dir), None
     except SpecError as e:
         spec, err = last_good, str(e)
     versions = {}
+    ignored: list[tuple[str, str]] = []
     try:
         entries = list(model_dir.iterdir())
     except OSError:
         entries = []
     for entry in entries:
-        if is_version_name(entry.name) and entry.is_dir() and not entry.is_symlink():
+        if is_hidden(entry.name):
+            continue
+        try:
+            why = ignored_reason(entry)
+        except OSError:
+            continue  # vanished while we looked: the next event rescans
+        if why is not None:
+            ignored.append((entry.name, why))
+        elif is_version_name(entry.name):
             v = int(entry.name)
             versions[v] = scan_version(model_dir, v, spec)
-    return ModelFolder(model_dir.name, model_dir, spec, err, versions)
+            ignored.extend(versions[v].ignored)
+    return ModelFolder(model_dir.name, model_dir, spec, err, versions, tuple(sorted(ignored)))
 
 
 def list_models(root: Path) -> list[Path]:

@@ -38,7 +38,7 @@ class ModelView:
     versions: tuple[VersionView, ...] = ()  # sorted by version; END ones included
     present: frozenset[int] = frozenset()  # numbered folders on disk
     declared: Signature | None = None  # from model.yaml, when it declares one
-    spec_error: str | None = None  # model.yaml is invalid (last good spec kept)
+    spec_error: str | None = None  # model.yaml is invalid (last good spec kept, if any)
     disabled: bool = False  # unloaded through the repository API
     has_spec: bool = True  # False: no valid model.yaml was ever read
     platform_hint: str | None = None
@@ -49,6 +49,15 @@ class ModelView:
     @property
     def available(self) -> tuple[int, ...]:
         return tuple(v.version for v in self.versions if v.state is S.AVAILABLE)
+
+    def config_error(self) -> str | None:
+        """The model.yaml error as every surface shows it: while a last good model.yaml
+        serves, said beside its versions; without one, its versions are FAILED with it."""
+        if self.spec_error is None:
+            return None
+        if self.has_spec:
+            return f"serving the last good model.yaml; the file now has an error: {self.spec_error}"
+        return self.spec_error
 
     def version(self, v: int) -> VersionView | None:
         for x in self.versions:
@@ -104,3 +113,19 @@ class LifecycleEvent:
     device: str | None = None
     memory_bytes: int = 0
     at: float = 0.0  # monotonic seconds
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentsView:
+    """What the ExperimentRunner publishes for readers (metrics, the A/B summary).
+
+    `reports`: model -> the GET .../experiment answer, for every model with an experiment
+    block or a kept state. With several workers these show the deciding process's state
+    (every worker shows the same), so a reader exports them as gauges from one process,
+    never summed. `counts`: (kind, model, key) -> what this process did since it started
+    (kind `rollbacks`, key the reason; kind `feedback`, key matched|unknown|duplicate):
+    readers sum these across processes.
+    """
+
+    reports: Mapping[str, Mapping] = field(default_factory=dict)
+    counts: Mapping[tuple[str, str, str], int] = field(default_factory=dict)

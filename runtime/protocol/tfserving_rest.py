@@ -320,9 +320,16 @@ def version_status(version: int, state: VersionState, error: str | None) -> dict
                        "error_message": (error or "load failed") if failed else ""}}
 
 
-def model_status(statuses: Iterable) -> dict:
-    """VersionStatus records -> GetModelStatusResponse JSON."""
-    return {"model_version_status": [version_status(s.version, s.state, s.error) for s in statuses]}
+def model_status(statuses: Iterable, config_error: str | None = None) -> dict:
+    """VersionStatus records -> GetModelStatusResponse JSON. A model.yaml error is the
+    message of every version it did not already fail (their code stays OK: they serve)."""
+    out = []
+    for s in statuses:
+        st = version_status(s.version, s.state, s.error)
+        if config_error and not st["status"]["error_message"]:
+            st["status"]["error_message"] = config_error
+        out.append(st)
+    return {"model_version_status": out}
 
 
 def _tensor_info(spec: TensorSpec, derived: bool) -> dict:

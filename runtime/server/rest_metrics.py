@@ -1,6 +1,6 @@
 """Metrics over REST: Prometheus text (`/metrics`), Triton's statistics extension
 (`/v2/models[/{m}[/versions/{v}]]/stats`) and the per-version A/B summary
-(`/v1/models/{m}/metrics`). Thin: every figure comes from `core.metrics`.
+(`/v1/models/{m}/metrics[?since=routing|start|<epoch>]`). Thin: every figure comes from `core.metrics`.
 
 `/v2/models/stats` must be matched before rest_v2's `/v2/models/{model}` (which would
 read it as a model named "stats"), so app.py includes this router ahead of rest_v2.
@@ -42,7 +42,7 @@ def build(core: Core) -> APIRouter:
         return _stats(model, version)
 
     @r.get("/v1/models/{model}/metrics")
-    async def summary(model: str):
-        return json_response(metrics.summary(model))
+    async def summary(model: str, since: str | None = None):
+        return json_response(metrics.summary(model, since))
 
     return r

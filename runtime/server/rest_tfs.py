@@ -98,8 +98,9 @@ def build(core: Core) -> APIRouter:
             if not statuses:
                 raise errors.not_found(f"Could not find version {v} of model {model}")
         elif not statuses:
-            raise errors.not_found(f"Could not find any versions of model {model}")
-        return json_response(tfs.model_status(statuses))
+            raise errors.not_found(f"Could not find any versions of model {model}"
+                                   + (f" ({mv.spec_error})" if mv.spec_error else ""))
+        return json_response(tfs.model_status(statuses, mv.config_error()))
 
     @r.get("/v1/models/{model}")
     async def status_model(request: Request, model: str):

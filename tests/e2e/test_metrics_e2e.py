@@ -67,7 +67,8 @@ def test_ab_summary_counts_are_exact(srv):
         assert 0 < v["latency_ms"]["p50"] <= v["latency_ms"]["p90"] <= v["latency_ms"]["p99"]
         assert v["shadow"] is None and v["observed_share"] is None  # all pinned
     assert v2["mean_batch_size"] == pytest.approx(B2)
-    assert v2["effective_weight"] == 1.0 and v1["effective_weight"] == 0.0  # newest takes all
+    assert v2["effective_weight"] == 100 and v1["effective_weight"] == 0  # newest takes all
+    assert v2["expected_share"] == 1.0
     assert httpx.get(f"{srv.http}/v1/models/nope/metrics").status_code == 404
 
 
@@ -149,8 +150,9 @@ def test_state_and_memory_change_on_unload(srv):
     r = httpx.post(f"{srv.http}/v2/repository/models/mlp/unload")
     assert r.status_code == 200, r.text
     assert srv.wait_for(lambda: not srv.core.manager.models["mlp"].harnesses)
-    rows = {v["version"]: v for v in httpx.get(f"{srv.http}/v1/models/mlp/metrics").json()["versions"]}
-    assert set(rows) == {"1", "2"}  # they had traffic: still listed, with exact counts
+    doc = httpx.get(f"{srv.http}/v1/models/mlp/metrics").json()
+    rows = {v["version"]: v for v in doc["ended"]}
+    assert set(rows) == {"1", "2"} and doc["versions"] == []  # they had traffic: listed apart, exact
     for v in rows.values():
         assert v["state"] == "END" and v["memory_bytes"] == 0
     assert rows["1"]["requests"] == N1 and rows["2"]["requests"] == N2

@@ -1,7 +1,8 @@
 """deploy/grafana/splitserve.json: importable as it is (one datasource input, unique panel
 ids, a grid without overlaps) and every query names a metric a live server exports, with
 legend labels that metric carries. The server is driven so that every family has samples:
-split traffic, a shadow copy, and a version that fails to load."""
+split traffic, a shadow copy, a version that fails to load, and an experiment that takes
+feedback and is rolled back (tests/e2e/test_experiment_e2e.py's helpers drive it)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import wait_until
+from e2e.test_experiment_e2e import AUTH, TOKEN, send
 from runtime.types import VersionState
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,6 +28,15 @@ CONFIG = """models:
     weights: {stable: 90, canary: 10}
     sticky: {header: x-user-id}
     shadow: {target: canary, percent: 100}
+    experiment:
+      control: stable
+      candidate: canary
+      steps: [10, 100]
+      interval_s: 0.3
+      min_requests: 100000
+      min_duration_s: 0
+      guardrails: {errors: {max_ratio: 1.5}, latency: {quantile: 0.99, max_ratio: 2.0}}
+      outcomes: [{metric: click, kind: binary, goal: increase}]
 """
 BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}]}
 
@@ -82,12 +93,16 @@ def test_every_query_names_an_exported_metric(make_repo, serve, tmp_path):
     save_file({"bogus": torch.zeros(2)}, str(repo / "mlp" / "3" / "model.safetensors"))
     cfg = tmp_path / "splitserve.yaml"
     cfg.write_text(CONFIG)
-    srv = serve(repo, config=cfg)
+    srv = serve(repo, config=cfg, token=TOKEN)
     assert srv.wait_state("mlp", 3, VersionState.FAILED)
     assert srv.wait_state("mlp", 2, VersionState.AVAILABLE)
     with httpx.Client(base_url=srv.http, timeout=30) as http:
-        for i in range(30):
-            assert http.post("/v2/models/mlp/infer", json=BODY, headers={"x-user-id": f"u{i}"}).status_code == 200
+        assert wait_until(lambda: http.get("/v1/models/mlp/experiment").json()["state"] == "running", 30)
+        served = send(http, srv, 30)
+        assert all(code == 200 for code, _, _ in served)
+        items = [{"request_id": rid, "metric": "click", "value": 1} for _, _, rid in served]
+        assert http.post("/v1/models/mlp/feedback", json={"items": items}, headers=AUTH).status_code == 200
+        assert http.post("/v1/models/mlp/experiment/rollback", headers=AUTH).status_code == 200
         bad = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [0.5] * 3}]}
         assert http.post("/v2/models/mlp/infer", json=bad).status_code == 400  # a non-OK code
         # Shadow copies are compared after the primary answers: wait until they are counted.
@@ -113,6 +128,9 @@ def test_every_query_names_an_exported_metric(make_repo, serve, tmp_path):
                 continue
             assert label in carried, f"{title}: legend label {label!r} is not on {sorted(names)}"
     assert checked >= 25
+    on_board = {n for _, expr, _ in queries(dashboard()) for n in METRIC_RE.findall(expr)}
+    experiment = {n for n in exported if n.startswith("splitserve_experiment_")}
+    assert len(experiment) >= 8 and experiment <= on_board, sorted(experiment - on_board)
 
 
 def _scrape(http) -> dict[str, set[str]]:

@@ -234,6 +234,7 @@ def test_routing_state_shape_and_json():
             "labels": {"stable": 1, "canary": 2},
             "pending_labels": {},
             "unavailable": [],
+            "missing": [],
             "shadow": {"target": 2, "percent": 5},
             "note": "",
         },
@@ -247,3 +248,25 @@ def test_tables_are_swapped_not_mutated():
     r.set_available("m", [1])
     assert r.table("m") is not before
     assert before.available == {1, 2}  # a reader holding the old table still sees it whole
+
+
+def test_routed_version_whose_folder_is_gone_says_so_and_fails_over():
+    """Folder 1 deleted under stable: 1 at 90: its share goes to 2, and every answer
+    says the folder is gone (not "not AVAILABLE yet", which reads as "wait")."""
+    r = make(available=(2,))
+    r.set_available("m", [2], present=[2])
+    assert r.pick("m").version == 2 and r.pick("m", key="u").version == 2
+    eff = r.routing_state("m")["effective"]
+    assert eff["missing"] == [1] and eff["unavailable"] == [1]
+    assert eff["weights"] == {"2": 1.0}
+    assert "label 'stable' points at version 1, whose folder is gone from the repository" in eff["note"]
+    assert "version 1's folder is gone from the repository" in eff["note"]
+    with pytest.raises(RoutingError) as info:
+        r.pick("m", label="stable")
+    assert info.value.message == "label 'stable' of model 'm' points at version 1, whose folder is gone from the repository"
+    # what a WARNING reports: who routes the missing version, the split left (even while 1 drains)
+    r.set_available("m", [1, 2], present=[2])
+    assert r.missing_routes("m") == ({"label 'stable'": 1}, {2: 1.0})
+    r.set_available("m", [1, 2], present=[1, 2])  # the folder is back
+    assert r.missing_routes("m") == ({}, {1: 0.9, 2: 0.1})
+    assert r.routing_state("m")["effective"]["missing"] == []

@@ -112,6 +112,57 @@ def test_bad_model_yaml_keeps_last_good_settings(make_repo, serve):
     assert srv.available("mlp") == [1]
 
 
+def test_version_folder_without_a_loadable_file_fails_only_after_the_grace(make_repo, serve):
+    repo = make_repo({"mlp": {1: "st1"}})
+    srv = serve(repo, incomplete_grace_s=1.5)
+    d = repo / "mlp" / "8"
+    d.mkdir()
+    (d / "model.pth").write_bytes(b"weights in a format the loader does not read")
+    assert srv.wait_state("mlp", 8, S.FAILED, timeout=30)
+    v8 = srv.core.manager.view().model("mlp").version(8)
+    assert v8.error == ("no loadable file in mlp/8/: found model.pth; expected one of "
+                        "model.pt2, model.safetensors (+ model.py), model.pt")
+    changed = max(d.stat().st_mtime, (d / "model.pth").stat().st_mtime)
+    assert v8.since - changed >= 1.5, "FAILED before the folder was quiet for incomplete_grace_s"
+    r = infer(srv)  # what served keeps serving
+    assert r.status_code == 200 and r.headers["x-model-version"] == "1"
+
+
+def test_waiting_out_the_grace_neither_spins_nor_holds_start(make_repo, serve, version_cache):
+    """A stalled copy (truncated weights) waits incomplete_grace_s with a timer, not by
+    rescanning, and the server starts (is settled) meanwhile: FAILED comes later."""
+    repo = make_repo({"mlp": {1: "st1"}}, yaml={"mlp": MLP_YAML.replace("{latest: 1}", "all")})
+    data = (version_cache / "st2" / "model.safetensors").read_bytes()
+    (repo / "mlp" / "2").mkdir()
+    (repo / "mlp" / "2" / "model.safetensors").write_bytes(data[: len(data) // 3])
+    t0 = time.monotonic()
+    srv = serve(repo, incomplete_grace_s=3)
+    start_s = time.monotonic() - t0
+    assert srv.available("mlp") == [1] and srv.core.manager.state_of("mlp", 2) is None
+    mgr = srv.core.manager
+    before = srv.on_loop(lambda: mgr.reconciles["mlp"])
+    assert srv.wait_state("mlp", 2, S.FAILED, timeout=30)
+    passes = srv.on_loop(lambda: mgr.reconciles["mlp"]) - before
+    assert "truncated" in mgr.view().model("mlp").version(2).error
+    assert passes <= 5, f"{passes} reconcile passes while waiting out a 3 s grace"
+    assert start_s < 3, f"start waited {start_s:.1f}s for a folder's incomplete_grace_s"
+
+
+def test_a_version_folder_still_arriving_is_not_failed_within_the_grace(make_repo, serve,
+                                                                        version_cache):
+    repo = make_repo({"mlp": {1: "st1"}})
+    srv = serve(repo, incomplete_grace_s=60)
+    rec = Recorder(srv)
+    mgr = srv.core.manager
+    before = srv.on_loop(lambda: mgr.reconciles["mlp"])
+    (repo / "mlp" / "2").mkdir()  # `cp -r` makes the folder first, the files later
+    assert srv.wait_for(lambda: mgr.reconciles["mlp"] > before and 2 in mgr.view().model("mlp").present)
+    assert mgr.state_of("mlp", 2) is None  # seen, empty, waiting: not FAILED
+    shutil.copy(version_cache / "pt2_2" / "model.pt2", repo / "mlp" / "2" / "model.pt2")
+    assert srv.wait_state("mlp", 2, S.AVAILABLE)
+    assert ("failed", 2) not in rec.events
+
+
 @pytest.mark.parametrize("src,seed", [("st1", 1), ("pt2_2", 2), ("ts4", 4)])
 def test_each_format_answers_with_its_numbers(make_repo, serve, src, seed):
     srv = serve(make_repo({"mlp": {3: src}}))
@@ -138,7 +189,7 @@ def test_deleting_newest_brings_previous_back_first(make_repo, serve):
     assert srv.available("mlp") == [2]
     shutil.rmtree(repo / "mlp" / "2")
     assert srv.wait_for(lambda: srv.available("mlp") == [1])
-    assert srv.wait_state("mlp", 2, S.END)
+    assert srv.wait_state("mlp", 2, None)  # unloaded, and forgotten with its folder
     assert rec.events.index(("loaded", 1)) < rec.events.index(("unloaded", 2))
     np.testing.assert_allclose(outputs(infer(srv)), answer_of(1), rtol=1e-5, atol=1e-6)
 

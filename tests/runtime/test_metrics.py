@@ -81,7 +81,7 @@ def test_counts_are_exact_per_version_route_protocol_code():
     s = {v["version"]: v for v in m.summary("m")["versions"]}
     assert (s["1"]["requests"], s["1"]["errors"]) == (37, 0)
     assert (s["2"]["requests"], s["2"]["errors"]) == (14, 3)  # shadow not counted as primary
-    assert s["2"]["error_rate"] == pytest.approx(3 / 14)
+    assert s["2"]["error_rate"] == round(3 / 14, 4)  # rates and shares: 4 digits
     assert s["1"]["error_rate"] == 0.0
     fams, _ = prom(m)
     samples = {tuple(sorted(x.labels.items())): x.value for x in fams["splitserve_requests"].samples
@@ -202,9 +202,11 @@ def test_configured_effective_and_observed_shares():
     for _ in range(50):
         ok(m, 2, route="pinned")  # pinned traffic does not follow the weights
     rows = {v["version"]: v for v in m.summary("m")["versions"]}
-    assert rows["1"]["label"] == ["stable"] and rows["2"]["label"] == ["canary"]
-    assert rows["1"]["weight"] == pytest.approx(0.75) and rows["2"]["weight"] == pytest.approx(0.25)
-    assert rows["1"]["effective_weight"] == pytest.approx(0.75)
+    assert rows["1"]["labels"] == ["stable"] and rows["2"]["labels"] == ["canary"]
+    assert rows["1"]["label"] == ["stable"]  # the old key, kept for one release
+    assert rows["1"]["weight"] == 3 and rows["2"]["weight"] == 1  # the config's units
+    assert rows["1"]["effective_weight"] == 3 and rows["1"]["expected_share"] == 0.75
+    assert rows["2"]["by_route"] == {"pinned": 50, "sticky": 10} and rows["2"]["routed_requests"] == 10
     assert rows["1"]["observed_share"] == pytest.approx(0.75)
     assert rows["2"]["recent"]["observed_share"] == pytest.approx(0.25)
     assert rows["2"]["requests"] == 60
@@ -222,7 +224,8 @@ def test_no_weights_configured_means_null_weight():
     ok(m, 1)
     ok(m, 2)
     rows = {v["version"]: v for v in m.summary("m")["versions"]}
-    assert rows["1"]["weight"] is None and rows["2"]["effective_weight"] == 1.0
+    assert rows["1"]["weight"] is None and rows["2"]["effective_weight"] == 100  # percent
+    assert rows["2"]["expected_share"] == 1.0
     assert rows["1"]["observed_share"] is None  # no weight-routed traffic yet
 
 
@@ -447,3 +450,104 @@ def test_a_version_that_comes_back_before_retirement_keeps_its_series():
     m.lifecycle_event(event("loaded", 1))
     clock.t += 60
     assert m.summary("m")["versions"][0]["requests"] == 1
+
+
+# ---- the A/B summary as a comparison: windows, units, ended versions, the experiment ----
+def _routed(weights=None):
+    """A router whose config changes reach the metrics' baselines, as Core wires them."""
+    router = Router()
+    router.set_available("m", [1, 2])
+    wall = Clock(5e5)
+    m = Metrics(router, clock=Clock(), wall=wall)
+    router.subscribe(m.routing_changed)
+    router.set_config("m", RouteConfig.from_json({"labels": {"stable": 1, "canary": 2},
+                                                  "weights": weights or {"stable": 90, "canary": 10}}))
+    return router, m, wall
+
+
+def test_since_routing_is_the_default_and_leaves_out_traffic_before_the_change():
+    router, m, wall = _routed()
+    for _ in range(40):
+        ok(m, 1, route="split", latency=0.5)  # slow before the change
+    fail(m, 2, route="split", code="INTERNAL")
+    wall.t += 100
+    router.set_config("m", RouteConfig.from_json({"labels": {"stable": 1, "canary": 2},
+                                                  "weights": {"stable": 50, "canary": 50}}))
+    wall.t += 20
+    for _ in range(6):
+        ok(m, 1, route="split", latency=0.002)
+    for _ in range(4):
+        ok(m, 2, route="sticky", latency=0.002)
+    doc = m.summary("m")
+    assert doc["window"] == {"since": "routing", "from": 5e5 + 100, "from_event": "routing_change",
+                             "seconds": 20.0}
+    rows = {v["version"]: v for v in doc["versions"]}
+    assert (rows["1"]["requests"], rows["2"]["requests"], rows["2"]["errors"]) == (6, 4, 0)
+    assert rows["1"]["latency_ms"]["p99"] < 3  # the slow requests were before the change
+    assert (rows["1"]["observed_share"], rows["2"]["observed_share"]) == (0.6, 0.4)
+    assert rows["1"]["weight"] == 50 and rows["1"]["configured_share"] == 0.5
+    whole = {v["version"]: v for v in m.summary("m", "start")["versions"]}
+    assert (whole["1"]["requests"], whole["2"]["errors"]) == (46, 1)
+    assert m.summary("m", "start")["window"]["from_event"] == "process_start"
+    # an identical config is no change: the window stays where it was
+    router.set_config("m", router.get_config("m"))
+    assert m.summary("m")["window"]["from"] == 5e5 + 100
+
+
+def test_since_an_epoch_starts_at_the_first_baseline_at_or_after_it():
+    router, m, wall = _routed()
+    ok(m, 1, route="split")
+    wall.t += 30
+    m.checkpoint()  # what Core does every CHECKPOINT_S
+    for _ in range(3):
+        ok(m, 1, route="split")
+    wall.t += 5
+    doc = m.summary("m", str(5e5 + 12))
+    assert doc["window"]["from"] == 5e5 + 30 and doc["window"]["from_event"] == "checkpoint"
+    assert doc["versions"][0]["requests"] == 3
+    before = m.summary("m", "1")  # before the process started: everything
+    assert before["window"]["from_event"] == "process_start" and before["versions"][0]["requests"] == 4
+
+
+@pytest.mark.parametrize("since", ["yesterday", "-5", "nan", "inf", "1e20"])
+def test_a_bad_since_is_one_line_naming_what_is_expected(since):
+    _router, m, _wall = _routed()
+    ok(m, 1)
+    with pytest.raises(ServingError) as e:
+        m.summary("m", since)
+    assert e.value.code is Code.INVALID_ARGUMENT
+    msg = e.value.message
+    assert "\n" not in msg and "'routing', 'start' or a unix time in seconds" in msg, msg
+
+
+def test_ended_versions_are_listed_apart():
+    views = Views(version(1), version(2))
+    m = Metrics(Router(), views=views, clock=Clock())
+    ok(m, 1)
+    ok(m, 2)
+    views.set(version(1, state=VersionState.END), version(2))
+    m.lifecycle_event(event("unloaded", 1))
+    doc = m.summary("m")
+    assert [v["version"] for v in doc["versions"]] == ["2"]
+    assert [(v["version"], v["state"], v["requests"]) for v in doc["ended"]] == [("1", "END", 1)]
+
+
+def test_the_experiment_block_and_series_come_from_the_published_view():
+    from runtime.views import ExperimentsView
+    report = {"state": "rolled_back", "step": 1, "candidate_weight": 0.0,
+              "guardrails": {"errors": {"evidence": 1.4e3, "alarm": True}},
+              "srm": {"p_value": 0.5}, "decisions": []}
+    m = Metrics(Router(), clock=Clock())
+    m.experiments = lambda: ExperimentsView({"m": report}, {("rollbacks", "m", "errors"): 1,
+                                                             ("feedback", "m", "matched"): 7})
+    ok(m, 1)
+    assert m.summary("m")["experiment"] == report
+    fams, _ = prom(m)
+    state = {s.labels["state"]: s.value for s in fams["splitserve_experiment_state"].samples}
+    assert state["rolled_back"] == 1 and state["running"] == 0
+    assert fams["splitserve_experiment_guardrail_evidence"].samples[0].value == 1.4e3
+    assert fams["splitserve_experiment_srm_p_value"].samples[0].value == 0.5
+    rb = [s for s in fams["splitserve_experiment_rollbacks"].samples if s.name.endswith("_total")]
+    assert [(s.labels, s.value) for s in rb] == [({"model": "m", "reason": "errors"}, 1)]
+    m.experiments = lambda: ExperimentsView()
+    assert m.summary("m")["experiment"]["state"] == "none"

@@ -7,7 +7,7 @@ from runtime.types import VersionState
 
 A, L, U, F, ST = (VersionState.AVAILABLE, VersionState.LOADING, VersionState.UNLOADING,
                   VersionState.FAILED, VersionState.START)
-POLICY = "the version policy no longer selects it and no route names it"
+POLICY = "dropped by the version policy (and no route names it)"
 
 
 def h(gen, version, fp, state):
@@ -65,7 +65,7 @@ def test_plan_table(harnesses, aspired, loadable, present, flags, expected):
 
 
 @pytest.mark.parametrize("present,disabled,why", [
-    ({2}, False, "its folder was deleted"),
+    ({2}, False, "folder deleted"),
     ({1, 2}, False, POLICY),
     ({1, 2}, True, "the model was unloaded through the repository API"),
 ])
@@ -80,3 +80,12 @@ def test_plan_is_pure():
     asp = {2: "b"}
     assert plan(hs, asp, {2}, {1, 2}) == plan(hs, asp, {2}, {1, 2})
     assert hs == [h(1, 1, "a", A)] and asp == {2: "b"}
+
+
+@pytest.mark.parametrize("present,why", [
+    (set(), "folder deleted while loading"),
+    ({3}, POLICY + " while loading"),
+])
+def test_cancel_reasons_say_which(present, why):
+    """'no longer aspired' said nothing: a deleted folder and a policy drop read apart."""
+    assert plan([h(3, 3, "c", L)], {}, set(), present) == [Action("cancel", 3, 3, why)]

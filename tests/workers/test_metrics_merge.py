@@ -93,6 +93,26 @@ def test_two_halves_merge_to_the_whole_on_every_surface():
     assert b.statistics() != whole.statistics()
 
 
+def test_a_window_baseline_is_taken_from_the_merged_totals():
+    """since=routing on worker a subtracts what every worker had counted at the change:
+    a baseline from a's own counters would leave b's earlier traffic in the window."""
+    clock = Clock()
+    a, b, whole = _trio(clock)
+    a.peers = lambda: [json.loads(json.dumps(b.export_state()))]
+    router = a.router
+    for m in (a, whole):
+        router.subscribe(m.routing_changed)
+    _feed((a, b, whole), clock, n=300, seed=5)
+    router.set_config("m", RouteConfig.from_json({"labels": {"stable": 1, "canary": 2},
+                                                  "weights": {"stable": 1, "canary": 1}}))
+    _feed((a, b, whole), clock, n=200, seed=6)
+    sa, sw = a.summary("m"), whole.summary("m")
+    assert sa == sw
+    counted = sum(r["requests"] for r in sw["versions"])
+    assert 0 < counted < sum(r["requests"] for r in whole.summary("m", "start")["versions"])
+    assert a.summary("m", "start") == whole.summary("m", "start")
+
+
 def test_merge_is_order_free_and_counts_add():
     clock = Clock()
     a, b, whole = _trio(clock)

@@ -1,0 +1,150 @@
+"""A routed version whose folder is gone (issue 11, items 1 and 9).
+
+A server must always be able to start from the state it was running in: deleting the
+folder of a version the routes name makes that version unavailable (its share fails over,
+one WARNING naming the label, the version and the split left), the routing answer says the
+folder is gone, and a restart from the same persisted config starts and serves the same
+way. TF Serving status forgets the deleted version; the repository index lists versions on
+disk that are not loaded, with why.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from conftest import wait_until
+from runtime.types import VersionState
+from serverproc import ServerProcess
+
+ROOT = Path(__file__).resolve().parents[2]
+BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                    "data": np.linspace(-1, 1, 64, dtype=np.float32).tolist()}]}
+MISSING = (r"level=WARNING .*event=routed_version_missing model=mlp versions=1 "
+           r"routed_by=\"label 'stable'\" reason='{}' effective_split=2:100%")
+
+
+def versions_served(url: str, n: int = 40) -> set[str]:
+    with httpx.Client(base_url=url, timeout=30) as c:
+        out = set()
+        for _ in range(n):
+            r = c.post("/v2/models/mlp/infer", json=BODY)
+            assert r.status_code == 200, r.text
+            out.add(r.headers["x-model-version"])
+        return out
+
+
+def routing(url: str) -> dict:
+    r = httpx.get(f"{url}/v1/models/mlp/routing", timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def tf_versions(url: str) -> list[tuple[str, str]]:
+    r = httpx.get(f"{url}/v1/models/mlp", timeout=10)
+    assert r.status_code == 200, r.text
+    return [(s["version"], s["state"]) for s in r.json()["model_version_status"]]
+
+
+def folder_gone_answer(url: str) -> None:
+    """What GET routing says once version 1's folder is gone and it no longer serves."""
+    eff = routing(url)["effective"]
+    assert eff["missing"] == [1] and eff["weights"] == {"2": 1.0}, eff
+    assert "label 'stable' points at version 1, whose folder is gone from the repository" in eff["note"]
+    assert "not AVAILABLE yet" not in eff["note"]
+
+
+@pytest.mark.slow
+def test_bundled_example_survives_deleting_a_routed_folder_and_restarting(tmp_path):
+    repo = tmp_path / "model_repository"
+    shutil.copytree(ROOT / "model_repository", repo, ignore=shutil.ignore_patterns("__pycache__"))
+    cfg = tmp_path / "splitserve.yaml"
+    shutil.copy(ROOT / "configs" / "splitserve.example.yaml", cfg)
+    persisted = yaml.safe_load(cfg.read_text())["models"]["mlp"]
+    assert persisted["labels"] == {"stable": 1, "canary": 2}
+
+    with ServerProcess(repo, config=cfg).wait_ready() as srv:
+        assert routing(srv.url)["effective"]["weights"] == {"1": 0.9, "2": 0.1}
+        shutil.rmtree(repo / "mlp" / "1")
+        srv.wait_line(MISSING.format("folder deleted"), timeout=60)
+        srv.wait_line(r"event=unloaded servable=mlp:1 reason='folder deleted'", timeout=60)
+        # TF Serving forgets a version whose folder is gone: no END entry left behind
+        assert wait_until(lambda: tf_versions(srv.url) == [("2", "AVAILABLE")], 30), tf_versions(srv.url)
+        folder_gone_answer(srv.url)
+        assert versions_served(srv.url) == {"2"}
+        r = httpx.post(f"{srv.url}/v1/models/mlp/labels/stable:predict", timeout=10,
+                       json={"instances": [[0.1] * 64]})  # a label that cannot serve says why
+        assert r.status_code == 503 and "whose folder is gone" in r.text, r.text
+        # A PUT is new intent: naming the deleted version is still a 400 that changes nothing
+        r = httpx.put(f"{srv.url}/v1/models/mlp/routing", json=persisted, timeout=10)
+        assert r.status_code == 400 and "version 1, which has no folder" in r.json()["error"], r.text
+        first_log = srv.log_text()
+    assert yaml.safe_load(cfg.read_text())["models"]["mlp"] == persisted  # the state it ran in
+
+    # The same persisted config, the same repository: it starts, warns, serves.
+    with ServerProcess(repo, config=cfg).wait_ready() as srv:
+        line = srv.wait_line(MISSING.format("no folder in the repository"), timeout=30)
+        assert line in srv.log_text()
+        folder_gone_answer(srv.url)
+        assert versions_served(srv.url) == {"2"}
+        assert tf_versions(srv.url) == [("2", "AVAILABLE")]
+        # the folder back (published by rename): it loads, the configured split returns
+        shutil.copytree(ROOT / "model_repository" / "mlp" / "1", repo / "mlp" / ".1.tmp")
+        (repo / "mlp" / ".1.tmp").rename(repo / "mlp" / "1")
+        srv.wait_line(r"level=INFO .*event=routed_version_restored model=mlp version=1", timeout=60)
+        assert wait_until(lambda: routing(srv.url)["effective"]["weights"] == {"1": 0.9, "2": 0.1}, 60)
+        assert routing(srv.url)["effective"]["missing"] == []
+    assert len(re.findall("event=routed_version_missing", first_log)) == 1  # one line, not one per view
+
+
+def test_index_lists_versions_on_disk_that_are_not_loaded(make_repo, serve):
+    """After a (re)start nothing ever loaded version 1 (latest:1 picks 2): the index still
+    lists it, and says why it is not loaded."""
+    srv = serve(make_repo({"mlp": {1: "st1", 2: "st2"}}))
+    assert srv.available("mlp") == [2]
+    r = httpx.post(f"{srv.http}/v2/repository/index", json={}, timeout=10)
+    assert r.status_code == 200, r.text
+    assert [(m["version"], m["state"], m["reason"]) for m in r.json() if m["name"] == "mlp"] == [
+        ("1", "UNAVAILABLE", "not loaded: not chosen by version policy latest:1"), ("2", "READY", "")]
+    ready = httpx.post(f"{srv.http}/v2/repository/index", json={"ready": True}, timeout=10).json()
+    assert [(m["name"], m["version"]) for m in ready] == [("mlp", "2")]
+
+
+def test_reload_keeps_routes_it_runs_and_applies_the_rest(make_repo, serve, tmp_path):
+    """A routing file whose entry for mlp is what serves now (stable: 1, folder since
+    deleted) is not refused on reload: the other model's new routes apply."""
+    repo = make_repo({"mlp": {1: "st1", 2: "st2"}, "other": {1: "st1", 2: "st2"}})
+    cfg = tmp_path / "splitserve.yaml"
+    mlp = "  mlp:\n    labels: {stable: 1, canary: 2}\n    weights: {stable: 90, canary: 10}\n"
+    cfg.write_text("models:\n" + mlp)
+    srv = serve(repo, config=cfg)
+    shutil.rmtree(repo / "mlp" / "1")
+    assert srv.wait_for(lambda: srv.available("mlp") == [2])
+    cfg.write_text("models:\n" + mlp + "  other:\n    weights: {1: 100}\n")
+
+    def other_weights() -> dict:
+        return httpx.get(f"{srv.http}/v1/models/other/routing", timeout=10).json()["effective"]["weights"]
+
+    assert wait_until(lambda: other_weights() == {"1": 1.0}, 30), other_weights()  # the watcher reloaded it
+    assert routing(srv.http)["effective"]["missing"] == [1]
+
+
+def test_tf_status_forgets_a_version_whose_folder_is_gone(make_repo, serve, version_cache):
+    """END stays listed while its folder is there (the policy dropped it); once the folder
+    is deleted the version is forgotten, as in TF Serving."""
+    repo = make_repo({"mlp": {1: "st1", 2: "st2"}})
+    srv = serve(repo)
+    assert srv.available("mlp") == [2]
+    shutil.copytree(version_cache / "st3", repo / "mlp" / ".3.tmp")
+    (repo / "mlp" / ".3.tmp").rename(repo / "mlp" / "3")
+    assert srv.wait_state("mlp", 2, VersionState.END)
+    assert tf_versions(srv.http) == [("2", "END"), ("3", "AVAILABLE")]
+    shutil.rmtree(repo / "mlp" / "2")
+    assert srv.wait_for(lambda: srv.core.manager.state_of("mlp", 2) is None)
+    assert tf_versions(srv.http) == [("3", "AVAILABLE")]
