@@ -168,6 +168,12 @@ def test_a_failing_canary_is_rolled_back_once_and_a_new_decider_takes_over_after
         assert view and view["latch"].startswith("errors: canary had "), experiment(srv)
         assert [a for _, a in decision_lines(srv)].count("rollback") == 1, decision_lines(srv)
         assert [d["action"] for d in view["decisions"]].count("rollback") == 1
+
+        def routing_everywhere():  # the other workers apply the decider's write after their watcher's debounce
+            got = [httpx.get(f"{srv.url}/v1/models/mlp/routing", timeout=10) for _ in range(12)]
+            return {r.headers["x-worker"] for r in got} == {"0", "1"} and \
+                all(r.json()["weights"] == {"stable": 100, "canary": 0} for r in got)
+        assert wait_until(routing_everywhere, 10)
         assert {infer_rest(srv, 10_000 + k)[1] for k in range(20)} == {"1"}  # no routed traffic on the canary
 
         # kill -9 the decider: another process (the other worker or the replacement) decides on.
