@@ -31,8 +31,6 @@ import re
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
-from router.configfile import atomic_write
-
 log = logging.getLogger("splitserve.experiments")
 
 SEGMENT = 50_000  # decision records per file segment
@@ -40,6 +38,17 @@ MAX_LINE = 4 << 20  # a forwarded call (a feedback body is at most 1 MiB)
 MAX_FILE = 64 << 20  # a counters file larger than this is not ours: skipped
 FORWARD_TIMEOUT_S = 10.0
 _RECORDS = re.compile(r"^d(\d+)-(\d+)-(\d+)\.log$")
+
+
+class Unanswered(Exception):
+    """A forwarded call was sent but got no answer: it may have been applied (never resent)."""
+
+
+def _replace(path: Path, doc: dict) -> None:
+    """Readers see the old file or the new one, never half (no fsync: the folder lives one run)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(json.dumps(doc, separators=(",", ":")).encode())
+    os.replace(tmp, path)
 
 
 class Peers:
@@ -89,18 +98,22 @@ class Peers:
         self._server = await asyncio.start_unix_server(on_conn, path=str(self.sock), limit=MAX_LINE)
 
     async def forward(self, call: dict) -> dict:
-        """Send `call` to the decider; OSError when none listens (yet)."""
+        """Send `call` to the decider. OSError when none listens (yet): safe to retry;
+        Unanswered once it was sent."""
         reader, writer = await asyncio.wait_for(
             asyncio.open_unix_connection(str(self.sock), limit=MAX_LINE), FORWARD_TIMEOUT_S)
         try:
             writer.write(json.dumps(call).encode() + b"\n")
             await writer.drain()
             line = await asyncio.wait_for(reader.readline(), FORWARD_TIMEOUT_S)
+            answer = json.loads(line)
+        except (OSError, ValueError, asyncio.TimeoutError) as e:
+            raise Unanswered(f"the decider did not answer ({type(e).__name__})") from None
         finally:
             writer.close()
-        if not line:
-            raise ConnectionResetError("the decider closed the connection without an answer")
-        return json.loads(line)
+        if not isinstance(answer, dict):
+            raise Unanswered("the decider's answer is not an object")
+        return answer
 
     async def close(self) -> None:
         if self._server is not None:
@@ -116,7 +129,7 @@ class Peers:
 
     # ---- counters -----------------------------------------------------------------
     def write_counters(self, doc: dict) -> None:
-        atomic_write(str(self.dir / self.counters_name), json.dumps(doc, separators=(",", ":")).encode())
+        _replace(self.dir / self.counters_name, doc)
 
     def peer_counters(self) -> list[dict]:
         """Every other counters file (live workers' latest, dead incarnations' last)."""
@@ -143,7 +156,7 @@ class Peers:
         return doc if isinstance(doc, dict) else {}
 
     def write_baseline(self, doc: dict) -> None:
-        atomic_write(str(self.dir / "baseline.json"), json.dumps(doc, separators=(",", ":")).encode())
+        _replace(self.dir / "baseline.json", doc)
 
     # ---- decision records -----------------------------------------------------------
     def _segment(self, seq: int) -> Path:

@@ -31,7 +31,7 @@ from router import RouteConfig, Router
 from router.configfile import atomic_write
 from runtime import errors
 from runtime.errors import Code, ServingError
-from runtime.experiment_peers import Peers
+from runtime.experiment_peers import Peers, Unanswered
 from runtime.metrics import EDGES, NB
 from runtime.views import ExperimentsView
 
@@ -197,7 +197,9 @@ class ExperimentRunner:
             try:
                 answer = await self.peers.forward(call)
                 break
-            except (OSError, ValueError, asyncio.TimeoutError) as e:
+            except Unanswered as e:
+                raise errors.unavailable(f"{e}; it may have been applied: read the experiment before retrying") from None
+            except (OSError, asyncio.TimeoutError) as e:  # nothing sent yet: safe to try again
                 if time.monotonic() > deadline:
                     raise errors.unavailable(f"no experiment decider answers right now ({e}); retry") from None
                 if self.peers.try_lead():  # the decider is gone: this worker decides now
