@@ -129,7 +129,7 @@ def test_one_decider_judges_both_workers_traffic_and_feedback_joins_at_any_worke
         answers = [post_feedback(srv, items[k:k + 10]) for k in range(0, len(items), 10)]
         assert {w for w, _ in answers} == {"0", "1"}
         assert sum(a["matched"] for _, a in answers) == 200 and sum(a["unknown"] + a["duplicate"] for _, a in answers) == 0
-        again = [post_feedback(srv, items[k:k + 25]) for k in range(0, len(items), 25)]
+        again = [post_feedback(srv, items[k:k + 10]) for k in range(0, len(items), 10)]
         assert {w for w, _ in again} == {"0", "1"}
         assert sum(a["duplicate"] for _, a in again) == 200 and sum(a["matched"] + a["unknown"] for _, a in again) == 0
         _, a = post_feedback(srv, [{"request_id": "never-served", "metric": "click", "value": 1}])
