@@ -6,7 +6,10 @@ come here), the decision log that joins feedback to the version that served, the
 state of every model (persisted as strict JSON beside the routing config, so latches and
 steps survive a restart), and the loop that judges each experiment every `interval_s`.
 A routing change goes through `Control.put_routing`: validated, persisted atomically and
-applied in one write. One process decides: this server has one event loop per process.
+applied in one write. One process decides: alone, this one; with `--workers N`
+(`share()`), the worker holding the decider lock judges everyone's counts and joins
+everyone's feedback, and the others forward actions and feedback to it and show the
+state it persists (runtime/experiment_peers.py).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from router import RouteConfig, Router
 from router.configfile import atomic_write
 from runtime import errors
 from runtime.errors import Code, ServingError
+from runtime.experiment_peers import Peers, Unanswered
 from runtime.metrics import EDGES, NB
 from runtime.views import ExperimentsView
 
@@ -38,20 +42,31 @@ _CODES = {"not_found": Code.NOT_FOUND, "conflict": Code.CONFLICT}
 _EDGES = tuple(EDGES)
 
 
-class _Arms:
-    """One model's counters since the last judgment: [control, candidate]."""
+def _zero() -> list:
+    return [0, 0, 0, [0] * NB]  # requests, errors, units, latency histogram of successes
 
-    __slots__ = ("versions", "requests", "errors", "units", "lat")
 
-    def __init__(self, versions: tuple[int, int]):
-        self.versions = versions
-        self.requests, self.errors, self.units = [0, 0], [0, 0], [0, 0]
-        self.lat = [[0] * NB, [0] * NB]
+def _add(acc: dict[int, list], counts: dict) -> None:
+    """Add one worker's {version: counts} (JSON: string keys) into acc."""
+    for v, (n, e, u, lat) in counts.items():
+        a = acc.setdefault(int(v), _zero())
+        a[0] += n
+        a[1] += e
+        a[2] += u
+        for i, c in enumerate(lat):
+            a[3][i] += c
 
-    def observation(self, outcomes: dict[str, dict]) -> Observation:
-        arms = [ArmObservation(self.requests[i], self.errors[i], self.units[i], tuple(self.lat[i]),
-                               outcomes.get(("control", "candidate")[i], {})) for i in (0, 1)]
-        return Observation(arms[0], arms[1], _EDGES)
+
+def _observation(totals: dict[int, list], base: dict, versions: tuple[int, int],
+                 outcomes: dict[str, dict]) -> Observation:
+    """The increments since the last judgment: totals minus the totals judged then."""
+    arms = []
+    for i, v in enumerate(versions):
+        t, b = totals.get(v, _zero()), base.get(str(v), _zero())
+        arms.append(ArmObservation(t[0] - b[0], t[1] - b[1], t[2] - b[2],
+                                   tuple(x - y for x, y in zip(t[3], b[3])),
+                                   outcomes.get(("control", "candidate")[i], {})))
+    return Observation(arms[0], arms[1], _EDGES)
 
 
 class ExperimentRunner:
@@ -65,7 +80,14 @@ class ExperimentRunner:
         self.tick_s = tick_s
         self.log = DecisionLog(log_capacity)
         self.states: dict[str, ExperimentState] = {}
-        self._arms: dict[str, _Arms] = {}  # models with a running experiment
+        self._arms: dict[str, tuple[int, int]] = {}  # models with an experiment: arm versions
+        # cumulative counts of routed requests since this process started, model -> version
+        self._totals: dict[str, dict[int, list]] = {}
+        self._base: dict[str, dict] = {}  # the totals (all workers) at each model's last judgment
+        self._dirty = False
+        self.peers: Peers | None = None  # set by share(): several workers
+        self._state_mark = None
+        self._leading = False
         self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()  # sticky keys already counted
         self._seen_capacity = seen_capacity
         self._due: dict[str, float] = {}
@@ -78,24 +100,115 @@ class ExperimentRunner:
         arms = self._arms.get(model)
         if arms is None or version is None:
             return
-        i = 0 if version == arms.versions[0] else 1 if version == arms.versions[1] else -1
+        i = 0 if version == arms[0] else 1 if version == arms[1] else -1
         routed = how in ROUTED and i >= 0
         if request_id is not None and ok:
-            self.log.record(request_id, model, version, ("control", "candidate")[i] if routed else None, self.clock())
+            arm = ("control", "candidate")[i] if routed else None
+            self.log.record(request_id, model, version, arm, self.clock())
+            if self.peers is not None:  # on disk before the answer leaves: any worker can join it
+                self.peers.append_record(request_id, model, version, arm)
         if not routed:
             return
-        arms.requests[i] += 1
+        c = self._totals.setdefault(model, {}).get(version)
+        if c is None:
+            c = self._totals[model][version] = _zero()
+        self._dirty = True
+        c[0] += 1
         if ok:
-            arms.lat[i][bisect_left(EDGES, latency_s)] += 1
+            c[3][bisect_left(EDGES, latency_s)] += 1
         else:
-            arms.errors[i] += 1
+            c[1] += 1
         if key is None:
-            arms.units[i] += 1
+            c[2] += 1
         elif (model, key) not in self._seen:  # a sticky unit counts once, where it was first placed
             self._seen[(model, key)] = None
             if len(self._seen) > self._seen_capacity:
                 self._seen.popitem(last=False)
-            arms.units[i] += 1
+            c[2] += 1
+
+    # ---- several workers ------------------------------------------------------------------
+    def share(self, run_dir: Path, worker: int) -> None:
+        """Before start(): decide together with the other workers of this run folder."""
+        self.peers = Peers(run_dir, worker)
+
+    @property
+    def leader(self) -> bool:
+        return self.peers is None or self._leading
+
+    def _all_totals(self, model: str) -> dict[int, list]:
+        acc: dict[int, list] = {}
+        _add(acc, self._totals.get(model, {}))
+        for doc in self.peers.peer_counters() if self.peers is not None else ():
+            _add(acc, doc["models"].get(model, {}))
+        return acc
+
+    def _publish(self) -> None:
+        if self.peers is not None and self._dirty:
+            self._dirty = False
+            self.peers.write_counters({"models": {m: {str(v): c for v, c in d.items()}
+                                                  for m, d in self._totals.items()}})
+
+    async def _take_lead(self) -> None:
+        """The decider lock is ours: carry on from what the last decider persisted."""
+        self._leading = True
+        self._load_states()
+        self._base = self.peers.read_baseline()
+        self._ingest()
+        await self.peers.serve(self._serve_call)
+        log.info("event=experiment_decider worker=%d pid=%d", self.peers.worker, self.peers.pid)
+
+    def _ingest(self) -> None:
+        if self.peers is not None:
+            for rid, model, version, arm in self.peers.new_records():
+                self.log.record(rid, model, version, arm, self.clock())
+
+    def _follow(self) -> None:
+        """Not the decider: show the state the decider persists, reloaded when it changes."""
+        try:
+            st = self.state_path.stat() if self.state_path is not None else None
+        except OSError:
+            st = None
+        mark = None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
+        if mark != self._state_mark:
+            self._state_mark = mark
+            self.states = {}
+            self._load_states()
+
+    async def _serve_call(self, call: dict) -> dict:
+        """A call another worker forwarded; errors travel as their code and message."""
+        try:
+            model = str(call["model"])
+            if call.get("op") == "action":
+                return {"ok": await self.action(model, str(call["action"]))}
+            if call.get("op") == "feedback":
+                return {"ok": await self.feedback(model, call["body"])}
+            raise errors.invalid(f"unknown forwarded call {call.get('op')!r}")
+        except ServingError as e:
+            return {"code": e.code.value, "message": e.message}
+        except (KeyError, TypeError) as e:
+            return {"code": Code.INVALID_ARGUMENT.value, "message": f"malformed forwarded call: {e}"}
+
+    async def _to_decider(self, call: dict) -> dict:
+        """Apply `call` at the decider: forwarded, or here once the lock is free."""
+        deadline = time.monotonic() + 5.0
+        while True:
+            if self.leader:
+                return await self._serve_call(call)
+            try:
+                answer = await self.peers.forward(call)
+                break
+            except Unanswered as e:
+                raise errors.unavailable(f"{e}; it may have been applied: read the experiment before retrying") from None
+            except (OSError, asyncio.TimeoutError) as e:  # nothing sent yet: safe to try again
+                if time.monotonic() > deadline:
+                    raise errors.unavailable(f"no experiment decider answers right now ({e}); retry") from None
+                if self.peers.try_lead():  # the decider is gone: this worker decides now
+                    await self._take_lead()
+                else:
+                    await asyncio.sleep(self.tick_s)
+        if "ok" in answer:
+            return answer["ok"]
+        raise ServingError(Code(answer["code"]), answer["message"])
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -111,6 +224,10 @@ class ExperimentRunner:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        if self.peers is not None:
+            self._dirty = True
+            self._publish()  # the last counts, for whoever decides next
+            await self.peers.close()
 
     async def _loop(self) -> None:
         while True:
@@ -122,13 +239,20 @@ class ExperimentRunner:
                 log.debug("event=experiment_tick_failed", exc_info=True)
 
     async def tick(self) -> None:
-        """Judge every experiment whose interval has passed."""
+        """Judge every experiment whose interval has passed (the decider only)."""
+        self._refresh_all()
+        if self.peers is not None:
+            self._publish()
+            if not self._leading:
+                if not self.peers.try_lead():
+                    self._follow()
+                    return
+                await self._take_lead()
+            self._ingest()
         now = self.clock()
         for model, route in self.router.configs().items():
             if route.experiment is None:
-                self._arms.pop(model, None)
                 continue
-            self._refresh(model, route)
             due = self._due.get(model)
             if due is None:
                 self._due[model] = due = now if model not in self.states else now + route.experiment.interval_s
@@ -146,19 +270,21 @@ class ExperimentRunner:
         if exp is None:
             self._arms.pop(model, None)
             return
-        versions = (route.target_of(exp.control), route.target_of(exp.candidate))
-        if model not in self._arms or self._arms[model].versions != versions:
-            self._arms[model] = _Arms(versions)
+        self._arms[model] = (route.target_of(exp.control), route.target_of(exp.candidate))
 
     async def _judge(self, model: str, route: RouteConfig, now: float) -> None:
-        arms = self._arms[model]
-        obs = arms.observation(self.log.drain(model))
-        self._arms[model] = _Arms(arms.versions)
+        self._refresh(model, route)
+        totals = self._all_totals(model)
+        obs = _observation(totals, self._base.get(model, {}), self._arms[model], self.log.drain(model))
+        self._base[model] = {str(v): c for v, c in totals.items()}
         await self._apply(model, judge(route, self.states.get(model), obs, now))
+        if self.peers is not None:
+            await asyncio.to_thread(self.peers.write_baseline, self._base)
 
     async def _apply(self, model: str, j) -> None:
         if j.route is not None:
             await self.control.put_routing(model, j.route.to_json())
+        changed = j.state is not None and j.state != self.states.get(model)
         if j.state is not None:
             self.states[model] = j.state
         if j.decision is not None:
@@ -167,7 +293,7 @@ class ExperimentRunner:
                      model, d.action, d.by, d.step, d.candidate_weight, d.reason)
             if d.action == "rollback":
                 self._count("rollbacks", model, rollback_reason(d))
-        if j.route is not None or j.decision is not None:
+        if j.route is not None or j.decision is not None or changed:  # the others show what is saved
             await asyncio.to_thread(self._save_states)
             self._refresh(model, self.router.get_config(model))
 
@@ -193,18 +319,23 @@ class ExperimentRunner:
         return report(self.router.get_config(model), self.states.get(model), self.clock())
 
     async def action(self, model: str, action: str) -> dict:
+        if not self.leader:
+            return await self._to_decider({"op": "action", "model": model, "action": action})
         now = self.clock()
         try:
             j = act(self.router.get_config(model), self.states.get(model), action, now)
         except ExperimentError as e:
             raise ServingError(_CODES.get(e.kind, Code.INVALID_ARGUMENT), e.message) from None
-        await self._apply(model, j)
         exp = self.router.get_config(model).experiment
         if exp is not None:  # the next judgment is a whole interval after a person's move
-            self._due[model] = now + exp.interval_s
+            self._due[model] = now + exp.interval_s  # (set first: a tick may run while we write)
+        await self._apply(model, j)
         return self.view(model)
 
-    def feedback(self, model: str, body: object) -> dict:
+    async def feedback(self, model: str, body: object) -> dict:
+        """Joined by the decider alone (it reads every worker's decision records)."""
+        if not self.leader:
+            return await self._to_decider({"op": "feedback", "model": model, "body": body})
         exp = self.router.get_config(model).experiment
         if exp is None:
             raise errors.not_found(f"model '{model}' has no experiment to take feedback")
@@ -212,6 +343,7 @@ class ExperimentRunner:
             items = parse_feedback(body, exp.outcomes)
         except FeedbackError as e:
             raise errors.invalid(str(e)) from None
+        self._ingest()  # records other workers appended since the last tick
         result = self.log.join(model, items).to_json()
         for k, n in result.items():
             self._count("feedback", model, k, n)

@@ -42,6 +42,6 @@ def build(core: Core) -> APIRouter:
             obj = orjson.loads(body) if body else None
         except orjson.JSONDecodeError as e:
             raise invalid(f"feedback body is not valid JSON: {e}") from None
-        return json_response(core.experiments.feedback(model, obj))
+        return json_response(await core.experiments.feedback(model, obj))
 
     return r

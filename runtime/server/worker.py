@@ -6,7 +6,8 @@ response and in the initial metadata of every unary gRPC call and ModelStreamInf
 stream), and shares its metrics through
 the supervisor's run folder: every `SNAPSHOT_INTERVAL_S` (when something changed) and at
 exit it writes its raw counters there atomically; every read merges the other workers'
-files with its own live counters (runtime/metrics_merge.py). It stops on SIGTERM/SIGINT,
+files with its own live counters (runtime/metrics_merge.py). Experiments are decided by
+one worker on everyone's data (runtime/experiment_peers.py). It stops on SIGTERM/SIGINT,
 or when the supervisor is gone (its parent pid changes).
 """
 
@@ -155,6 +156,7 @@ class WorkerServer(Server):
 
     async def start(self) -> None:
         self.core.metrics.peers = self.snapshots.peers
+        self.core.experiments.share(self.snapshots.path, self.worker)  # one decider among us
         await super().start()
         self.write_snapshot(force=True)
         self._writer = asyncio.get_running_loop().create_task(self._write_loop())
