@@ -110,6 +110,9 @@ class Server:
 
     reuse_port = False
     grpc_interceptors: tuple = ()
+    # A replacement worker joins ports the others serve on: it loads first, so the kernel
+    # never hands a new connection to a process that would answer "unknown model".
+    load_first = False
 
     def build_app(self):
         return build_app(self.core)
@@ -128,6 +131,12 @@ class Server:
         """Bind and serve both listeners first (a taken port fails at once, and
         /v2/health/live answers during a long load), then load: returns once ready."""
         s = self.settings.server
+        if self.load_first:
+            try:
+                await self.core.start()
+            except BaseException:
+                await self.stop()
+                raise
         # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only when the
         # listener says TCP; without it every keep-alive response waits ~40 ms for an ACK.
         sock = socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET,
@@ -171,7 +180,8 @@ class Server:
                                                               self.reuse_port, self.grpc_interceptors)
             log.info("event=listening http=%s:%s grpc=%s:%s ready=false", s.host, self.http_port,
                      s.host, self.grpc_port)
-            await self.core.start()
+            if not self.load_first:
+                await self.core.start()
         except BaseException:
             await self.stop()
             raise

@@ -127,9 +127,10 @@ class WorkerServer(Server):
 
     reuse_port = True
 
-    def __init__(self, settings, worker: int, run_dir: Path):
+    def __init__(self, settings, worker: int, run_dir: Path, replacement: bool = False):
         super().__init__(settings)
         self.worker = worker
+        self.load_first = replacement
         threaded = settings.server.grpc_threads > 0
         self.grpc_interceptors = ((ThreadedWorkerInterceptor if threaded else WorkerInterceptor)(worker),)
         self.snapshots = SnapshotDir(run_dir, worker)
@@ -208,7 +209,7 @@ async def _serve(server: WorkerServer, conn) -> None:
 
 
 def main(argv: list[str], worker: int, run_dir: str, http_port: int, grpc_port: int,
-         log_format: str, conn) -> None:
+         log_format: str, conn, replacement: bool = False) -> None:
     """Spawn target: settings from the same command line, the ports the supervisor
     probed, then serve until told to stop. Exit status 0 after a clean drain."""
     from runtime.cli import _parser, build_settings
@@ -226,7 +227,8 @@ def main(argv: list[str], worker: int, run_dir: str, http_port: int, grpc_port: 
     code = 0
     try:
         from runtime.server import loops
-        loops.run(_serve(WorkerServer(settings, worker, Path(run_dir)), conn), settings.server.loop)
+        loops.run(_serve(WorkerServer(settings, worker, Path(run_dir), replacement), conn),
+                  settings.server.loop)
     except Exception as e:  # noqa: BLE001  the supervisor restarts us, with backoff
         log.error("event=worker_failed error=%r", f"{type(e).__name__}: {e}")
         log.debug("traceback", exc_info=e)

@@ -159,16 +159,38 @@ def test_kill_9_worker_replaced_counts_kept_then_sigterm_drains(repo, tmp_path):
         for t in threads:
             t.start()
         assert wait_until(lambda: len(connected) == len(threads), 30), connected
+        # Fresh connections while the victim is replaced: the kernel may hand one to the
+        # replacement only once it has loaded (it joins the ports then), so no answer is an
+        # error ("unknown model" from a replacement still loading, before the fix). A
+        # connection queued on the victim's socket as it died is reset: a transport error.
+        fresh = collections.Counter()
+        replaced = threading.Event()
+
+        def probe():
+            while not replaced.is_set():
+                try:
+                    r = httpx.post(f"{srv.url}/v2/models/mlp/infer", json=BODY, timeout=30)
+                    fresh[(r.status_code, r.headers.get("x-worker"))] += 1
+                except httpx.TransportError as e:
+                    fresh[("transport", type(e).__name__)] += 1
+        prober = threading.Thread(target=probe)
         os.kill(victim, signal.SIGKILL)
-        assert wait_until(lambda: sum("supervisor event=worker_serving worker=1 " in x
-                                      for x in srv.lines()) == 2, 120), "not replaced"
+        prober.start()
+        try:
+            assert wait_until(lambda: sum("supervisor event=worker_serving worker=1 " in x
+                                          for x in srv.lines()) == 2, 120), "not replaced"
+            assert wait_until(lambda: fresh[(200, "1")] > 0, 30), fresh  # the replacement serves
+        finally:
+            replaced.set()
+            prober.join(60)
+        assert {k for k in fresh if k[0] not in (200, "transport")} == set(), fresh
         assert any(f"event=worker_died worker=1 signal=SIGKILL" in x for x in srv.lines())
         stop.set()
         for t in threads:
             t.join(60)
         on_w0 = [r for r in results if r[0] == "0"]
         assert on_w0 and all(f == 0 for _, _, f in on_w0), results
-        served = 100 + sum(ok for _, ok, _ in results)
+        served = 100 + sum(ok for _, ok, _ in results) + sum(n for k, n in fresh.items() if k[0] == 200)
         # Counts the victim published are kept; it may take up to 0.1 s of its own
         # unpublished counts with it (SIGKILL gives it no chance to write).
         counts = wait_until(lambda: (lambda s: s if len(set(s.values())) == 1 else None)(surfaces(srv)), 5)
