@@ -78,7 +78,7 @@ class Supervisor:
         self.ctx = mp.get_context("spawn")
         self.stopping = False
         self.slots = [_Slot(i) for i in range(workers)]
-        self.serving = False  # every worker announced once: later spawns are replacements
+        self.all_announced = False  # every worker served once: later spawns are replacements
 
     def _spawn(self, slot: _Slot) -> None:
         from runtime.server import worker  # noqa: F401  (resolved in the child)
@@ -86,7 +86,7 @@ class Supervisor:
         slot.proc = self.ctx.Process(
             target=_worker_entry, name=f"splitserve-worker-{slot.index}",
             args=(self.argv, slot.index, self.run_dir, self.http_port, self.grpc_port,
-                  self.log_format, w, self.serving))  # once the others serve: load, then join
+                  self.log_format, w, self.all_announced))  # once the others serve: load, then join
         slot.proc.start()
         w.close()
         slot.conn, slot.started, slot.restart_at, slot.announced = r, time.monotonic(), None, False
@@ -176,7 +176,7 @@ class Supervisor:
                     if x.proc is None and x.restart_at is not None and now >= x.restart_at:
                         self._spawn(x)
                 if not announced and all(x.announced for x in self.slots):
-                    announced = self.serving = True
+                    announced = self.all_announced = True
                     log.info("%s workers=%d", first_line or "event=serving", self.n)
 
 
