@@ -31,24 +31,18 @@ import re
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+from runtime.metrics_merge import read_peer_files, write_json_atomic
+
 log = logging.getLogger("splitserve.experiments")
 
 SEGMENT = 50_000  # decision records per file segment
 MAX_LINE = 4 << 20  # a forwarded call (a feedback body is at most 1 MiB)
-MAX_FILE = 64 << 20  # a counters file larger than this is not ours: skipped
 FORWARD_TIMEOUT_S = 10.0
 _RECORDS = re.compile(r"^d(\d+)-(\d+)-(\d+)\.log$")
 
 
 class Unanswered(Exception):
     """A forwarded call was sent but got no answer: it may have been applied (never resent)."""
-
-
-def _replace(path: Path, doc: dict) -> None:
-    """Readers see the old file or the new one, never half (no fsync: the folder lives one run)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(json.dumps(doc, separators=(",", ":")).encode())
-    os.replace(tmp, path)
 
 
 class Peers:
@@ -129,24 +123,13 @@ class Peers:
 
     # ---- counters -----------------------------------------------------------------
     def write_counters(self, doc: dict) -> None:
-        _replace(self.dir / self.counters_name, doc)
+        write_json_atomic(self.dir / self.counters_name, doc)
 
     def peer_counters(self) -> list[dict]:
         """Every other counters file (live workers' latest, dead incarnations' last)."""
-        out = []
-        for p in sorted(self.dir.glob("x*.json")):
-            if p.name == self.counters_name:
-                continue
-            try:
-                if p.stat().st_size > MAX_FILE:
-                    continue
-                doc = json.loads(p.read_bytes())
-            except (OSError, ValueError) as e:
-                log.warning("event=experiment_counters_unreadable path=%s error=%r", p, e)
-                continue
-            if isinstance(doc, dict) and isinstance(doc.get("models"), dict):
-                out.append(doc)
-        return out
+        return [doc for doc in read_peer_files(self.dir, "x*.json", self.counters_name,
+                                               "experiment_counters")
+                if isinstance(doc.get("models"), dict)]
 
     def read_baseline(self) -> dict:
         try:
@@ -156,7 +139,7 @@ class Peers:
         return doc if isinstance(doc, dict) else {}
 
     def write_baseline(self, doc: dict) -> None:
-        _replace(self.dir / "baseline.json", doc)
+        write_json_atomic(self.dir / "baseline.json", doc)
 
     # ---- decision records -----------------------------------------------------------
     def _segment(self, seq: int) -> Path:

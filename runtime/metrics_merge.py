@@ -209,25 +209,37 @@ class SnapshotDir:
         self.name = f"w{worker}-{pid or os.getpid()}.json"
 
     def write(self, state: dict) -> None:
-        """Atomic: readers see the previous file or this one, never half of one."""
-        data = json.dumps(state, separators=(",", ":")).encode()
-        tmp = self.path / f".{self.name}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, self.path / self.name)
+        write_json_atomic(self.path / self.name, state)
 
     def peers(self) -> list[dict]:
-        out = []
-        for p in sorted(self.path.glob("w*.json")):
-            if p.name == self.name:
-                continue  # our own counters are read live
-            try:
-                if p.stat().st_size > MAX_SNAPSHOT_BYTES:
-                    continue
-                st = json.loads(p.read_bytes())
-            except (OSError, ValueError) as e:
-                log.warning("event=metrics_snapshot_unreadable path=%s error=%r", p, e)
+        # our own counters are read live
+        return [st for st in read_peer_files(self.path, "w*.json", self.name, "metrics_snapshot")
+                if st.get("format") == FORMAT]
+
+
+def write_json_atomic(path: Path, doc: dict) -> None:
+    """Readers see the previous file or this one, never half of one (no fsync: a run
+    folder lives one run)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(json.dumps(doc, separators=(",", ":")).encode())
+    os.replace(tmp, path)
+
+
+def read_peer_files(folder: Path, pattern: str, own: str, what: str) -> list[dict]:
+    """The JSON objects in `folder` matching `pattern`, except our own file `own`: other
+    workers' latest, dead incarnations' last. Too large or unreadable ones are skipped
+    (`event=<what>_unreadable`)."""
+    out = []
+    for p in sorted(folder.glob(pattern)):
+        if p.name == own:
+            continue
+        try:
+            if p.stat().st_size > MAX_SNAPSHOT_BYTES:
                 continue
-            if isinstance(st, dict) and st.get("format") == FORMAT:
-                out.append(st)
-        return out
+            doc = json.loads(p.read_bytes())
+        except (OSError, ValueError) as e:
+            log.warning("event=%s_unreadable path=%s error=%r", what, p, e)
+            continue
+        if isinstance(doc, dict):
+            out.append(doc)
+    return out
