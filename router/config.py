@@ -540,17 +540,22 @@ def config_versions(config: RouteConfig) -> dict[str, int]:
     return refs
 
 
-def validate_against(config: RouteConfig, present_versions: Iterable[int], *, model: str | None = None) -> None:
-    """Reject a config that names a version with no folder in the repository.
+def validate_against(config: RouteConfig, present_versions: Iterable[int], *, model: str | None = None,
+                     running: RouteConfig | None = None) -> None:
+    """Reject a config that newly names a version with no folder in the repository.
 
     Raises RoutingError("invalid") naming every such label, weight key and shadow target.
+    `running`: the config that serves now. An entry it already has, naming the same version
+    ("label 'canary'" -> 2), is kept as it runs even when that folder is gone (a rollback or a
+    weights-only change must not trip over it); only new or changed entries are checked.
     """
     present = set(present_versions)
+    kept = config_versions(running).items() if running is not None else ()
     shown = ", ".join(map(str, sorted(present))) or "none"
     problems = [
         f"{what} points at version {v}, which has no folder in the repository (present: {shown})"
         for what, v in config_versions(config).items()
-        if v not in present
+        if v not in present and (what, v) not in kept
     ]
     if problems:
         where = f"model '{model}': " if model is not None else ""

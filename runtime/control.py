@@ -3,8 +3,10 @@ persisted atomically), config-file hot reload, and model load/unload.
 
 Runs on the event loop. A rejected change raises `ServingError(INVALID_ARGUMENT)` and
 changes nothing: not the router, not the file. A version with no folder is refused only
-in new intent (a PUT, a changed model entry in the file): routes the server already runs
-stay, their missing versions unavailable (core.py warns), so a restart never refuses them.
+in new intent (an entry of a PUT or of the file that is new or names another version):
+entries as the server already runs them stay, even in a changed document (a rollback, a
+weights-only PUT), their missing versions unavailable (core.py warns), so a restart never
+refuses them.
 """
 
 from __future__ import annotations
@@ -68,17 +70,18 @@ class Control:
         return self.router.routing_state(model)
 
     async def put_routing(self, model: str, obj: object) -> dict:
-        view = self.manager.require(model)
-        try:
-            config = RouteConfig.from_json(obj, model=model)
-            validate_against(config, set(view.present), model=model)
-        except RoutingError as e:
-            self.refused(f"put_routing model={model}", e.message)
-            raise errors.invalid(e.message) from None
-        if self.source is not None and not self.source.writable:
-            self.refused(f"put_routing model={model}", "the config source is read-only")
-            raise conflict(self.source.managed_by())  # before any change: nothing moves
-        async with self._write_lock:
+        async with self._write_lock:  # validated against the routes it replaces, none between
+            view = self.manager.require(model)
+            try:
+                config = RouteConfig.from_json(obj, model=model)
+                validate_against(config, set(view.present), model=model,
+                                 running=self.router.get_config(model))
+            except RoutingError as e:
+                self.refused(f"put_routing model={model}", e.message)
+                raise errors.invalid(e.message) from None
+            if self.source is not None and not self.source.writable:
+                self.refused(f"put_routing model={model}", "the config source is read-only")
+                raise conflict(self.source.managed_by())  # before any change: nothing moves
             if self.source is not None:
                 await self.source.write(model, config)  # CAS / atomic persist, or raises
             elif self.config_path is not None:
@@ -90,7 +93,9 @@ class Control:
             self.router.set_config(model, config)
         self.manager.request_reconcile(model)  # versions the new routes name become aspired
         state = self.router.routing_state(model)
-        pending = state.get("effective", {}).get("pending_labels")
+        effective = state.get("effective", {})
+        pending = {k: v for k, v in (effective.get("pending_labels") or {}).items()
+                   if v not in effective.get("missing", ())}  # kept without a folder: the note says so
         if pending:
             state["note"] = ("label(s) " + ", ".join(f"{k} -> {v}" for k, v in pending.items()) +
                              " move once that version is AVAILABLE; it is being loaded")
@@ -116,11 +121,10 @@ class Control:
             configs = (parse_config_text(text, str(where)) if text is not None
                        else load_config_file(self.config_path))
             snap, running = self.manager.view(), self.router.configs()
-            for model, cfg in configs.items():
-                if running.get(model) == cfg:
-                    continue  # what serves now (its folder may be gone): not new intent
+            for model, cfg in configs.items():  # entries as they serve now are not new intent
                 mv = snap.model(model)
-                validate_against(cfg, set(mv.present) if mv else set(), model=model)
+                validate_against(cfg, set(mv.present) if mv else set(), model=model,
+                                 running=running.get(model))
         except RoutingError as e:
             self._rejected_text = text
             if quiet:

@@ -10,6 +10,7 @@ disk that are not loaded, with why.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -81,9 +82,10 @@ def test_bundled_example_survives_deleting_a_routed_folder_and_restarting(tmp_pa
         r = httpx.post(f"{srv.url}/v1/models/mlp/labels/stable:predict", timeout=10,
                        json={"instances": [[0.1] * 64]})  # a label that cannot serve says why
         assert r.status_code == 503 and "whose folder is gone" in r.text, r.text
-        # A PUT is new intent: naming the deleted version is still a 400 that changes nothing
-        r = httpx.put(f"{srv.url}/v1/models/mlp/routing", json=persisted, timeout=10)
-        assert r.status_code == 400 and "version 1, which has no folder" in r.json()["error"], r.text
+        # A new entry naming the deleted version is new intent: a 400 that changes nothing
+        r = httpx.put(f"{srv.url}/v1/models/mlp/routing", timeout=10,
+                      json={**persisted, "labels": {**persisted["labels"], "old": 1}})
+        assert r.status_code == 400 and "label 'old' points at version 1, which has no folder" in r.json()["error"], r.text
         first_log = srv.log_text()
     assert yaml.safe_load(cfg.read_text())["models"]["mlp"] == persisted  # the state it ran in
 
@@ -148,3 +150,39 @@ def test_tf_status_forgets_a_version_whose_folder_is_gone(make_repo, serve, vers
     shutil.rmtree(repo / "mlp" / "2")
     assert srv.wait_for(lambda: srv.core.manager.state_of("mlp", 2) is None)
     assert tf_versions(srv.http) == [("3", "AVAILABLE")]
+
+
+def test_writes_that_keep_a_routed_version_whose_folder_is_gone_are_accepted(make_repo, serve, tmp_path):
+    """The canary's folder is deleted mid-experiment: a rollback (the write a guardrail
+    makes too) and a PUT that only changes weights keep `canary: 2` as it runs, so they
+    apply; an entry that is new or names another version still refuses a missing folder."""
+    repo = make_repo({"mlp": {1: "st1", 2: "st2"}})
+    cfg = tmp_path / "splitserve.yaml"
+    experiment = {"control": "stable", "candidate": "canary", "steps": [50, 100], "interval_s": 0.3,
+                  "min_requests": 10_000, "min_duration_s": 0}
+    labels = {"stable": 1, "canary": 2}
+    cfg.write_text(json.dumps({"models": {"mlp": {"labels": labels, "weights": {"stable": 100},
+                                                  "experiment": experiment}}}))
+    srv = serve(repo, config=cfg, token="t")
+    auth = {"authorization": "Bearer t"}
+    assert wait_until(lambda: routing(srv.http)["weights"] == {"stable": 50, "canary": 50}, 30)  # step 1
+    shutil.rmtree(repo / "mlp" / "2")
+    assert srv.wait_for(lambda: 2 not in srv.core.manager.view().model("mlp").present)
+
+    r = httpx.post(f"{srv.http}/v1/models/mlp/experiment/rollback", headers=auth, timeout=10)
+    assert r.status_code == 200, r.text
+    assert routing(srv.http)["weights"] == {"stable": 100, "canary": 0}
+    weights_only = {"labels": labels, "weights": {"stable": 70, "canary": 30}, "experiment": experiment}
+    r = httpx.put(f"{srv.http}/v1/models/mlp/routing", json=weights_only, headers=auth, timeout=10)
+    assert r.status_code == 200, r.text
+    assert "being loaded" not in r.json().get("note", "")  # its folder is gone: nothing loads it
+    assert yaml.safe_load(cfg.read_text())["models"]["mlp"]["weights"] == {"stable": 70, "canary": 30}
+
+    for new_intent, what in [({"stable": 1, "canary": 2, "next": 2}, "label 'next' points at version 2"),
+                             ({"stable": 1, "canary": 3}, "label 'canary' points at version 3")]:
+        r = httpx.put(f"{srv.http}/v1/models/mlp/routing", headers=auth, timeout=10,
+                      json={**weights_only, "labels": new_intent})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"] == f"model 'mlp': {what}, which has no folder in the repository (present: 1)"
+    assert routing(srv.http)["labels"] == labels
+    assert yaml.safe_load(cfg.read_text())["models"]["mlp"]["weights"] == {"stable": 70, "canary": 30}

@@ -132,3 +132,19 @@ def test_validate_against_present_versions():
     assert "shadow target 8 points at version 8" in e.message
     assert "stable" not in e.message
     validate_against(config, {1, 3, 7, 8})  # all present: no error
+
+
+def test_validate_against_keeps_entries_as_they_run():
+    """Only new or changed entries must name a folder: `canary: 2` kept as it runs passes
+    (weights changed, folder 2 gone); a new label on 2 or canary moved to 3 do not."""
+    running = RouteConfig.from_json({"labels": {"stable": 1, "canary": 2}, "weights": {"stable": 90, "canary": 10}})
+    weights_only = RouteConfig.from_json({"labels": {"stable": 1, "canary": 2}, "weights": {"stable": 100, "canary": 0}})
+    validate_against(weights_only, {1}, running=running)
+    with pytest.raises(RoutingError) as info:
+        validate_against(weights_only, {1})  # nothing runs: all of it is new intent
+    assert "label 'canary' points at version 2" in info.value.message
+    for labels, problem in [({"stable": 1, "canary": 2, "next": 2}, "label 'next' points at version 2"),
+                            ({"stable": 1, "canary": 3}, "label 'canary' points at version 3")]:
+        with pytest.raises(RoutingError) as info:
+            validate_against(RouteConfig.from_json({"labels": labels}), {1}, model="m", running=running)
+        assert info.value.problems == (f"{problem}, which has no folder in the repository (present: 1)",)
