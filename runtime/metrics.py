@@ -705,6 +705,7 @@ class Metrics:
         yield self._model_totals_family()
         yield from self._histogram_families()
         yield from self._version_families()
+        yield self._model_config_family()
         yield from self._routing_families()
         yield from self._shadow_families()
         yield from self._experiment_families()
@@ -790,6 +791,16 @@ class Metrics:
                                       "whose thread still runs and holds memory")
         abandoned.add_metric([], float(snap.abandoned_loads))
         return inflight, state, load, warm, mem, fails, abandoned
+
+    def _model_config_family(self):
+        """1 while a model's model.yaml is invalid (the error itself is on the API, not a
+        label: GET /v2/models/{m} parameters.model_config_error), 0 once it reads again."""
+        f = GaugeMetricFamily("splitserve_model_config_error",
+                              "1 while the model's model.yaml is invalid", labels=["model"])
+        snap = self.views()
+        for model in snap.names():
+            f.add_metric([model], 0.0 if snap.model(model).spec_error is None else 1.0)
+        return f
 
     def _routing_families(self):
         labels = ["model", "version"]

@@ -68,13 +68,22 @@ def summary_rows(url: str, model: str = "mlp") -> dict[str, dict]:
     return {row["version"]: row for row in r.json()["versions"]}
 
 
-def state_gauge(url: str, version: str, state: str, model: str = "mlp") -> float | None:
+def gauge(url: str, name: str, **labels: str) -> float | None:
+    """The value of one Prometheus sample from a scrape (None: not exported)."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    want = f'splitserve_version_state{{model="{model}",state="{state}",version="{version}"}}'
+    want = name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
     for line in text.splitlines():
-        if line.startswith(want):
+        if line.startswith(want + " "):
             return float(line.split()[-1])
     return None
+
+
+def state_gauge(url: str, version: str, state: str, model: str = "mlp") -> float | None:
+    return gauge(url, "splitserve_version_state", model=model, state=state, version=version)
+
+
+def config_error_gauge(url: str, model: str = "mlp") -> float | None:
+    return gauge(url, "splitserve_model_config_error", model=model)
 
 
 def assert_failed_everywhere(url: str, version: str, reason: str) -> None:
@@ -163,6 +172,7 @@ def test_bad_model_yaml_is_on_the_api_start_finishes_and_fixes_are_confirmed(tmp
         assert meta["versions"] == [] and meta["parameters"]["model_config_error"] == TYPO
         r = httpx.get(f"{url}/v1/models/mlp/metrics", timeout=10)
         assert r.json()["model_config_error"] == TYPO
+        assert config_error_gauge(url) == 1.0
         r = httpx.post(f"{url}/v2/models/mlp/infer", json=BODY, timeout=30)
         assert r.status_code == 503, r.text
         bad = log_lines(proc, "bad_model_yaml")
@@ -174,6 +184,7 @@ def test_bad_model_yaml_is_on_the_api_start_finishes_and_fixes_are_confirmed(tmp
         assert wait_until(lambda: {s["state"] for s in tf_status(url).values()} == {"AVAILABLE"},
                           60), tf_status(url)
         proc.wait_line(r"event=model_config_recovered model=mlp path=mlp/model\.yaml ", 30)
+        assert config_error_gauge(url) == 0.0
 
         # broken again while serving: the last good settings serve on, the API says so
         yaml_path.write_text(good + "max_batchsize: 8\n")
@@ -186,6 +197,7 @@ def test_bad_model_yaml_is_on_the_api_start_finishes_and_fixes_are_confirmed(tmp
             "model_config_error"] == LAST_GOOD
         r = httpx.get(f"{url}/v1/models/mlp/metrics", timeout=10)
         assert r.json()["model_config_error"] == LAST_GOOD
+        assert config_error_gauge(url) == 1.0  # serving the last good one: still an error to fix
         r = httpx.post(f"{url}/v2/models/mlp/infer", json=BODY, timeout=30)
         assert r.status_code == 200, r.text
         assert "keeping=last_good" in log_lines(proc, "bad_model_yaml")[-1]
@@ -197,6 +209,7 @@ def test_bad_model_yaml_is_on_the_api_start_finishes_and_fixes_are_confirmed(tmp
         assert "parameters" not in httpx.get(f"{url}/v2/models/mlp", timeout=10).json()
         r = httpx.get(f"{url}/v1/models/mlp/metrics", timeout=10)
         assert r.json()["model_config_error"] is None
+        assert config_error_gauge(url) == 0.0
         assert len(log_lines(proc, "model_config_recovered")) == 2
         assert len(log_lines(proc, "loaded")) == 2, "the bad file or its fix reloaded a version"
     assert start_s < 90, f"start with a bad model.yaml took {start_s:.1f}s"
