@@ -30,7 +30,7 @@ from runtime.modelspec import ModelSpec
 from runtime.policy import HarnessInfo, plan, select_versions
 from runtime.runner import Runner
 from runtime.repository import (ModelFolder, VersionFolder, is_model_name, list_models,
-                                quiet_for, scan_model, scan_version)
+                                quiet_for, root_ignored, scan_model, scan_version)
 from runtime.settings import RepositorySettings
 from runtime.types import ServableId, VersionState
 from runtime.views import LifecycleEvent, ModelView, Snapshot, VersionView
@@ -251,6 +251,7 @@ class Manager:
         self.shadow_max_waiting = shadow_max_waiting
         self.models: dict[str, ModelEntry] = {}
         self.abandoned_loads = 0  # timed-out load threads still running (memory held)
+        self._root_ignored: dict[str, str] = {}  # root entries that are not models, as logged
         self._subscribers: list[Callable[[Snapshot, str | None], None]] = []
         self._snapshot = Snapshot(0, {}, self._inflight)
         self._load_sem: asyncio.Semaphore | None = None
@@ -299,9 +300,18 @@ class Manager:
         self.rescan_all()
 
     def rescan_all(self) -> None:
+        self._report_root()
         names = {p.name for p in list_models(self.root)} | set(self.models)
         for name in names:
             self.request_reconcile(name, delay=0)
+
+    def _report_root(self) -> None:
+        """Log, once per path and reason, what the root holds that is not a model folder."""
+        now = dict(root_ignored(self.root))
+        for path, why in now.items():
+            if self._root_ignored.get(path) != why:
+                log.info("event=ignored path=%s reason=%r", value(path), why)
+        self._root_ignored = now
 
     def on_path_changed(self, path: Path) -> None:
         """A filesystem event (on the loop): debounce by model, then reconcile."""
@@ -313,6 +323,8 @@ class Manager:
             self.rescan_all()
             return
         name = rel.parts[0]
+        if len(rel.parts) == 1 and not (self.root / name).is_dir():
+            self._report_root()  # a file at the root (or a folder gone): say what is not a model
         if is_model_name(name):
             self.request_reconcile(name, delay=self.settings.quiet_s)
 

@@ -4,8 +4,8 @@ fingerprint.
 Layout: `<root>/<model>/<version>/` where `<version>` is a positive integer without
 leading zeros; anything else (dot folders, `2.tmp`, `latest`, `007`) is ignored, so
 "copy to a temp name, then rename" publishes atomically. What is ignored is reported with
-the reason (`ignored`: the manager logs each once), except hidden names (`.3.tmp`,
-`__pycache__`), which publishing by rename uses all the time. Completeness is checked
+the reason (`ignored`, `root_ignored`: the manager logs each once), except hidden names
+(`.3.tmp`, `__pycache__`), which publishing by rename uses all the time. Completeness is checked
 from the files themselves (safetensors header vs file size, zip central directory), so a
 half-copied folder is never handed to the loader while it is still changing.
 """
@@ -238,6 +238,45 @@ def scan_model(model_dir: Path, last_good: ModelSpec | None = None) -> ModelFold
             versions[v] = scan_version(model_dir, v, spec)
             ignored.extend(versions[v].ignored)
     return ModelFolder(model_dir.name, model_dir, spec, err, versions, tuple(sorted(ignored)))
+
+
+MODEL_LAYOUT = "models are folders <root>/<model>/<version>/"
+_TEMP_SUFFIXES = ("~", ".tmp", ".swp", ".part")  # editors and downloads on the way: silent
+
+
+def root_ignored_reason(entry: Path) -> str | None:
+    """Why an entry at the repository root is not a model; None for a model folder (and
+    for a symlinked one, which its model scan reports) and for hidden or temporary names."""
+    name = entry.name
+    if is_hidden(name) or name.endswith(_TEMP_SUFFIXES):
+        return None
+    if entry.is_dir():
+        if entry.is_symlink() or is_model_name(name):
+            return None
+        return (f"not a model name: {MODEL_LAYOUT}, a model named with letters, digits, "
+                f"'_', '.' or '-' (starting with a letter or digit, at most 128)")
+    if name in FORMATS:
+        return f"a model file at the repository root: {MODEL_LAYOUT} (e.g. mymodel/1/{name})"
+    if name in MODEL_FILES:
+        return f"a model folder's file at the repository root: {MODEL_LAYOUT}, {name} in <model>/"
+    return f"not a model folder: {MODEL_LAYOUT}"
+
+
+def root_ignored(root: Path) -> Ignored:
+    """What the repository root holds that is not a model folder, with why (sorted)."""
+    out = []
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return ()
+    for entry in entries:
+        try:
+            why = root_ignored_reason(entry)
+        except OSError:
+            continue  # vanished while we looked: the next event lists again
+        if why is not None:
+            out.append((entry.name, why))
+    return tuple(sorted(out))
 
 
 def list_models(root: Path) -> list[Path]:

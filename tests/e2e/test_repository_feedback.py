@@ -108,9 +108,16 @@ def log_lines(proc: ServerProcess, event: str) -> list[str]:
 def test_ignored_entries_logged_once_and_an_unloadable_version_is_failed_then_recovers(tmp_path):
     repo = example_repository(tmp_path)
     m = repo / "mlp"
+    (repo / "config.yaml").write_text("models: {}\n")  # at the root: not a model folder
     with ServerProcess(repo, config=config(tmp_path, grace_s=1.0)) as proc:
         proc.wait_ready()
         url = proc.url
+        proc.wait_line(r"event=ignored path=config\.yaml reason='not a model folder: models are "
+                       r"folders <root>/<model>/<version>/'", 30)
+        (repo / "model.pt.part").write_bytes(b"on the way")  # temporary: never reported
+        shutil.copy(m / "2" / "model.pt2", repo / "model.pt2")
+        proc.wait_line(r"event=ignored path=model\.pt2 reason='a model file at the repository "
+                       r"root: models are folders <root>/<model>/<version>/ \(e\.g\. mymodel/1/model\.pt2\)'", 30)
         (m / "v7").mkdir()
         shutil.copy(m / "2" / "model.pt2", m / "v7" / "model.pt2")
         (m / "notes.txt").write_text("try v7 later\n")
@@ -131,11 +138,15 @@ def test_ignored_entries_logged_once_and_an_unloadable_version_is_failed_then_re
         # A new stray file after each write is the barrier: its line proves a later pass ran.
         for i in range(3):
             (m / "notes.txt").write_text(f"edit {i}\n")
+            (repo / "config.yaml").write_text(f"# edit {i}\n")  # a root event: the root is listed again
             (m / f"barrier-{i}.txt").write_text("x")
             proc.wait_line(rf"event=ignored model=mlp path=barrier-{i}\.txt ", 30)
         ignored = log_lines(proc, "ignored")
         assert len([x for x in ignored if "path=v7 " in x]) == 1, ignored
         assert len([x for x in ignored if "path=notes.txt " in x]) == 1, ignored
+        assert len([x for x in ignored if "path=config.yaml " in x]) == 1, ignored
+        assert len([x for x in ignored if "path=model.pt2 " in x]) == 1, ignored
+        assert not any("model.pt.part" in x for x in proc.lines()), "a temporary name was reported"
         assert any("model=mlp path=v7 reason='not a version number: version folders are "
                    "named 1, 2, ...'" in x for x in ignored), ignored
         assert not any("tmp-9" in x for x in proc.lines()), "a hidden publish folder was reported"

@@ -6,7 +6,7 @@ import pytest
 
 from runtime.modelspec import SpecError, parse_spec, read_spec
 from runtime.policy import select_versions
-from runtime.repository import is_version_name, safetensors_problem, scan_model
+from runtime.repository import is_version_name, root_ignored, safetensors_problem, scan_model
 
 SRC = "mlp/model.yaml"
 
@@ -175,3 +175,22 @@ def test_scan_says_what_it_ignores_and_why(tmp_path, version_cache):
         "no loadable file in mlp/10/: found nothing (model.pt2: a symlink out of the "
         "repository, not followed); expected one of model.pt2, model.safetensors (+ model.py), "
         "model.pt")
+
+
+def test_root_entries_that_are_not_model_folders_say_what_is_expected(tmp_path):
+    (tmp_path / "mlp").mkdir()
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    (tmp_path / "config.yaml").write_text("models: {}\n")
+    (tmp_path / "model.yaml").write_text("device: cpu\n")
+    (tmp_path / "-x").mkdir()
+    (tmp_path / "other").symlink_to(tmp_path / "mlp")  # its model scan reports it
+    for name in (".mlp.tmp", "__pycache__", "notes.txt~", "model.pt.part", ".DS_Store"):
+        (tmp_path / name).write_text("on the way")  # hidden and temporary names: silent
+    layout = "models are folders <root>/<model>/<version>/"
+    assert dict(root_ignored(tmp_path)) == {
+        "model.pt": f"a model file at the repository root: {layout} (e.g. mymodel/1/model.pt)",
+        "config.yaml": f"not a model folder: {layout}",
+        "model.yaml": f"a model folder's file at the repository root: {layout}, model.yaml in <model>/",
+        "-x": f"not a model name: {layout}, a model named with letters, digits, '_', '.' or '-' "
+              "(starting with a letter or digit, at most 128)",
+    }
