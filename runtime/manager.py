@@ -213,7 +213,9 @@ class ModelEntry:
               "max_queue_delay_microseconds": spec.batching.max_queue_delay_us}
              if spec is not None and batching_on(spec) else None),
             spec.max_batch_size if spec else 0,
-            spec.version_policy if spec else None)
+            spec.version_policy if spec else None,
+            {v: f.incomplete for v, f in self.folder.versions.items() if f.format is None}
+            if self.folder else {})
 
     def statuses(self) -> list[VersionStatus]:
         live: dict[int, VersionStatus] = {}

@@ -124,5 +124,8 @@ def _not_loaded(mv: ModelView, version: int) -> str:
     if mv.disabled:
         return "not loaded: unloaded through the repository API"
     if mv.version_policy is not None and version not in selected_by(mv.version_policy, mv.present):
-        return f"not loaded: not chosen by version policy {policy_text(mv.version_policy)}"
+        # said now, so a policy changed later to want it is known to fail before it does
+        why = mv.unloadable.get(version)
+        return (f"not loaded: not chosen by version policy {policy_text(mv.version_policy)}"
+                + (f"; {why}" if why else ""))
     return "not loaded yet"

@@ -45,6 +45,8 @@ class ModelView:
     batching: Mapping | None = None  # dynamic batching settings when on (Triton config)
     max_batch_size: int = 0
     version_policy: object = None
+    # numbered folders with no model file: version -> what was found and what is expected
+    unloadable: Mapping[int, str] = field(default_factory=dict)
 
     @property
     def available(self) -> tuple[int, ...]:

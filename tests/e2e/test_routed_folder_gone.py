@@ -118,6 +118,27 @@ def test_index_lists_versions_on_disk_that_are_not_loaded(make_repo, serve):
     assert [(m["name"], m["version"]) for m in ready] == [("mlp", "2")]
 
 
+def test_index_says_a_version_the_policy_skips_has_no_loadable_file(make_repo, serve):
+    """latest:1 serves 3; folder 1 holds only model.pth. The index says so now, with what it
+    found and expects, so a policy changed to want it is known to fail before it does."""
+    repo = make_repo({"mlp": {2: "st1", 3: "st2"}})
+    (repo / "mlp" / "1").mkdir()
+    (repo / "mlp" / "1" / "model.pth").write_bytes(b"not a format the loader reads")
+    srv = serve(repo, incomplete_grace_s=0.5)
+    assert srv.available("mlp") == [3]
+    no_file = ("no loadable file in mlp/1/: found model.pth; expected one of model.pt2, "
+               "model.safetensors (+ model.py), model.pt")
+    rows = httpx.post(f"{srv.http}/v2/repository/index", json={}, timeout=10).json()
+    assert [(m["version"], m["state"], m["reason"]) for m in rows] == [
+        ("1", "UNAVAILABLE", f"not loaded: not chosen by version policy latest:1; {no_file}"),
+        ("2", "UNAVAILABLE", "not loaded: not chosen by version policy latest:1"),
+        ("3", "READY", "")]
+    yaml_path = repo / "mlp" / "model.yaml"  # the policy changed: it fails as the index said
+    yaml_path.write_text(yaml_path.read_text().replace("version_policy: {latest: 1}", "version_policy: all"))
+    assert srv.wait_state("mlp", 1, VersionState.FAILED)
+    assert srv.core.manager.view().model("mlp").version(1).error == no_file
+
+
 def test_reload_keeps_routes_it_runs_and_applies_the_rest(make_repo, serve, tmp_path):
     """A routing file whose entry for mlp is what serves now (stable: 1, folder since
     deleted) is not refused on reload: the other model's new routes apply."""
