@@ -52,6 +52,11 @@ class ServerSettings(_S):
     # gRPC transport: 0 = grpc.aio on the event loop; N = gRPC's own threads plus N handler
     # threads, each call crossing to the loop once (runtime/server/rpc_threads.py).
     grpc_threads: int = Field(default=0, ge=0, le=1024)
+    # Replicas of a kubernetes:// routing source: the experiment decider holds a Lease this
+    # long (renewed every third of it; a dead holder is replaced after it), and the other
+    # replicas reach it at advertise_url (default http://$POD_IP:<http port>, else the bound address).
+    experiment_lease_s: float = Field(default=15.0, ge=1, le=3600)
+    advertise_url: str | None = Field(default=None, pattern=r"^http://[^/\s]+$")
 
 
     @field_validator("token")
