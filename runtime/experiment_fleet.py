@@ -54,6 +54,9 @@ PRUNE_S = 120.0  # an identity silent this long, and fully judged, is forgotten
 ANNOTATIONS_BUDGET = 200 * 1024  # Kubernetes caps a Lease's annotations at 256 KiB in all
 A_STATES, A_BASELINE, A_URL = "splitserve.io/experiments", "splitserve.io/baseline", "splitserve.io/decider-url"
 NOT_DECIDER = "not the experiment decider; retry"
+FORWARD_WAIT_S = 5.0  # a forwarded action or feedback waits this long for a reachable holder
+RETRY_S = 0.2
+SENT_NOTHING = 0  # _post's status when the connection failed before the call was sent
 
 
 def pod_identity(run_dir: Path | None = None) -> str:
@@ -271,20 +274,32 @@ class Fleet:
         for _ in range(min(n, len(self.outbox))):
             self.outbox.popleft()
 
-    async def forward(self, call: dict) -> dict:
-        """`call` applied at the holder: its answer ({"ok": ...}), or ServingError."""
-        url = self.decider_url()
-        if not url or self.lease.holder == self.identity:
-            raise errors.unavailable(f"no experiment decider holds {self.name} right now; retry")
-        status, answer = await asyncio.to_thread(self._post, url, call)
-        if status == 503:
-            raise errors.unavailable(f"the experiment decider at {url} says: {answer.get('error', NOT_DECIDER)}")
-        if status != 200 or not isinstance(answer, dict):
-            raise errors.unavailable(f"the experiment decider at {url} answered {status}: "
-                                     f"{answer.get('error') if isinstance(answer, dict) else answer!r}")
-        if "ok" in answer:
+    async def forward(self, call: dict, wait_s: float = FORWARD_WAIT_S) -> dict:
+        """`call` applied at the holder: its answer ({"ok": ...}), or ServingError. While
+        none can be reached and nothing was sent, the Lease is read again (a new holder
+        is known from its next write) and the call retried, for up to `wait_s`."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            url = self.decider_url()
+            if url and self.lease.holder != self.identity:
+                status, answer = await asyncio.to_thread(self._post, url, call)
+                if status != SENT_NOTHING and not (status == 503 and isinstance(answer, dict)
+                                                   and answer.get("error") == NOT_DECIDER):
+                    break
+                why = (f"the experiment decider at {url} {answer['error']}" if status == SENT_NOTHING
+                       else f"{url} is no longer the experiment decider")
+            else:
+                why = f"no experiment decider holds {self.name} right now"
+            if time.monotonic() >= deadline:
+                raise errors.unavailable(f"{why}; retry")
+            await asyncio.sleep(RETRY_S)
+            await asyncio.to_thread(self.sync)  # who holds it now, and where
+        if status == 200 and isinstance(answer, dict) and "ok" in answer:
             return answer["ok"]
-        raise ServingError(Code(answer["code"]), answer["message"])
+        if isinstance(answer, dict) and answer.get("code") in Code.__members__:
+            raise ServingError(Code(answer["code"]), str(answer.get("error")))  # as the holder raised it
+        raise errors.unavailable(f"the experiment decider at {url} answered {status}: "
+                                 f"{answer.get('error') if isinstance(answer, dict) else answer!r}; retry")
 
     def _post(self, url: str, call: dict) -> tuple[int, object]:
         u = urllib.parse.urlsplit(url)
@@ -296,7 +311,7 @@ class Fleet:
             conn.request("POST", "/v1/experiments/peers", body=json.dumps(call, allow_nan=False), headers=headers)
         except OSError as e:
             conn.close()
-            return 503, {"error": f"unreachable ({e})"}
+            return SENT_NOTHING, {"error": f"is unreachable ({e})"}
         try:
             r = conn.getresponse()
             data = r.read(MAX_PUSH_BYTES)

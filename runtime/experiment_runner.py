@@ -218,12 +218,12 @@ class ExperimentRunner:
 
     def _received(self, call: dict) -> dict:
         """A follower's push: its pod's totals and new decision records (the holder only)."""
-        if self.fleet is None or not self.leader:
-            raise errors.unavailable(NOT_DECIDER)
         try:
             ident, models, records = parse_push(call)
         except ValueError as e:
             raise errors.invalid(f"push: {e}") from None
+        if self.fleet is None or not self.leader:
+            raise errors.unavailable(NOT_DECIDER)
         now = self.clock()
         for rid, model, version, arm in records:
             self.log.record(rid, model, version, arm, now)
@@ -360,7 +360,7 @@ class ExperimentRunner:
         models = {m: {str(v): c for v, c in self._all_totals(m).items()} for m in self._arms}
         call, n = self.fleet.push_call(models)
         try:
-            await self.fleet.forward(call)
+            await self.fleet.forward(call, wait_s=0)  # the next push is PUSH_S away anyway
         except ServingError as e:
             if not self._push_failing:
                 log.warning("event=experiment_push_failed reason=%r", e.message)

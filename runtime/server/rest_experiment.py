@@ -12,8 +12,8 @@ import orjson
 from fastapi import APIRouter, Request
 
 from runtime.core import Core
-from runtime.errors import Code, invalid, not_found, unavailable
-from runtime.server.http import json_response, read_body
+from runtime.errors import Code, invalid, not_found
+from runtime.server.http import HTTP_STATUS, json_response, read_body
 
 MAX_FEEDBACK_BODY = 1024 * 1024
 MAX_PEER_BODY = 4 << 20  # runtime/experiment_fleet.py MAX_PUSH_BYTES
@@ -56,8 +56,9 @@ def build(core: Core) -> APIRouter:
         except orjson.JSONDecodeError as e:
             raise invalid(f"peer call is not valid JSON: {e}") from None
         answer = await core.experiments.peer_call(call)
-        if answer.get("code") == Code.UNAVAILABLE.value:
-            raise unavailable(answer["message"])  # 503: the sender retries (at the next holder)
+        if "code" in answer:  # its status, and the code, so the sender raises the same error
+            return json_response({"error": answer["message"], "code": answer["code"]},
+                                 HTTP_STATUS[Code(answer["code"])])
         return json_response(answer)
 
     return r
