@@ -80,6 +80,7 @@ class ExperimentRunner:
         self._fleet_leading = False
         self._fleet_mark: str | None = None  # the Lease's states text we show (a follower)
         self._pushed_at = 0.0
+        self._pushed_holder: str | None = None  # the Lease holder our outbox went to
         self._push_failing = False
         self._lease_task: asyncio.Task | None = None
         self._state_mark = None
@@ -357,6 +358,11 @@ class ExperimentRunner:
     async def _push(self) -> None:
         """This pod's cumulative counts and new decision records, to the Lease holder."""
         self._pushed_at = time.monotonic()
+        holder = self.fleet.lease.holder
+        if holder != self._pushed_holder:  # a new holder has none of our records yet: all of them
+            self._pushed_holder = holder
+            self.fleet.outbox.clear()
+            self.fleet.outbox.extend(self.log.entries())
         models = {m: {str(v): c for v, c in self._all_totals(m).items()} for m in self._arms}
         call, n = self.fleet.push_call(models)
         try:
