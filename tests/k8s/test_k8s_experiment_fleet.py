@@ -211,3 +211,33 @@ def test_one_decider_across_three_replicas_survives_kill_9_and_a_restart_of_all(
     assert eventually(lambda: same_on(again, lambda v: v["latch"] is None and v["candidate_weight"] == 50), 30)
     assert rollbacks(procs + again) == 1
     print(f"\nfleet: takeover after kill -9 in {took:.1f}s (lease 2 s); whole test {time.monotonic() - t0:.0f}s")
+
+
+def test_a_replica_with_workers_is_one_pod_in_the_fleet(api, make_repo, tmp_path):
+    """`--workers 2` in one replica, one worker in the other: the pod's flock holder takes
+    part for its pod (one identity), its other worker forwards over the socket; counts and
+    feedback are exact across both pods and the state is the same from every process."""
+    repo = make_repo({"mlp": {1: "st1", 2: "st2"}})
+    env = {"SPLITSERVE_KUBE_API": api.url, "SPLITSERVE_KUBE_TOKEN_FILE": str(tmp_path / "token")}
+    procs = [ServerProcess(repo, "--token", TOKEN, *extra, config=f"kubernetes://{NS}/{CM}",
+                           env={**env, "HOSTNAME": f"pod-{k}"}, log_path=tmp_path / f"w{k}.log")
+             for k, extra in enumerate((("--workers", "2"), ()))]
+    try:
+        for p in procs:
+            p.wait_ready(240)
+        assert eventually(lambda: same_on(procs, lambda v: v["candidate_weight"] == 50), 30)
+        served = [(k % 2, *infer(procs[k % 2], k)) for k in range(60)]
+        assert all(code == 200 for _, code, _, _ in served)
+        view = eventually(lambda: same_on(procs * 3, lambda v: total(v) == 60), 30)  # fresh connections
+        assert view, [experiment(p) for p in procs]
+        items = [{"request_id": rid, "metric": "click", "value": 1} for _, _, _, rid in served]
+        got = [feedback(procs[(n // 10 + 1) % 2], items[n:n + 10]) for n in range(0, 60, 10)]
+        assert sum(g["matched"] for g in got) == 60 and sum(g["unknown"] + g["duplicate"] for g in got) == 0
+        again = [feedback(procs[n // 10 % 2], items[n:n + 10]) for n in range(0, 60, 10)]
+        assert sum(g["duplicate"] for g in again) == 60
+        holders = [line for p in procs for line in p.lines() if "event=experiment_decider lease=" in line]
+        assert len(holders) == 1, holders
+        assert api.lease(NS, LEASE)["spec"]["leaseTransitions"] == 0
+    finally:
+        for p in procs:
+            p.stop()
