@@ -131,6 +131,7 @@ class Fleet:
         self.baseline: dict[str, dict] = {}  # identity -> {model: {version: counts}} judged
         self.outbox: collections.deque = collections.deque(maxlen=OUTBOX)
         self._states_text: str | None = None  # what we hold, written with each renewal
+        self._baseline_text = "{}"
         self._pushed_event = asyncio.Event()
         self._led_since: float | None = None
 
@@ -159,7 +160,7 @@ class Fleet:
         out = {A_URL: self.advertise_url or ""}
         if holding and self._states_text is not None:
             out[A_STATES] = self._states_text
-            out[A_BASELINE] = json.dumps(self.baseline, separators=(",", ":"))
+            out[A_BASELINE] = self._baseline_text
         return out
 
     def sync(self) -> bool:
@@ -183,9 +184,9 @@ class Fleet:
         """We hold the Lease now: the states and baseline its last holder wrote."""
         ann = self.lease.annotations()
         self._led_since = time.monotonic()
-        self._states_text = None
+        self._states_text, self._baseline_text = None, ann.get(A_BASELINE) or "{}"
         try:
-            self.baseline = json.loads(ann.get(A_BASELINE) or "{}")
+            self.baseline = json.loads(self._baseline_text)
         except ValueError:
             self.baseline = {}
         self.pushed, self.pushed_at = {}, {}
@@ -204,10 +205,11 @@ class Fleet:
     def states_mark(self) -> str | None:
         return self.lease.annotations().get(A_STATES)
 
-    def save(self, states: dict[str, dict]) -> bool:
-        """States and baseline into the Lease, in one renewal (blocking); False when lost."""
-        self._states_text = fit_states(states, ANNOTATIONS_BUDGET - len(json.dumps(self.baseline)) - 1024)
-        return self.sync()
+    def stage(self, states: dict[str, dict]) -> None:
+        """States and baseline as the Lease's next write carries them (on the loop: the
+        thread that writes reads only these strings)."""
+        self._baseline_text = json.dumps(self.baseline, separators=(",", ":"))
+        self._states_text = fit_states(states, ANNOTATIONS_BUDGET - len(self._baseline_text) - 1024)
 
     # ---- counts, judged -----------------------------------------------------------------
     def received(self, identity: str, models: dict) -> None:
@@ -230,13 +232,14 @@ class Fleet:
         return cur, {str(v): c for v, c in base.items()}
 
     def _prune(self) -> None:
+        """Forget an identity silent for PRUNE_S (since its last push, or since we took the
+        Lease when it never pushed to us) once its last totals are judged: a dead pod."""
         now = time.monotonic()
-        for ident in list(self.baseline):
-            if ident == self.identity:
+        for ident in (set(self.baseline) | set(self.pushed)) - {self.identity}:
+            if now - self.pushed_at.get(ident, self._led_since or now) <= PRUNE_S:
                 continue
-            at = self.pushed_at.get(ident, self._led_since or now)
-            if now - at > PRUNE_S and self.baseline[ident] == {m: c for m, c in self.pushed.get(ident, {}).items()
-                                                              if m in self.baseline[ident]}:
+            judged = self.baseline.get(ident, {})
+            if all(judged.get(m) == c for m, c in self.pushed.get(ident, {}).items() if m in judged):
                 self.baseline.pop(ident, None)
                 self.pushed.pop(ident, None)
                 self.pushed_at.pop(ident, None)

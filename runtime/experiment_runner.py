@@ -321,7 +321,7 @@ class ExperimentRunner:
                 await self._judge(model, route, now)
                 judged = True
         if judged and self.fleet is not None:  # the judged baseline, exact for the next holder
-            await asyncio.to_thread(self._save_states)
+            await self._save_states()
 
     # ---- several replicas ------------------------------------------------------------------
     async def _lease_loop(self) -> None:
@@ -350,7 +350,7 @@ class ExperimentRunner:
             self._fleet_mark = mark
             self.states = self._parse_states(f.states())
             if self.peers is not None:
-                await asyncio.to_thread(self._save_states)
+                await self._save_states()
         if time.monotonic() - self._pushed_at >= PUSH_S:
             await self._push()
         return False
@@ -415,7 +415,7 @@ class ExperimentRunner:
             if d.action == "rollback":
                 self._count("rollbacks", model, rollback_reason(d))
         if j.route is not None or j.decision is not None or changed:  # the others show what is saved
-            await asyncio.to_thread(self._save_states)
+            await self._save_states()
             self._refresh(model, self.router.get_config(model))
 
     # ---- state file -----------------------------------------------------------------------
@@ -440,13 +440,21 @@ class ExperimentRunner:
                 log.error("event=experiment_state_unreadable model=%s reason=%r", model, str(e))
         return out
 
-    def _save_states(self) -> None:
-        """The file (beside the config, or this pod's run folder) and, holding it, the Lease."""
+    async def _save_states(self) -> None:
+        """The file (beside the config, or this pod's run folder) and, holding it, the
+        Lease: serialized here on the loop, written from a thread."""
         states = {m: s.to_json() for m, s in self.states.items()}
+        text = json.dumps({"models": states}, allow_nan=False, indent=1).encode()
+        lease = self.fleet is not None and self.leader
+        if lease:
+            self.fleet.stage(states)
+        await asyncio.to_thread(self._write_states, text, lease)
+
+    def _write_states(self, text: bytes, lease: bool) -> None:
         if self.state_path is not None:
-            atomic_write(str(self.state_path), json.dumps({"models": states}, allow_nan=False, indent=1).encode())
-        if self.fleet is not None and self.leader:
-            self.fleet.save(states)
+            atomic_write(str(self.state_path), text)
+        if lease:
+            self.fleet.sync()
 
     # ---- API ----------------------------------------------------------------------------
     def view(self, model: str) -> dict:

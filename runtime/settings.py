@@ -56,7 +56,14 @@ class ServerSettings(_S):
     # long (renewed every third of it; a dead holder is replaced after it), and the other
     # replicas reach it at advertise_url (default http://$POD_IP:<http port>, else the bound address).
     experiment_lease_s: float = Field(default=15.0, ge=1, le=3600)
-    advertise_url: str | None = Field(default=None, pattern=r"^http://[^/\s]+$")
+    advertise_url: str | None = None
+
+    @field_validator("advertise_url")
+    @classmethod
+    def _advertise(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"http://[^/\s?#]+", v):
+            raise ValueError("expected http://HOST:PORT (no path), where the other replicas reach this one")
+        return v
 
 
     @field_validator("token")

@@ -73,3 +73,23 @@ def test_states_fit_the_annotation_budget_by_dropping_the_oldest_decisions(caplo
     assert f"event=experiment_decisions_trimmed dropped={100 - len(kept)} " in caplog.text
     with pytest.raises(ValueError, match="without decisions"):
         fit_states({"m": {"phase": "x" * 100, "decisions": []}}, 50)
+
+
+def test_silent_identities_are_forgotten_once_judged(monkeypatch):
+    import runtime.experiment_fleet as ef
+    now = [100.0]
+    monkeypatch.setattr(ef.time, "monotonic", lambda: now[0])
+    f = fleet("pod-c-1")
+    f.taken()  # the Lease's baseline: none here; then two pods, and one that died before we led
+    f.baseline = {"pod-gone-1": {"mlp": {"1": counts(5)}}}
+    f.received("pod-b-1", {"mlp": {"1": counts(3)}})
+    f.received("pod-d-1", {"mlp": {"1": counts(2)}})
+    f.judged_totals("mlp", {})
+    now[0] += ef.PRUNE_S / 2
+    f.received("pod-b-1", {"mlp": {"1": counts(4)}})  # b lives on; d goes silent with all judged
+    f.judged_totals("mlp", {})
+    assert set(f.baseline) == {"pod-gone-1", "pod-b-1", "pod-d-1", "pod-c-1"}
+    now[0] += ef.PRUNE_S / 2 + 1
+    cur, base = f.judged_totals("mlp", {})
+    assert set(f.baseline) == {"pod-b-1", "pod-c-1"} and set(f.pushed) == {"pod-b-1"}
+    assert requests(cur, base) == {1: 0}
