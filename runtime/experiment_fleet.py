@@ -134,6 +134,7 @@ class Fleet:
         self._baseline_text = "{}"
         self._pushed_event = asyncio.Event()
         self._led_since: float | None = None
+        self._failing = False  # the API server did not answer our last sync
 
     @property
     def name(self) -> str:
@@ -172,9 +173,15 @@ class Fleet:
         try:
             now = self.lease.sync(self._annotations(was))
         except KubeError as e:
-            log.warning("event=experiment_lease_failed lease=%s/%s status=%d reason=%r",
-                        self.namespace, self.lease.name, e.status, e.message)
+            if not self._failing:  # once per outage, not every renewal
+                log.warning("event=experiment_lease_failed lease=%s/%s status=%d reason=%r",
+                            self.namespace, self.lease.name, e.status, e.message)
+            self._failing = True
             return self.lease.leading
+        if self._failing:
+            log.info("event=experiment_lease_resumed lease=%s/%s holder=%s",
+                     self.namespace, self.lease.name, self.lease.holder)
+        self._failing = False
         if was and not now:
             log.warning("event=experiment_lease_lost lease=%s/%s holder=%s",
                         self.namespace, self.lease.name, self.lease.holder)
