@@ -57,6 +57,11 @@ class Lease:
     def holder(self) -> str | None:
         return ((self._obj or {}).get("spec") or {}).get("holderIdentity") or None
 
+    @property
+    def version(self) -> str | None:
+        """The resourceVersion last read or written."""
+        return ((self._obj or {}).get("metadata") or {}).get("resourceVersion")
+
     def annotations(self) -> dict[str, str]:
         return dict(((self._obj or {}).get("metadata") or {}).get("annotations") or {})
 

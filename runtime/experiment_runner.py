@@ -229,7 +229,7 @@ class ExperimentRunner:
         for rid, model, version, arm in records:
             self.log.record(rid, model, version, arm, now)
         self.fleet.received(ident, models)
-        return {"records": len(records)}
+        return {"records": len(records), "lease_version": self.fleet.lease.version}
 
     async def _to_decider(self, call: dict) -> dict:
         """Apply `call` at the decider: forwarded, or here once the lock is free."""
@@ -325,11 +325,14 @@ class ExperimentRunner:
 
     # ---- several replicas ------------------------------------------------------------------
     async def _lease_loop(self) -> None:
-        """Renew (or try to take) the Lease every third of its duration, from a thread."""
+        """Renew (or try to take) the Lease every third of its duration, from a thread;
+        only this pod's decider (a worker that becomes it starts within a tick)."""
         while True:
             if self._local:
                 await asyncio.to_thread(self.fleet.sync)
-            await asyncio.sleep(self.fleet.lease_s / 3)
+                await asyncio.sleep(self.fleet.lease_s / 3)
+            else:
+                await asyncio.sleep(self.tick_s)
 
     async def _fleet_tick(self) -> bool:
         """The pod decider's part in the fleet; True while it holds the Lease (judge now)."""
@@ -351,8 +354,8 @@ class ExperimentRunner:
             self.states = self._parse_states(f.states())
             if self.peers is not None:
                 await self._save_states()
-        if time.monotonic() - self._pushed_at >= PUSH_S:
-            await self._push()
+        if f.lease.version is not None and time.monotonic() - self._pushed_at >= PUSH_S:
+            await self._push()  # (once the Lease was read: before, no holder is known)
         return False
 
     async def _push(self) -> None:
@@ -366,7 +369,7 @@ class ExperimentRunner:
         models = {m: {str(v): c for v, c in self._all_totals(m).items()} for m in self._arms}
         call, n = self.fleet.push_call(models)
         try:
-            await self.fleet.forward(call, wait_s=0)  # the next push is PUSH_S away anyway
+            answer = await self.fleet.forward(call, wait_s=0)  # the next push is PUSH_S away anyway
         except ServingError as e:
             if not self._push_failing:
                 log.warning("event=experiment_push_failed reason=%r", e.message)
@@ -376,6 +379,8 @@ class ExperimentRunner:
             log.info("event=experiment_push_resumed")
         self._push_failing = False
         self.fleet.acked(n)
+        if isinstance(answer, dict) and answer.get("lease_version") != self.fleet.lease.version:
+            await asyncio.to_thread(self.fleet.sync)  # the holder wrote: show it now, not at our next renewal
 
     def _refresh_all(self) -> None:
         for model, route in self.router.configs().items():
@@ -403,6 +408,9 @@ class ExperimentRunner:
             await asyncio.to_thread(self.peers.write_baseline, self._base)
 
     async def _apply(self, model: str, j) -> None:
+        if self.fleet is not None and not self.leader:
+            log.warning("event=experiment_decision_dropped model=%s reason='the Lease was lost meanwhile'", model)
+            return  # judged while a renewal failed for a whole duration: the next holder decides
         if j.route is not None:
             await self.control.put_routing(model, j.route.to_json())
         changed = j.state is not None and j.state != self.states.get(model)

@@ -30,11 +30,11 @@ LEASE = f"{CM}-decider"
 SHOWN = ("state", "step", "candidate_weight", "latch", "control", "candidate", "outcomes", "decisions")
 
 
-def doc_text() -> str:
+def doc_text(lease_s: float = 2) -> str:
     exp = {"control": "stable", "candidate": "canary", "steps": [50, 100], "interval_s": 0.3,
            "min_requests": 10_000, "min_duration_s": 0, "guardrails": {"errors": {"max_ratio": 1.5}},
            "outcomes": [{"metric": "click", "kind": "binary", "goal": "increase"}]}
-    return json.dumps({"server": {"experiment_lease_s": 2},
+    return json.dumps({"server": {"experiment_lease_s": lease_s},
                        "models": {"mlp": {"labels": {"stable": 1, "canary": 2}, "weights": {"stable": 100},
                                           "sticky": {"header": "x-user-id"}, "experiment": exp}}})
 
@@ -216,7 +216,10 @@ def test_one_decider_across_three_replicas_survives_kill_9_and_a_restart_of_all(
 def test_a_replica_with_workers_is_one_pod_in_the_fleet(api, make_repo, tmp_path):
     """`--workers 2` in one replica, one worker in the other: the pod's flock holder takes
     part for its pod (one identity), its other worker forwards over the socket; counts and
-    feedback are exact across both pods and the state is the same from every process."""
+    feedback are exact across both pods and the state is the same from every process.
+    A 60 s Lease (renewed every 20 s): the follower shows each new state within about a
+    push (0.5 s), as the answer to its push says the Lease changed."""
+    api.put(NS, CM, {KEY: doc_text(lease_s=60)})
     repo = make_repo({"mlp": {1: "st1", 2: "st2"}})
     env = {"SPLITSERVE_KUBE_API": api.url, "SPLITSERVE_KUBE_TOKEN_FILE": str(tmp_path / "token")}
     procs = [ServerProcess(repo, "--token", TOKEN, *extra, config=f"kubernetes://{NS}/{CM}",
@@ -225,10 +228,10 @@ def test_a_replica_with_workers_is_one_pod_in_the_fleet(api, make_repo, tmp_path
     try:
         for p in procs:
             p.wait_ready(240)
-        assert eventually(lambda: same_on(procs, lambda v: v["candidate_weight"] == 50), 30)
+        assert eventually(lambda: same_on(procs, lambda v: v["candidate_weight"] == 50), 10)
         served = [(k % 2, *infer(procs[k % 2], k)) for k in range(60)]
         assert all(code == 200 for _, code, _, _ in served)
-        view = eventually(lambda: same_on(procs * 3, lambda v: total(v) == 60), 30)  # fresh connections
+        view = eventually(lambda: same_on(procs * 3, lambda v: total(v) == 60), 10)  # fresh connections
         assert view, [experiment(p) for p in procs]
         items = [{"request_id": rid, "metric": "click", "value": 1} for _, _, _, rid in served]
         got = [feedback(procs[(n // 10 + 1) % 2], items[n:n + 10]) for n in range(0, 60, 10)]
