@@ -113,6 +113,10 @@ class DecisionLog:
     def served(self, request_id: str) -> Served | None:
         return self._served.get(request_id)
 
+    def entries(self) -> list[tuple[str, str, int, str | None]]:
+        """Every remembered (request id, model, version, arm), oldest first (for a new joiner)."""
+        return [(rid, s.model, s.version, s.arm) for rid, s in self._served.items()]
+
     def join(self, model: str, items: Sequence[FeedbackItem]) -> FeedbackResult:
         """Match validated items (see parse_feedback) to what served them."""
         matched = unknown = duplicate = 0

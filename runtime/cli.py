@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="the token itself (visible to every local user in `ps`: prefer "
                           "--token-file or $SPLITSERVE_TOKEN); default: $SPLITSERVE_TOKEN, "
                           "else server.token, else none")
+    s.add_argument("--advertise-url", default=None, metavar="URL",
+                   help="with --config kubernetes://...: where the other replicas reach this one "
+                        "(http://HOST:PORT; default http://$POD_IP:<http port>, else the bound address)")
     s.add_argument("--polling", action="store_true",
                    help="poll the repository instead of using filesystem events (network file systems)")
     s.add_argument("--log-level", type=_level, default=None, metavar="LEVEL",
@@ -220,6 +223,7 @@ def build_settings(args: argparse.Namespace, env: dict | None = None, notes: lis
                          ("server.loop", "--loop", args.loop),
                          ("server.http", "--http", args.http),
                          ("server.grpc_threads", "--grpc-threads", args.grpc_threads),
+                         ("server.advertise_url", "--advertise-url", args.advertise_url),
                          ("repository.polling", "--polling", True if args.polling else None),
                          ("log_level", "--log-level", args.log_level)):
         if v is not None:

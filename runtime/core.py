@@ -12,6 +12,7 @@ from pathlib import Path
 from router import Router, parse_config_text
 from runtime.configsource import make_source
 from runtime.control import Control
+from runtime.experiment_fleet import make_fleet
 from runtime.experiment_runner import ExperimentRunner
 from runtime.inference import InferenceService
 from runtime.manager import Manager
@@ -61,6 +62,7 @@ class Core:
         self._checkpoints: asyncio.Task | None = None
         self.watcher: Watcher | None = None
         self.source = None  # runtime.configsource: where routing lives (file, ConfigMap)
+        self._http_bound: tuple[str, int] | None = None
         self.started = False
         self.stopping = False
 
@@ -150,9 +152,18 @@ class Core:
                                f"with models still loading: {', '.join(busy) or '-'}")
         for model in sorted(set(self.router.configs()) - set(self._available)):
             self._on_view(self.manager.view(), model)  # routed, but no model folder at all
+        fleet = self.experiments.fleet = make_fleet(self.settings, source)  # replicas: one decider
+        if fleet is not None and self._http_bound is not None:
+            fleet.bound(*self._http_bound)
         self.experiments.start()
         self._checkpoints = loop.create_task(self._checkpoint_loop(), name="metrics-checkpoints")
         self.started = True
+
+    def http_bound(self, host: str, port: int) -> None:
+        """The REST listener's address (a fleet's decider is reached there)."""
+        self._http_bound = (host, port)
+        if self.experiments.fleet is not None:
+            self.experiments.fleet.bound(host, port)
 
     async def _checkpoint_loop(self) -> None:
         """Baselines for the A/B summary's `since=<epoch>` (runtime/metrics.py)."""

@@ -31,6 +31,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+from runtime.metrics import NB
 from runtime.metrics_merge import read_peer_files, write_json_atomic
 
 log = logging.getLogger("splitserve.experiments")
@@ -39,6 +40,21 @@ SEGMENT = 50_000  # decision records per file segment
 MAX_LINE = 4 << 20  # a forwarded call (a feedback body is at most 1 MiB)
 FORWARD_TIMEOUT_S = 10.0
 _RECORDS = re.compile(r"^d(\d+)-(\d+)-(\d+)\.log$")
+
+
+def zero_counts() -> list:
+    return [0, 0, 0, [0] * NB]  # requests, errors, units, latency histogram of successes
+
+
+def add_counts(acc: dict[int, list], counts: dict) -> None:
+    """Add one counters document's {version: counts} (JSON: string keys) into acc."""
+    for v, (n, e, u, lat) in counts.items():
+        a = acc.setdefault(int(v), zero_counts())
+        a[0] += n
+        a[1] += e
+        a[2] += u
+        for i, c in enumerate(lat):
+            a[3][i] += c
 
 
 class Unanswered(Exception):

@@ -11,8 +11,8 @@ from that resourceVersion until the stream ends: a dropped connection, the serve
 timeout, or 410 Gone (history compacted). Then again from the GET, so nothing missed
 while disconnected is lost. Only a change of content hash reaches `on_change`.
 
-In a pod it uses the service account (token and CA under /var/run/secrets); the
-environment can point it elsewhere: SPLITSERVE_KUBE_API (base URL), SPLITSERVE_KUBE_TOKEN_FILE.
+The API server is reached through runtime/k8sapi.py (service account, or
+SPLITSERVE_KUBE_API and SPLITSERVE_KUBE_TOKEN_FILE).
 Needs RBAC get, list, watch and update on that one ConfigMap (deploy/kubernetes/base/role.yaml).
 """
 
@@ -22,8 +22,6 @@ import asyncio
 import http.client
 import json
 import logging
-import os
-import ssl
 import threading
 import urllib.parse
 from collections.abc import Callable
@@ -32,19 +30,12 @@ from router import RouteConfig, RoutingError
 from router.configfile import update_config_text
 from runtime import errors
 from runtime.configsource import MAX_CONFIG_BYTES, digest
+from runtime.k8sapi import KubeClient, KubeError
 
 log = logging.getLogger("splitserve.config")
 
-SA = "/var/run/secrets/kubernetes.io/serviceaccount"
 WATCH_TIMEOUT_S = 60  # the server ends each watch; we relist and watch again
 CAS_ATTEMPTS = 8
-
-
-class KubeError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(f"{status}: {message}")
-        self.status = status
-        self.message = message
 
 
 class KubernetesSource:
@@ -56,24 +47,10 @@ class KubernetesSource:
     def __init__(self, namespace: str, configmap: str, key: str = "splitserve.yaml",
                  api: str | None = None, token_file: str | None = None) -> None:
         self.namespace, self.configmap, self.key = namespace, configmap, key
-        if api is None:
-            api = os.environ.get("SPLITSERVE_KUBE_API")
-        if api is None:
-            host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-            if not host:
-                raise RoutingError("invalid", "kubernetes:// config needs to run in a pod "
-                                   "(KUBERNETES_SERVICE_HOST unset) or SPLITSERVE_KUBE_API")
-            api = f"https://{host}:{port}" if ":" not in host else f"https://[{host}]:{port}"
-        u = urllib.parse.urlsplit(api)
-        if u.scheme not in ("http", "https") or not u.hostname:
-            raise RoutingError("invalid", f"API server URL {api!r} must be http(s)://host[:port]")
-        self._scheme, self._host = u.scheme, u.hostname
-        self._port = u.port or (443 if u.scheme == "https" else 80)
-        self._token_file = token_file or os.environ.get("SPLITSERVE_KUBE_TOKEN_FILE") or f"{SA}/token"
-        self._ssl = None
-        if u.scheme == "https":
-            ca = f"{SA}/ca.crt"
-            self._ssl = ssl.create_default_context(cafile=ca if os.path.exists(ca) else None)
+        try:
+            self.client = KubeClient(api, token_file)
+        except ValueError as e:
+            raise RoutingError("invalid", str(e)) from None
         base = f"/api/v1/namespaces/{urllib.parse.quote(namespace)}/configmaps"
         self._item = f"{base}/{urllib.parse.quote(configmap)}"
         self._watch = (f"{base}?watch=1&allowWatchBookmarks=true&timeoutSeconds={WATCH_TIMEOUT_S}"
@@ -102,38 +79,8 @@ class KubernetesSource:
         return None
 
     # ---- API calls (blocking; called from threads) -----------------------------------
-    def _connection(self, timeout: float | None) -> http.client.HTTPConnection:
-        if self._scheme == "https":
-            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._ssl)
-        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
-
-    def _headers(self) -> dict:
-        h = {"Accept": "application/json", "Content-Type": "application/json"}
-        try:
-            with open(self._token_file) as f:
-                h["Authorization"] = f"Bearer {f.read().strip()}"
-        except OSError:
-            pass
-        return h
-
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:
-        conn = self._connection(10)
-        try:
-            conn.request(method, path, body=json.dumps(body) if body is not None else None,
-                         headers=self._headers())
-            r = conn.getresponse()
-            data = r.read(MAX_CONFIG_BYTES * 2)
-        except OSError as e:
-            raise KubeError(0, f"API server unreachable: {e}") from None
-        finally:
-            conn.close()
-        try:
-            obj = json.loads(data) if data else {}
-        except ValueError:
-            obj = {}
-        if r.status >= 300:
-            raise KubeError(r.status, obj.get("message") or r.reason)
-        return obj
+        return self.client.call(method, path, body)
 
     def _get(self) -> tuple[str | None, str]:
         obj = self._call("GET", self._item)
@@ -186,10 +133,10 @@ class KubernetesSource:
         self._thread.start()
 
     def _watch_from(self, rv: str, deliver) -> None:
-        conn = self._conn = self._connection(WATCH_TIMEOUT_S + 10)
+        conn = self._conn = self.client.connection(WATCH_TIMEOUT_S + 10)
         try:
             conn.request("GET", f"{self._watch}&resourceVersion={urllib.parse.quote(rv)}",
-                         headers=self._headers())
+                         headers=self.client.headers())
             r = conn.getresponse()
             if r.status != 200:
                 raise KubeError(r.status, r.read(4096).decode(errors="replace"))

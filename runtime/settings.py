@@ -52,6 +52,18 @@ class ServerSettings(_S):
     # gRPC transport: 0 = grpc.aio on the event loop; N = gRPC's own threads plus N handler
     # threads, each call crossing to the loop once (runtime/server/rpc_threads.py).
     grpc_threads: int = Field(default=0, ge=0, le=1024)
+    # Replicas of a kubernetes:// routing source: the experiment decider holds a Lease this
+    # long (renewed every third of it; a dead holder is replaced after it), and the other
+    # replicas reach it at advertise_url (default http://$POD_IP:<http port>, else the bound address).
+    experiment_lease_s: float = Field(default=15.0, ge=1, le=3600)
+    advertise_url: str | None = None
+
+    @field_validator("advertise_url")
+    @classmethod
+    def _advertise(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"http://[^/\s?#]+", v):
+            raise ValueError("expected http://HOST:PORT (no path), where the other replicas reach this one")
+        return v
 
 
     @field_validator("token")

@@ -152,6 +152,7 @@ class Server:
         sock.listen(2048)
         sock.setblocking(False)
         self.http_port = sock.getsockname()[1]
+        self.core.http_bound(s.host, self.http_port)
         cfg = uvicorn.Config(self.build_app(), log_level="warning", access_log=False,
                              http=loops.http_name(s.http),
                              lifespan="off", timeout_graceful_shutdown=s.drain_timeout_s + 5,

@@ -2,6 +2,8 @@
 
 GET /v1/models/{m}/experiment; POST .../experiment/{promote|rollback|pause|resume|retry}
 and POST /v1/models/{m}/feedback change serving state and are token-protected.
+POST /v1/experiments/peers is the replicas' own (runtime/experiment_fleet.py): a push of
+counts and records, or a forwarded action or feedback, for the experiment decider.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ import orjson
 from fastapi import APIRouter, Request
 
 from runtime.core import Core
-from runtime.errors import invalid, not_found
-from runtime.server.http import json_response, read_body
+from runtime.errors import Code, invalid, not_found
+from runtime.server.http import HTTP_STATUS, json_response, read_body
 
 MAX_FEEDBACK_BODY = 1024 * 1024
+MAX_PEER_BODY = 4 << 20  # runtime/experiment_fleet.py MAX_PUSH_BYTES
 ACTIONS = ("promote", "rollback", "pause", "resume", "retry")
 
 
@@ -43,5 +46,19 @@ def build(core: Core) -> APIRouter:
         except orjson.JSONDecodeError as e:
             raise invalid(f"feedback body is not valid JSON: {e}") from None
         return json_response(await core.experiments.feedback(model, obj))
+
+    @r.post("/v1/experiments/peers")
+    async def post_peers(request: Request):
+        core.control.authorize(request.headers.get("authorization"), "experiment_peers")
+        body = await read_body(request, MAX_PEER_BODY, core.settings.limits.request_timeout_s)
+        try:
+            call = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError as e:
+            raise invalid(f"peer call is not valid JSON: {e}") from None
+        answer = await core.experiments.peer_call(call)
+        if "code" in answer:  # its status, and the code, so the sender raises the same error
+            return json_response({"error": answer["message"], "code": answer["code"]},
+                                 HTTP_STATUS[Code(answer["code"])])
+        return json_response(answer)
 
     return r

@@ -1,7 +1,10 @@
-"""A loopback stand-in for the Kubernetes API server, ConfigMaps only, with the semantics
-KubernetesSource relies on: GET, PUT with resourceVersion compare-and-swap (409 Conflict),
-watch from a resourceVersion (newline-delimited JSON events, ends at timeoutSeconds),
-410 Gone for a resourceVersion older than the kept history, dropped watches, bearer token."""
+"""A loopback stand-in for the Kubernetes API server, with the semantics splitserve relies
+on. ConfigMaps (KubernetesSource): GET, PUT with resourceVersion compare-and-swap (409
+Conflict), watch from a resourceVersion (newline-delimited JSON events, ends at
+timeoutSeconds), 410 Gone for a resourceVersion older than the kept history, dropped
+watches. Leases (coordination.k8s.io/v1, the experiment decider): GET (404 when absent),
+POST create (409 AlreadyExists), PUT with resourceVersion compare-and-swap (409 Conflict).
+Every call needs the bearer token."""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ITEM = re.compile(r"^/api/v1/namespaces/([^/]+)/configmaps/([^/?]+)$")
 LIST = re.compile(r"^/api/v1/namespaces/([^/]+)/configmaps$")
+LEASE = re.compile(r"^/apis/coordination.k8s.io/v1/namespaces/([^/]+)/leases/([^/?]+)$")
+LEASES = re.compile(r"^/apis/coordination.k8s.io/v1/namespaces/([^/]+)/leases$")
 
 
 def status(code: int, reason: str, message: str) -> dict:
@@ -33,6 +38,10 @@ class KubeAPI:
         self.conflicts = 0
         self.puts = 0
         self.before_put = None  # hook: called (under no lock) before a PUT is judged
+        self.leases: dict[tuple[str, str], dict] = {}
+        self.lease_writes = 0
+        self.lease_conflicts = 0
+        self.down = False  # every call answers 503 (the API server unreachable, for a holder)
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -50,6 +59,9 @@ class KubeAPI:
                 self.wfile.write(body)
 
             def _authorized(self) -> bool:
+                if api.down:
+                    self._send(503, status(503, "ServiceUnavailable", "the API server is down"))
+                    return False
                 if self.headers.get("Authorization") != f"Bearer {api.token}":
                     self._send(401, status(401, "Unauthorized", "Unauthorized"))
                     return False
@@ -60,6 +72,13 @@ class KubeAPI:
                     return
                 u = urllib.parse.urlsplit(self.path)
                 q = urllib.parse.parse_qs(u.query)
+                m = LEASE.match(u.path)
+                if m:
+                    with api.cond:
+                        obj = copy.deepcopy(api.leases.get((m.group(1), m.group(2))))
+                    if obj is None:
+                        return self._send(404, status(404, "NotFound", f'leases.coordination.k8s.io "{m.group(2)}" not found'))
+                    return self._send(200, obj)
                 m = ITEM.match(u.path)
                 if m:
                     with api.cond:
@@ -98,11 +117,45 @@ class KubeAPI:
                         if api.epoch != epoch:
                             return  # dropped
 
+            def do_POST(self):
+                if not self._authorized():
+                    return
+                m = LEASES.match(urllib.parse.urlsplit(self.path).path)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if m is None or body.get("kind") != "Lease":
+                    return self._send(404, status(404, "NotFound", "not found"))
+                key = (m.group(1), body["metadata"]["name"])
+                with api.cond:
+                    if key in api.leases:
+                        api.lease_conflicts += 1
+                        return self._send(409, status(409, "AlreadyExists",
+                                          f'leases.coordination.k8s.io "{key[1]}" already exists'))
+                    self._send(201, api._store_lease(key, body))
+
+            def _put_lease(self, key, body: dict) -> None:
+                with api.cond:
+                    cur = api.leases.get(key)
+                    if cur is None:
+                        return self._send(404, status(404, "NotFound", "not found"))
+                    if body.get("metadata", {}).get("resourceVersion") != cur["metadata"]["resourceVersion"]:
+                        api.lease_conflicts += 1
+                        return self._send(409, status(409, "Conflict", 'Operation cannot be fulfilled on '
+                                          f'leases.coordination.k8s.io "{key[1]}": the object has been modified; '
+                                          'please apply your changes to the latest version and try again'))
+                    size = sum(len(k) + len(v) for k, v in (body["metadata"].get("annotations") or {}).items())
+                    if size > 256 * 1024:
+                        return self._send(422, status(422, "Invalid", f"metadata.annotations: Too long: must "
+                                          f"have at most 262144 bytes (got {size})"))
+                    self._send(200, api._store_lease(key, body))
+
             def do_PUT(self):
                 if not self._authorized():
                     return
-                m = ITEM.match(urllib.parse.urlsplit(self.path).path)
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                lm = LEASE.match(urllib.parse.urlsplit(self.path).path)
+                if lm:
+                    return self._put_lease((lm.group(1), lm.group(2)), body)
+                m = ITEM.match(urllib.parse.urlsplit(self.path).path)
                 if api.before_put is not None:
                     hook, api.before_put = api.before_put, None
                     hook()
@@ -134,6 +187,20 @@ class KubeAPI:
         self.events.append((self.rv, typ, copy.deepcopy(obj)))
         self.cond.notify_all()
         return copy.deepcopy(obj)
+
+    def _store_lease(self, key, body: dict) -> dict:
+        self.rv += 1
+        self.lease_writes += 1
+        meta = {"namespace": key[0], "name": key[1], "resourceVersion": str(self.rv),
+                "annotations": copy.deepcopy(body.get("metadata", {}).get("annotations") or {})}
+        obj = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta,
+               "spec": copy.deepcopy(body.get("spec") or {})}
+        self.leases[key] = obj
+        return copy.deepcopy(obj)
+
+    def lease(self, ns: str, name: str) -> dict | None:
+        with self.cond:
+            return copy.deepcopy(self.leases.get((ns, name)))
 
     # ---- what an operator (kubectl) or the cluster does --------------------------------
     def put(self, ns: str, name: str, data: dict) -> str:

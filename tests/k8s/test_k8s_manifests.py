@@ -149,6 +149,9 @@ def test_grace_period_covers_delay_and_drain_and_the_config_is_wired(docs):
         assert cfg == f"kubernetes://$(POD_NAMESPACE)/{cm['metadata']['name']}" and "splitserve.yaml" in cm["data"]
         env = {e["name"]: e for e in c["env"]}
         assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+        # the experiment decider is reached at http://$POD_IP:<http port> (runtime/experiment_fleet.py)
+        assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+        assert _arg(c, "--http-port") == "8000"
         return
     mounted = {v["name"]: v for v in pod["spec"]["volumes"]}
     mount = next(m for m in c["volumeMounts"] if cfg.startswith(m["mountPath"] + "/"))
@@ -187,9 +190,15 @@ def test_service_hpa_and_rbac(docs):
     assert any(m["type"] == "Resource" and m["resource"]["name"] == "cpu" for m in metrics)
     from runtime.metrics import Metrics  # noqa: F401  (the metric is one the runtime exports)
     assert "splitserve_inflight_requests" in (ROOT / "runtime" / "metrics.py").read_text()
-    (rule,) = one(items, "Role")["rules"]
-    assert rule["resources"] == ["configmaps"] and rule["resourceNames"] == [one(items, "ConfigMap")["metadata"]["name"]]
+    rule, lease, create = one(items, "Role")["rules"]
+    cm = one(items, "ConfigMap")["metadata"]["name"]
+    assert rule["resources"] == ["configmaps"] and rule["resourceNames"] == [cm]
     assert "delete" not in rule["verbs"] and "create" not in rule["verbs"]
+    # the experiment decider's Lease (runtime/experiment_lease.py): the one, by name; create unnamed
+    assert lease["apiGroups"] == create["apiGroups"] == ["coordination.k8s.io"]
+    assert lease["resources"] == create["resources"] == ["leases"]
+    assert lease["resourceNames"] == [f"{cm}-decider"] and sorted(lease["verbs"]) == ["get", "update"]
+    assert create["verbs"] == ["create"] and "resourceNames" not in create
     pod, _ = _container(items)
     assert pod["spec"]["serviceAccountName"] == one(items, "ServiceAccount")["metadata"]["name"]
 

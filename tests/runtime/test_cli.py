@@ -137,3 +137,16 @@ def test_transport_flags_and_their_auto_defaults(tmp_path):
     assert (loops.loop_name("asyncio"), loops.http_name("h11")) == ("asyncio", "h11")
     with pytest.raises(CliError, match="--grpc-threads: .*greater than or equal to 0"):
         settings_for("--grpc-threads", "-1")
+
+
+def test_fleet_flags_advertise_url_and_lease(tmp_path):
+    cfg = write_config(tmp_path, "server: {experiment_lease_s: 4, advertise_url: 'http://10.0.0.7:8000'}\n")
+    s = settings_for("--config", str(cfg))
+    assert (s.server.experiment_lease_s, s.server.advertise_url) == (4, "http://10.0.0.7:8000")
+    s = settings_for("--config", str(cfg), "--advertise-url", "http://pod-1.splitserve:8000")
+    assert s.server.advertise_url == "http://pod-1.splitserve:8000"
+    assert (settings_for().server.experiment_lease_s, settings_for().server.advertise_url) == (15, None)
+    with pytest.raises(CliError, match="--advertise-url: expected http://HOST:PORT"):
+        settings_for("--advertise-url", "https://10.0.0.7:8000/path")
+    with pytest.raises(CliError, match="experiment_lease_s: .*greater than or equal to 1"):
+        settings_for("--config", str(write_config(tmp_path, "server: {experiment_lease_s: 0.1}\n")))
