@@ -204,6 +204,7 @@ class H2Connection:
         self.next_id = 1
         self.waiting: dict[int, asyncio.Future] = {}
         self.got: dict[int, bytes] = {}
+        self.out: list[bytes] = []
 
     async def open(self) -> None:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
@@ -218,8 +219,14 @@ class H2Connection:
         fut = asyncio.get_running_loop().create_future()
         self.waiting[sid] = fut
         s = sid.to_bytes(4, "big")
-        self.writer.write(b"".join((self.head, s, self.block, self.data, s, self.body)))
+        if not self.out:  # one write per loop turn for every call started in it, as grpcio does
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.out += (self.head, s, self.block, self.data, s, self.body)
         return await fut
+
+    def _flush(self) -> None:
+        self.writer.write(b"".join(self.out))
+        self.out.clear()
 
     async def _read(self) -> None:
         read = self.reader.readexactly
