@@ -343,8 +343,8 @@ class _HealthServicer(health.aio.HealthServicer):
         self.core = core
 
     async def Check(self, request, context):
-        return (health_override(self.core, self._server_status, request)
-                or await super().Check(request, context))
+        override = health_override(self.core, self._server_status, request)
+        return override if override is not None else await super().Check(request, context)
 
 
 class _ChainedPool:

@@ -99,8 +99,8 @@ class _Health(health.HealthServicer):
         self.core = core
 
     def Check(self, request, context):
-        return (rpc.health_override(self.core, self._server_status, request)
-                or super().Check(request, context))
+        override = rpc.health_override(self.core, self._server_status, request)
+        return override if override is not None else super().Check(request, context)
 
 
 class ThreadedServer:
