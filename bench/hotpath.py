@@ -5,8 +5,10 @@
 
 Each round starts every variant in turn (a fresh `splitserve serve` on free ports, with the
 variant's extra flags, access log off, no routing config) and drives it with each client:
-JSON REST and gRPC from bench/loadgen.py, and Triton's perf_analyzer over gRPC and over
-HTTP (binary tensors) when bench/.tools/perf_analyzer exists. Rounds alternate the
+JSON REST (`rest-json`), gRPC over raw HTTP/2 frames (`grpc`) and through grpc.aio's client
+(`grpcio`) from bench/loadgen.py, and Triton's perf_analyzer over gRPC (unary `pa-grpc`,
+ModelStreamInfer `pa-grpc-stream`) and over HTTP with binary tensors (`pa-http`) when
+bench/.tools/perf_analyzer exists. Rounds alternate the
 variants (A, B, A, B, ...), so background load hits both alike; the table reports the
 median per variant and client. `--ref COMMIT` adds a variant served from a checkout of
 another commit (a temporary git worktree, removed at the end), e.g. the baseline before a change.
@@ -37,7 +39,7 @@ from workers import load  # noqa: E402  (bench/workers.py: the same loadgen run)
 
 PA = ROOT / "bench" / ".tools" / "perf_analyzer"
 BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.1] * 64}]}
-CLIENTS = ("rest-json", "grpc", "pa-grpc", "pa-http")
+CLIENTS = ("rest-json", "grpc", "grpcio", "pa-grpc", "pa-grpc-stream", "pa-http")
 
 
 def serve(root: Path, extra: list[str], tmp: Path):
@@ -50,13 +52,15 @@ def serve(root: Path, extra: list[str], tmp: Path):
 
 
 def loadgen(kind: str, addr: str, c: int, duration: float, channels: int, tmp: Path) -> dict:
-    r = load("rest" if kind == "rest-json" else "grpc", addr, c, duration, tmp, channels)
+    r = load("rest" if kind == "rest-json" else "grpc", addr, c, duration, tmp, channels,
+             "grpcio" if kind == "grpcio" else "raw")
     return {"infer_per_s": r["throughput"], "p50_ms": r["p50_ms"], "errors": r["errors"]}
 
 
-def perf_analyzer(proto: str, addr: str, c: int, duration: float) -> dict:
+def perf_analyzer(proto: str, addr: str, c: int, duration: float, streaming: bool = False) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".csv") as f:
         cmd = [str(PA), "-m", "mlp", "-u", addr, "-i", proto, "-b", "1",
+               *(["--streaming"] if streaming else []),
                "--concurrency-range", f"{c}:{c}", "--measurement-interval",
                str(int(duration * 1000)), "--max-trials", "3", "--stability-percentage", "999",
                "-f", f.name]
@@ -95,12 +99,13 @@ def measure(kind: str, addr: dict, o, pid: int) -> dict:
     """One client's window, plus the server's CPU time per request over it: CPU per
     request hardly moves with what else runs on the machine, throughput does."""
     cpu0, n0 = tree_cpu_s(pid), served(addr["http"])
-    if kind in ("rest-json", "grpc"):
+    if not kind.startswith("pa-"):
         r = loadgen(kind, addr["http"] if kind == "rest-json" else addr["grpc"],
                     o.concurrency, o.duration, o.channels, o.tmp)
     else:
-        r = perf_analyzer(kind[3:], addr["grpc"] if kind == "pa-grpc" else addr["http"],
-                          o.concurrency, o.duration)
+        proto = kind.split("-")[1]
+        r = perf_analyzer(proto, addr[proto if proto == "grpc" else "http"], o.concurrency,
+                          o.duration, streaming=kind.endswith("-stream"))
     cpu1, n1 = tree_cpu_s(pid), served(addr["http"])
     r["cpu_us_per_req"] = (cpu1 - cpu0) / max(1, n1 - n0) * 1e6
     return r

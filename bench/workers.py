@@ -36,7 +36,8 @@ def serve(workers: int, tmp: Path):
     return p, {"http": p.http_hostport, "grpc": p.grpc_target}
 
 
-def load(kind: str, addr: str, c: int, duration: float, tmp: Path, channels: int = 8) -> dict:
+def load(kind: str, addr: str, c: int, duration: float, tmp: Path, channels: int = 8,
+         client: str = "raw") -> dict:
     body = tmp / "body.json"
     body.write_text(json.dumps(BODY))
     if kind == "rest":
@@ -44,7 +45,7 @@ def load(kind: str, addr: str, c: int, duration: float, tmp: Path, channels: int
     else:
         # One gRPC connection lands on one worker: open one per worker and more.
         args = ["grpc", "--target", addr, "--model", "mlp", "--input", "input:FP32:1x64",
-                "--channels", str(channels)]
+                "--channels", str(channels), "--client", client]
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), *args,
                           "--concurrency", str(c), "--duration", str(duration), "--warmup", "2"],
                          capture_output=True, text=True, check=True)

@@ -50,6 +50,7 @@ INFERENCE_SERVICE = "inference.GRPCInferenceService"
 ROUTING_SERVICE = "splitserve.management.v1.RoutingService"
 SHM_UNSUPPORTED = ("shared memory is not supported by splitserve; send tensors in "
                    "raw_input_contents")
+HEALTH_SERVICES = ("", INFERENCE_SERVICE, ROUTING_SERVICE)  # what grpc.health.v1 reports on
 STREAM_WINDOW = 64  # requests one ModelStreamInfer stream may have in flight
 
 
@@ -321,6 +322,19 @@ class RoutingServicer(mpb_grpc.RoutingServiceServicer):
         return mpb.RoutingState(model=request.model, state_json=json.dumps(state, default=_jsonable))
 
 
+NOT_SERVING = health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+def health_override(core: Core, known, request) -> health_pb2.HealthCheckResponse | None:
+    """The one rule of both health servicers (grpc.aio here, threads in rpc_threads): a
+    service we registered (`known`: the servicer's status table) is NOT_SERVING while the
+    core is not ready (stopping), whatever the table says; None: the table answers
+    (SERVING, or NOT_FOUND for a service we never registered)."""
+    if not core.ready() and request.service in known:
+        return NOT_SERVING
+    return None
+
+
 class _HealthServicer(health.aio.HealthServicer):
     """grpc.health.v1: SERVING while the core is ready; NOT_SERVING once stopping."""
 
@@ -329,9 +343,8 @@ class _HealthServicer(health.aio.HealthServicer):
         self.core = core
 
     async def Check(self, request, context):
-        if not self.core.ready() and request.service in self._server_status:
-            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
-        return await super().Check(request, context)
+        override = health_override(self.core, self._server_status, request)
+        return override if override is not None else await super().Check(request, context)
 
 
 class _ChainedPool:
@@ -410,7 +423,7 @@ async def start(core: Core, host: str, port: int, reuse_port: bool = False,
     health_servicer = _HealthServicer(core)
     add_services(server, InferenceServicer(core), RoutingServicer(core), health_servicer)
     serving = health_pb2.HealthCheckResponse.SERVING
-    for name in ("", INFERENCE_SERVICE, ROUTING_SERVICE):
+    for name in HEALTH_SERVICES:
         await health_servicer.set(name, serving)
     bound = bind(server, host, port)
     await server.start()

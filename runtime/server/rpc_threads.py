@@ -99,9 +99,8 @@ class _Health(health.HealthServicer):
         self.core = core
 
     def Check(self, request, context):
-        if not self.core.ready() and request.service in self._server_status:
-            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
-        return super().Check(request, context)
+        override = rpc.health_override(self.core, self._server_status, request)
+        return override if override is not None else super().Check(request, context)
 
 
 class ThreadedServer:
@@ -130,7 +129,7 @@ async def start(core: Core, host: str, port: int, reuse_port: bool = False,
     health_servicer = _Health(core)
     rpc.add_services(server, _Bridge(rpc.InferenceServicer(core), loop),
                      _Bridge(rpc.RoutingServicer(core), loop), health_servicer)
-    for name in ("", rpc.INFERENCE_SERVICE, rpc.ROUTING_SERVICE):
+    for name in rpc.HEALTH_SERVICES:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     bound = rpc.bind(server, host, port)
     server.start()

@@ -248,7 +248,14 @@ def test_health_not_serving_when_stopping(make_repo, serve):
     assert h.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
     srv.core.stopping = True  # what Server.stop() does first
     try:
-        assert h.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # one rule on both transports: every registered service is NOT_SERVING, a service
+        # never registered stays unknown (NOT_FOUND), as before stopping
+        for service in ("", "inference.GRPCInferenceService", "splitserve.management.v1.RoutingService"):
+            assert h.Check(health_pb2.HealthCheckRequest(service=service)).status == \
+                health_pb2.HealthCheckResponse.NOT_SERVING, service
+        with pytest.raises(grpc.RpcError) as e:
+            h.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
         assert pb_grpc.GRPCInferenceServiceStub(ch).ServerReady(pb.ServerReadyRequest()).ready is False
     finally:
         srv.core.stopping = False
