@@ -139,8 +139,32 @@ def _load_pt2(path: Path, device: torch.device, spec: ModelSpec):
     except Exception as e:  # derivation is a convenience; the model still loads
         log.debug("signature derivation failed for %s: %s", path, e)
     module = ep.module()
+    if sig is not None and _guarded_flat(module, len(sig.inputs)):
+        # The graph's own guards (`_guards_fn`) still check every shape; what this skips is
+        # the pre-hook's pytree match of the call's structure, which our one call site
+        # (`LoadedModel.forward`: the signature's tensors, positionally) always satisfies.
+        # It was ~40% of a small exported model's call (bench: 79 -> 47 us for the mlp).
+        module.validate_inputs = False
     module.to(device)
     return module, sig
+
+
+def _guarded_flat(module, n_inputs: int) -> bool:
+    """True when the exported module checks shapes in its graph and takes exactly
+    `n_inputs` positional tensors and no keyword arguments."""
+    spec = getattr(module, "_in_spec", None)
+    if not hasattr(module, "_guards_fn") or not hasattr(module, "validate_inputs") or spec is None:
+        return False
+    def kids(t):  # `children()` from torch 2.10; `children_specs` before (deprecated since)
+        return list(t.children()) if callable(getattr(t, "children", None)) else list(t.children_specs)
+
+    try:
+        args, kwargs = kids(spec)
+        return (spec.type is tuple and args.type is tuple and kwargs.type is dict
+                and kwargs.num_children == 0 and args.num_children == n_inputs
+                and all(c.is_leaf() for c in kids(args)))
+    except (AttributeError, ValueError, TypeError):
+        return False
 
 
 def _import_architecture(path: Path):
