@@ -3,15 +3,19 @@ process, refused to another process and to a second descriptor in the same one w
 held; the holder's annotations reach readers through the record, its states through
 `<stem>.experiments.json` in the format a lone server always wrote (an existing file is
 read as is); released at a graceful close, and freed by the kernel at kill -9, so the
-next sync takes it at once."""
+next sync takes it at once. make_fleet gives a writable config file this lease, a
+ConfigMap volume none."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
+from runtime.configsource import FileSource
 from runtime.experiment_filelease import FileLease
+from runtime.experiment_fleet import make_fleet
 
 STATES = "splitserve.io/experiments"
 URL = "splitserve.io/decider-url"
@@ -70,3 +74,19 @@ def test_kill_9_of_the_holder_frees_the_lock_at_once(tmp_path):
         proc.wait()
     assert a.sync() and a.holder == "proc-a"  # no duration to wait out
     a.close()
+
+
+def test_a_writable_config_file_gets_a_file_fleet_a_configmap_volume_none(tmp_path):
+    settings = SimpleNamespace(server=SimpleNamespace(token=None, advertise_url=None, experiment_lease_s=15))
+    cfg = tmp_path / "rw" / "splitserve.yaml"
+    cfg.parent.mkdir()
+    cfg.write_text("models: {}\n")
+    fleet = make_fleet(settings, FileSource(cfg))
+    assert isinstance(fleet.lease, FileLease) and fleet.lease.state_file == cfg.with_name("splitserve.experiments.json")
+    vol = tmp_path / "vol"  # kubelet's layout: the file is a link through `..data`
+    (vol / "..2026_12_02").mkdir(parents=True)
+    (vol / "..2026_12_02" / "splitserve.yaml").write_text("models: {}\n")
+    (vol / "..data").symlink_to("..2026_12_02")
+    (vol / "splitserve.yaml").symlink_to("..data/splitserve.yaml")
+    assert make_fleet(settings, FileSource(vol / "splitserve.yaml")) is None
+    assert make_fleet(settings, None) is None
