@@ -19,7 +19,7 @@ import pytest
 from conftest import wait_until
 from tests.e2e.test_experiment_e2e import AUTH, FLAKY, TOKEN
 from tests.k8s.test_k8s_experiment_fleet import (deciders, doc_text, eventually, experiment, feedback, infer,
-                                                 rollbacks, same_on, total)
+                                                 rollbacks, same_on, total, two_members_count_and_join_once)
 from tools.serverproc import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -99,6 +99,22 @@ def test_one_decider_across_three_servers_sharing_one_config_file(make_repo, tmp
         assert r.status_code == 200 and r.json()["state"] == "running", r.text
         assert rollbacks(procs) == 1
         print(f"\nfile fleet: takeover after kill -9 in {took:.2f}s; whole test {time.monotonic() - t0:.0f}s")
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_a_server_with_workers_is_one_member_sharing_the_file(make_repo, tmp_path):
+    """`--workers 2` in one server, one worker in the other: the server's local decider
+    (its run folder's flock holder) takes part for it; counts and feedback are exact across
+    both and every process shows the same state, read from the one state file."""
+    repo = make_repo({"mlp": {1: "st1", 2: "st2"}})
+    cfg = tmp_path / "splitserve.yaml"
+    cfg.write_text(doc_text())
+    procs = [ServerProcess(repo, "--token", TOKEN, *extra, config=cfg, env={"HOSTNAME": f"srv-{k}"},
+                           log_path=tmp_path / f"w{k}.log") for k, extra in enumerate((("--workers", "2"), ()))]
+    try:
+        two_members_count_and_join_once(procs, wait_s=30)
     finally:
         for p in procs:
             p.stop()
