@@ -1,7 +1,9 @@
-"""One experiment decider across the replicas of a `kubernetes://` routing ConfigMap.
+"""One experiment decider across the replicas of a `kubernetes://` routing ConfigMap, or
+across the servers sharing one writable routing config file.
 
-- Who decides: the holder of the Lease `<configmap>-decider` (runtime/experiment_lease.py),
-  renewed every duration/3 from a thread. In each pod only its local decider (alone, the
+- Who decides: the holder of the lease: for a ConfigMap the Lease `<configmap>-decider`
+  (runtime/experiment_lease.py), renewed every duration/3; for a file the flock beside it
+  (runtime/experiment_filelease.py), read every 0.5 s; synced from a thread. In each pod only its local decider (alone, the
   server; with `--workers N`, the worker holding the run folder's flock) takes part; the
   pod's identity is HOSTNAME plus a random id per start (with workers, kept in the run
   folder, so a new local decider is the same identity and no count is taken twice).
@@ -10,6 +12,8 @@
   (`splitserve.io/decider-url`) into the Lease's annotations, in the same
   resourceVersion-checked write as a renewal: a deposed holder cannot overwrite them.
   Followers show the state they read there, so GET .../experiment answers alike everywhere.
+  (The file lease keeps the same annotations in a record file beside the config, the
+  states in the config's `.experiments.json`.)
 - Counts and records: each follower pushes, every PUSH_S and before forwarding feedback,
   its pod's cumulative per-arm counters and the decision records new since its last
   acknowledged push to `POST /v1/experiments/peers` at the holder's URL (token-protected,
@@ -38,9 +42,10 @@ from pathlib import Path
 
 from runtime import errors
 from runtime.errors import Code, ServingError
+from runtime.experiment_filelease import FileLease
 from runtime.experiment_lease import Lease
 from runtime.experiment_peers import add_counts
-from runtime.k8sapi import KubeClient, KubeError
+from runtime.k8sapi import KubeError
 
 log = logging.getLogger("splitserve.experiments")
 
@@ -51,7 +56,6 @@ OUTBOX = 200_000  # records not yet acknowledged by the holder; the oldest are d
 FEEDBACK_WAIT_S = 2.0  # the holder waits this long for every live pod's next push
 LIVE_S = 5.0  # an identity that pushed within this long is live
 PRUNE_S = 120.0  # an identity silent this long, and fully judged, is forgotten
-ANNOTATIONS_BUDGET = 200 * 1024  # Kubernetes caps a Lease's annotations at 256 KiB in all
 A_STATES, A_BASELINE, A_URL = "splitserve.io/experiments", "splitserve.io/baseline", "splitserve.io/decider-url"
 NOT_DECIDER = "not the experiment decider; retry"
 FORWARD_WAIT_S = 5.0  # a forwarded action or feedback waits this long for a reachable holder
@@ -72,13 +76,13 @@ def pod_identity(run_dir: Path | None = None) -> str:
     return f"{host}-{path.read_text().strip()}"
 
 
-def fit_states(states: dict[str, dict], budget: int) -> str:
-    """The states as JSON within `budget` bytes: the oldest decisions are dropped (then
-    said in the log) rather than the write refused; a state is never cut otherwise."""
+def fit_states(states: dict[str, dict], budget: int | None) -> str:
+    """The states as JSON within `budget` bytes (None: no cap): the oldest decisions are
+    dropped (then said in the log) rather than the write refused; a state is never cut otherwise."""
     doc = {m: dict(s) for m, s in states.items()}
     text = json.dumps(doc, allow_nan=False, separators=(",", ":"))
     dropped = 0
-    while len(text.encode()) > budget:
+    while budget is not None and len(text.encode()) > budget:
         longest = max(doc, key=lambda m: len(doc[m].get("decisions") or ()), default=None)
         if longest is None or not doc[longest].get("decisions"):
             raise ValueError(f"experiment states are {len(text.encode())} bytes without decisions, "
@@ -119,13 +123,11 @@ class Fleet:
     """This process's side of the fleet (see the module docstring). Loop-only, except
     the Lease calls, which run in threads."""
 
-    def __init__(self, client: KubeClient, namespace: str, configmap: str, *, lease_s: float,
-                 token: str | None, advertise_url: str | None = None):
-        self.namespace, self.configmap = namespace, configmap
-        self.client, self.lease_s, self.token = client, lease_s, token
+    def __init__(self, lease: Lease | FileLease, *, token: str | None, advertise_url: str | None = None):
+        """`lease`: who decides and where the state lives (a Lease or a FileLease, one interface)."""
+        self.lease, self.token = lease, token
+        self.identity = lease.identity
         self.advertise_url = advertise_url
-        self.identity = pod_identity()
-        self.lease = Lease(client, namespace, f"{configmap}-decider", self.identity, lease_s)
         self.pushed: dict[str, dict] = {}  # identity -> {model: {version: counts}} (holder)
         self.pushed_at: dict[str, float] = {}  # identity -> monotonic time of its last push
         self.baseline: dict[str, dict] = {}  # identity -> {model: {version: counts}} judged
@@ -138,7 +140,7 @@ class Fleet:
 
     @property
     def name(self) -> str:
-        return f"the Lease {self.namespace}/{self.lease.name}"
+        return self.lease.title
 
     def use_run_folder(self, run_dir: Path) -> None:
         """With workers: one identity per pod start, whichever worker decides locally."""
@@ -172,19 +174,18 @@ class Fleet:
         was = self.lease.leading
         try:
             now = self.lease.sync(self._annotations(was))
-        except KubeError as e:
+        except (KubeError, OSError) as e:
             if not self._failing:  # once per outage, not every renewal
-                log.warning("event=experiment_lease_failed lease=%s/%s status=%d reason=%r",
-                            self.namespace, self.lease.name, e.status, e.message)
+                status, why = (e.status, e.message) if isinstance(e, KubeError) else (0, str(e))
+                log.warning("event=experiment_lease_failed lease=%s status=%d reason=%r",
+                            self.lease.where, status, why)
             self._failing = True
             return self.lease.leading
         if self._failing:
-            log.info("event=experiment_lease_resumed lease=%s/%s holder=%s",
-                     self.namespace, self.lease.name, self.lease.holder)
+            log.info("event=experiment_lease_resumed lease=%s holder=%s", self.lease.where, self.lease.holder)
         self._failing = False
         if was and not now:
-            log.warning("event=experiment_lease_lost lease=%s/%s holder=%s",
-                        self.namespace, self.lease.name, self.lease.holder)
+            log.warning("event=experiment_lease_lost lease=%s holder=%s", self.lease.where, self.lease.holder)
         return now
 
     def taken(self) -> dict[str, dict]:
@@ -205,7 +206,7 @@ class Fleet:
         try:
             doc = json.loads(text) if text else {}
         except ValueError as e:
-            log.error("event=experiment_state_unreadable lease=%s reason=%r", self.lease.name, str(e))
+            log.error("event=experiment_state_unreadable lease=%s reason=%r", self.lease.where, str(e))
             return {}
         return doc if isinstance(doc, dict) else {}
 
@@ -216,7 +217,8 @@ class Fleet:
         """States and baseline as the Lease's next write carries them (on the loop: the
         thread that writes reads only these strings)."""
         self._baseline_text = json.dumps(self.baseline, separators=(",", ":"))
-        self._states_text = fit_states(states, ANNOTATIONS_BUDGET - len(self._baseline_text) - 1024)
+        budget = self.lease.budget
+        self._states_text = fit_states(states, None if budget is None else budget - len(self._baseline_text) - 1024)
 
     # ---- counts, judged -----------------------------------------------------------------
     def received(self, identity: str, models: dict) -> None:
@@ -255,8 +257,8 @@ class Fleet:
         """At a graceful stop: give the Lease up, so the next holder need not wait it out."""
         try:
             self.lease.release(self._annotations(True))
-        except KubeError as e:
-            log.info("event=experiment_lease_release_failed status=%d reason=%r", e.status, e.message)
+        except (KubeError, OSError) as e:
+            log.info("event=experiment_lease_release_failed lease=%s reason=%r", self.lease.where, str(e))
 
     async def wait_pushes(self, since: float, skip: str | None = None, timeout: float = FEEDBACK_WAIT_S) -> None:
         """Until every live identity (but `skip`, which pushed before it sent) has pushed
@@ -284,12 +286,15 @@ class Fleet:
         for _ in range(min(n, len(self.outbox))):
             self.outbox.popleft()
 
-    async def forward(self, call: dict, wait_s: float = FORWARD_WAIT_S) -> dict:
+    async def forward(self, call: dict, wait_s: float = FORWARD_WAIT_S) -> dict | None:
         """`call` applied at the holder: its answer ({"ok": ...}), or ServingError. While
         none can be reached and nothing was sent, the Lease is read again (a new holder
-        is known from its next write) and the call retried, for up to `wait_s`."""
+        is known from its next write) and the call retried, for up to `wait_s`. None once
+        we hold it ourselves (a lone server right after start): the caller applies it."""
         deadline = time.monotonic() + wait_s
         while True:
+            if self.lease.leading:
+                return None
             url = self.decider_url()
             if url and self.lease.holder != self.identity:
                 status, answer = await asyncio.to_thread(self._post, url, call)
@@ -337,10 +342,18 @@ class Fleet:
 
 
 def make_fleet(settings, source) -> Fleet | None:
-    """The fleet of a `kubernetes://` routing source; None for a config file."""
-    if getattr(source, "kind", None) != "kubernetes":
+    """The fleet of a `kubernetes://` routing source (a Lease) or of a writable config file
+    (a flock beside it: a lone server takes it at once and decides as it always did).
+    None without a source, or for a read-only file: a ConfigMap volume (its replicas are
+    pods on other hosts, which one flock cannot span; use `kubernetes://`) or a read-only
+    mount, where neither the lock nor the state file can be written."""
+    s, kind = settings.server, getattr(source, "kind", None)
+    if kind == "kubernetes":
+        lease = Lease(source.client, source.namespace, f"{source.configmap}-decider", pod_identity(),
+                      s.experiment_lease_s)
+    elif kind == "file" and source.writable:
+        lease = FileLease(source.path, pod_identity(), A_STATES)
+    else:
         return None
-    s = settings.server
-    return Fleet(source.client, source.namespace, source.configmap, lease_s=s.experiment_lease_s,
-                 token=s.token, advertise_url=s.advertise_url)
+    return Fleet(lease, token=s.token, advertise_url=s.advertise_url)
 

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from runtime.k8sapi import KubeClient, KubeError
 
 GROUP = "/apis/coordination.k8s.io/v1"
+ANNOTATIONS_BUDGET = 200 * 1024  # Kubernetes caps a Lease's annotations at 256 KiB in all
 
 
 def micro_time(t: float) -> str:
@@ -34,12 +35,18 @@ def micro_time(t: float) -> str:
 
 
 class Lease:
+    budget = ANNOTATIONS_BUDGET  # the states are trimmed to fit beside the other annotations
+    state_file = None  # the states travel in the annotations only
+
     def __init__(self, client: KubeClient, namespace: str, name: str, identity: str,
                  duration_s: float, *, mono: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time):
         self.client, self.namespace, self.name = client, namespace, name
         self.identity = identity
         self.duration_s = float(duration_s)
+        self.renew_s = self.duration_s / 3
+        self.where = f"{namespace}/{name}"
+        self.title = f"the Lease {namespace}/{name}"
         self._mono, self._wall = mono, wall
         base = f"{GROUP}/namespaces/{urllib.parse.quote(namespace)}/leases"
         self._list, self._item = base, f"{base}/{urllib.parse.quote(name)}"

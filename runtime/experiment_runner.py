@@ -10,10 +10,11 @@ applied in one write. One process decides: alone, this one; with `--workers N`
 (`share()`), the worker holding the decider lock judges everyone's counts and joins
 everyone's feedback, and the others forward actions and feedback to it and show the
 state it persists (runtime/experiment_peers.py). Across the replicas of a `kubernetes://`
-routing source (`fleet`), each pod's local decider takes part in a Lease: its holder
+routing source, or the servers sharing one writable config file (`fleet`), each pod's
+local decider takes part in a lease (a Lease; a flock beside the file): its holder
 judges every pod's counts and joins every pod's feedback, the others push their counts
 and records to it, forward feedback and actions, and show the state it writes into the
-Lease (runtime/experiment_fleet.py).
+lease (runtime/experiment_fleet.py).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class ExperimentRunner:
         self._base: dict[str, dict] = {}  # the totals (all workers) at each model's last judgment
         self._dirty = False
         self.peers: Peers | None = None  # set by share(): several workers
-        self.fleet: Fleet | None = None  # set by Core for a kubernetes:// source: several replicas
+        self.fleet: Fleet | None = None  # set by Core (a ConfigMap, a writable file): several replicas
         self._fleet_leading = False
         self._fleet_mark: str | None = None  # the Lease's states text we show (a follower)
         self._pushed_at = 0.0
@@ -242,7 +243,11 @@ class ExperimentRunner:
                 if call.get("fleet"):
                     raise errors.unavailable(NOT_DECIDER)
                 await self._push()  # our records first: the feedback may name them
-                return await self.fleet.forward({**call, "from": self.fleet.identity})
+                answer = await self.fleet.forward({**call, "from": self.fleet.identity})
+                if answer is not None:
+                    return answer
+                await self._fleet_tick()  # we took the lease meanwhile: apply it here
+                continue
             try:
                 answer = await self.peers.forward(call)
                 break
@@ -330,7 +335,7 @@ class ExperimentRunner:
         while True:
             if self._local:
                 await asyncio.to_thread(self.fleet.sync)
-                await asyncio.sleep(self.fleet.lease_s / 3)
+                await asyncio.sleep(self.fleet.lease.renew_s)
             else:
                 await asyncio.sleep(self.tick_s)
 
@@ -342,17 +347,17 @@ class ExperimentRunner:
                 self._fleet_leading = True
                 self.states = self._parse_states(f.taken())
                 self._due = {}
-                log.info("event=experiment_decider lease=%s/%s identity=%s url=%s",
-                         f.namespace, f.lease.name, f.identity, f.advertise_url)
+                log.info("event=experiment_decider lease=%s identity=%s url=%s",
+                         f.lease.where, f.identity, f.advertise_url)
             return True
         if self._fleet_leading:
             self._fleet_leading = False
-            log.info("event=experiment_follower lease=%s/%s holder=%s", f.namespace, f.lease.name, f.lease.holder)
+            log.info("event=experiment_follower lease=%s holder=%s", f.lease.where, f.lease.holder)
         mark = f.states_mark()
         if mark != self._fleet_mark:  # show what the holder wrote (and to this pod's workers)
             self._fleet_mark = mark
             self.states = self._parse_states(f.states())
-            if self.peers is not None:
+            if self.peers is not None and not self._lease_keeps_file:
                 await self._save_states()
         if f.lease.version is not None and time.monotonic() - self._pushed_at >= PUSH_S:
             await self._push()  # (once the Lease was read: before, no holder is known)
@@ -370,6 +375,8 @@ class ExperimentRunner:
         call, n = self.fleet.push_call(models)
         try:
             answer = await self.fleet.forward(call, wait_s=0)  # the next push is PUSH_S away anyway
+            if answer is None:  # we hold the lease now: nothing to push
+                return
         except ServingError as e:
             if not self._push_failing:
                 log.warning("event=experiment_push_failed reason=%r", e.message)
@@ -458,8 +465,14 @@ class ExperimentRunner:
             self.fleet.stage(states)
         await asyncio.to_thread(self._write_states, text, lease)
 
+    @property
+    def _lease_keeps_file(self) -> bool:
+        """The lease keeps the states in our state file (a file fleet): its holder alone writes it."""
+        kept = self.fleet.lease.state_file if self.fleet is not None else None
+        return kept is not None and self.state_path is not None and kept.absolute() == self.state_path.absolute()
+
     def _write_states(self, text: bytes, lease: bool) -> None:
-        if self.state_path is not None:
+        if self.state_path is not None and not self._lease_keeps_file:
             atomic_write(str(self.state_path), text)
         if lease:
             self.fleet.sync()

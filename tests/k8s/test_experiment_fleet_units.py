@@ -12,14 +12,13 @@ import logging
 import pytest
 
 from runtime.experiment_fleet import Fleet, fit_states, parse_push
+from runtime.experiment_lease import Lease
 from runtime.experiment_peers import zero_counts
 from runtime.k8sapi import KubeClient
 
 
 def fleet(identity: str) -> Fleet:
-    f = Fleet(KubeClient("http://127.0.0.1:9"), "ns", "cm", lease_s=2, token=None)
-    f.identity = identity
-    return f
+    return Fleet(Lease(KubeClient("http://127.0.0.1:9"), "ns", "cm-decider", identity, 2), token=None)
 
 
 def counts(n: int, errors: int = 0) -> list:

@@ -226,21 +226,27 @@ def test_a_replica_with_workers_is_one_pod_in_the_fleet(api, make_repo, tmp_path
                            env={**env, "HOSTNAME": f"pod-{k}"}, log_path=tmp_path / f"w{k}.log")
              for k, extra in enumerate((("--workers", "2"), ()))]
     try:
-        for p in procs:
-            p.wait_ready(240)
-        assert eventually(lambda: same_on(procs, lambda v: v["candidate_weight"] == 50), 10)
-        served = [(k % 2, *infer(procs[k % 2], k)) for k in range(60)]
-        assert all(code == 200 for _, code, _, _ in served)
-        view = eventually(lambda: same_on(procs * 3, lambda v: total(v) == 60), 10)  # fresh connections
-        assert view, [experiment(p) for p in procs]
-        items = [{"request_id": rid, "metric": "click", "value": 1} for _, _, _, rid in served]
-        got = [feedback(procs[(n // 10 + 1) % 2], items[n:n + 10]) for n in range(0, 60, 10)]
-        assert sum(g["matched"] for g in got) == 60 and sum(g["unknown"] + g["duplicate"] for g in got) == 0
-        again = [feedback(procs[n // 10 % 2], items[n:n + 10]) for n in range(0, 60, 10)]
-        assert sum(g["duplicate"] for g in again) == 60
-        holders = [line for p in procs for line in p.lines() if "event=experiment_decider lease=" in line]
-        assert len(holders) == 1, holders
+        two_members_count_and_join_once(procs)
         assert api.lease(NS, LEASE)["spec"]["leaseTransitions"] == 0
     finally:
         for p in procs:
             p.stop()
+
+
+def two_members_count_and_join_once(procs, wait_s: float = 10) -> None:
+    """Two members (one with workers): traffic at both is counted once and shown alike by
+    every process, feedback at either is matched once then duplicate, one decider."""
+    for p in procs:
+        p.wait_ready(240)
+    assert eventually(lambda: same_on(procs, lambda v: v["candidate_weight"] == 50), wait_s)
+    served = [(k % 2, *infer(procs[k % 2], k)) for k in range(60)]
+    assert all(code == 200 for _, code, _, _ in served)
+    view = eventually(lambda: same_on(procs * 3, lambda v: total(v) == 60), wait_s)  # fresh connections
+    assert view, [experiment(p) for p in procs]
+    items = [{"request_id": rid, "metric": "click", "value": 1} for _, _, _, rid in served]
+    got = [feedback(procs[(n // 10 + 1) % 2], items[n:n + 10]) for n in range(0, 60, 10)]
+    assert sum(g["matched"] for g in got) == 60 and sum(g["unknown"] + g["duplicate"] for g in got) == 0
+    again = [feedback(procs[n // 10 % 2], items[n:n + 10]) for n in range(0, 60, 10)]
+    assert sum(g["duplicate"] for g in again) == 60
+    holders = [line for p in procs for line in p.lines() if "event=experiment_decider lease=" in line]
+    assert len(holders) == 1, holders
