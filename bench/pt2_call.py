@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[0] = str(ROOT)  # not bench/: its profile.py would shadow the stdlib module torch imports
+sys.path.insert(0, str(ROOT))
 from runtime.loader import load_version  # noqa: E402
 from runtime.modelspec import ModelSpec  # noqa: E402
 

@@ -106,15 +106,21 @@ class Lease:
         obj["spec"] = spec
         if annotations:
             meta["annotations"] = {**(meta.get("annotations") or {}), **annotations}
+        if not self._write("PUT", self._item, obj, start):  # metadata.resourceVersion: the CAS
+            return False
+        self._seen = (self._obj.get("metadata", {}).get("resourceVersion"), start)
+        return True
+
+    def _write(self, method: str, path: str, body: dict, start: float) -> bool:
+        """One CAS write; on 409 (another process wrote or created it first) we do not lead."""
         try:
-            self._obj = self.client.call("PUT", self._item, obj)  # metadata.resourceVersion: the CAS
+            self._obj = self.client.call(method, path, body)
         except KubeError as e:
             if e.status != 409:
                 raise
             self._renewed = None
             return False
         self._renewed = start
-        self._seen = (self._obj.get("metadata", {}).get("resourceVersion"), start)
         return True
 
     def release(self, annotations: dict[str, str]) -> None:
@@ -139,12 +145,4 @@ class Lease:
                 "metadata": {"name": self.name, "namespace": self.namespace, "annotations": annotations},
                 "spec": {"holderIdentity": self.identity, "leaseDurationSeconds": max(1, round(self.duration_s)),
                          "acquireTime": now, "renewTime": now, "leaseTransitions": 0}}
-        try:
-            self._obj = self.client.call("POST", self._list, body)
-        except KubeError as e:
-            if e.status != 409:
-                raise
-            self._renewed = None
-            return False
-        self._renewed = start
-        return True
+        return self._write("POST", self._list, body, start)

@@ -18,8 +18,9 @@ import pytest
 
 from conftest import wait_until
 from tests.e2e.test_experiment_e2e import AUTH, FLAKY, TOKEN
-from tests.k8s.test_k8s_experiment_fleet import (deciders, doc_text, eventually, experiment, feedback, infer,
-                                                 rollbacks, same_on, total, two_members_count_and_join_once)
+from tests.k8s.test_k8s_experiment_fleet import (deciders, doc_text, eventually, experiment, fail_canary_until_rolled_back,
+                                                 feedback, infer, rollbacks, same_on, total,
+                                                 two_members_count_and_join_once)
 from tools.serverproc import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -77,13 +78,7 @@ def test_one_decider_across_three_servers_sharing_one_config_file(make_repo, tmp
         assert feedback(procs[other], later) == {"matched": len(later), "unknown": 0, "duplicate": 0}
 
         # A failing canary: rolled back once, shown alike, kept in the lone server's state file.
-        i = 1000
-        while experiment(survivors[0])["state"] != "rolled_back" and i < 4000:
-            for _ in range(30):
-                infer(survivors[i % 2], i, bad=i % 2 == 0)
-                i += 1
-        view = eventually(lambda: same_on(survivors, lambda v: v["state"] == "rolled_back"), 30)
-        assert view and view["latch"].startswith("errors: canary had "), experiment(survivors[0])
+        view = fail_canary_until_rolled_back(survivors)
         assert rollbacks(procs) == 1
         kept = json.loads((tmp_path / "splitserve.experiments.json").read_text())
         assert kept["models"]["mlp"]["latch"] == view["latch"]

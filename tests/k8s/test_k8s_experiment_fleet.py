@@ -107,6 +107,19 @@ def feedback(srv, items) -> dict:
     return r.json()
 
 
+def fail_canary_until_rolled_back(procs) -> dict:
+    """Half the requests fail (on either version) until the experiment rolls back; the
+    view once every process in `procs` shows the rollback and its guardrail latch."""
+    i = 1000
+    while experiment(procs[0])["state"] != "rolled_back" and i < 4000:
+        for _ in range(30):
+            infer(procs[i % len(procs)], i, bad=i % 2 == 0)
+            i += 1
+    view = eventually(lambda: same_on(procs, lambda v: v["state"] == "rolled_back"), 30)
+    assert view and view["latch"].startswith("errors: canary had "), experiment(procs[0])
+    return view
+
+
 def total(v: dict) -> int:
     return v["control"]["requests"] + v["candidate"]["requests"]
 
@@ -181,13 +194,7 @@ def test_one_decider_across_three_replicas_survives_kill_9_and_a_restart_of_all(
     assert view, [experiment(p) for p in survivors]
 
     # A failing canary: rolled back once, by the holder, shown alike everywhere.
-    i = 1000
-    while experiment(survivors[0])["state"] != "rolled_back" and i < 4000:
-        for _ in range(30):
-            infer(survivors[i % 2], i, bad=i % 2 == 0)
-            i += 1
-    view = eventually(lambda: same_on(survivors, lambda v: v["state"] == "rolled_back"), 30)
-    assert view and view["latch"].startswith("errors: canary had "), experiment(survivors[0])
+    view = fail_canary_until_rolled_back(survivors)
     assert rollbacks(procs) == 1 and [d["action"] for d in view["decisions"]].count("rollback") == 1
     assert {infer(survivors[k % 2], 9000 + k)[1] for k in range(12)} == {"1"}  # no routed traffic on the canary
 

@@ -1,7 +1,7 @@
 """Profile splitserve's serving hot path under load with py-spy (sampling, all threads).
 
-    python bench/profile.py --proto rest -c 8            # small model, batching off
-    python bench/profile.py --workload heavy --batching --proto rest -c 32
+    python bench/profile_server.py --proto rest -c 8            # small model, batching off
+    python bench/profile_server.py --workload heavy --batching --proto rest -c 32
 
 Starts splitserve like bench/run.py does (same repository and 90/10 split), drives it
 with bench/loadgen.py, records with py-spy (installed on first use into bench/.tools/pyspy,
