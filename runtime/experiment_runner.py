@@ -459,10 +459,12 @@ class ExperimentRunner:
         """The file (beside the config, or this pod's run folder) and, holding it, the
         Lease: serialized here on the loop, written from a thread."""
         states = {m: s.to_json() for m, s in self.states.items()}
-        text = json.dumps({"models": states}, allow_nan=False, indent=1).encode()
         lease = self.fleet is not None and self.leader
         if lease:
             self.fleet.stage(states)
+        text = None  # our own file, unless the lease keeps the states there
+        if self.state_path is not None and not self._lease_keeps_file:
+            text = json.dumps({"models": states}, allow_nan=False, indent=1).encode()
         await asyncio.to_thread(self._write_states, text, lease)
 
     @property
@@ -471,8 +473,8 @@ class ExperimentRunner:
         kept = self.fleet.lease.state_file if self.fleet is not None else None
         return kept is not None and self.state_path is not None and kept.absolute() == self.state_path.absolute()
 
-    def _write_states(self, text: bytes, lease: bool) -> None:
-        if self.state_path is not None and not self._lease_keeps_file:
+    def _write_states(self, text: bytes | None, lease: bool) -> None:
+        if text is not None:
             atomic_write(str(self.state_path), text)
         if lease:
             self.fleet.sync()

@@ -9,7 +9,6 @@ experiment throughout, and the state is the file a lone server keeps."""
 
 from __future__ import annotations
 
-import collections
 import json
 import time
 
@@ -20,7 +19,7 @@ from conftest import wait_until
 from tests.e2e.test_experiment_e2e import AUTH, FLAKY, TOKEN
 from tests.k8s.test_k8s_experiment_fleet import (deciders, doc_text, eventually, experiment, fail_canary_until_rolled_back,
                                                  feedback, infer, rollbacks, same_on, total,
-                                                 two_members_count_and_join_once)
+                                                 traffic_judged_as_the_sum, two_members_count_and_join_once)
 from tools.serverproc import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -47,12 +46,7 @@ def test_one_decider_across_three_servers_sharing_one_config_file(make_repo, tmp
         f0, f1 = [k for k in range(3) if k != lead]
 
         # Traffic at every server: judged once, by the decider, as the sum of all three.
-        served = [(k % 3, *infer(procs[k % 3], k)) for k in range(90)]
-        assert all(code == 200 for _, code, _, _ in served), served
-        by_version = collections.Counter(v for _, _, v, _ in served)
-        view = eventually(lambda: same_on(procs, lambda v: total(v) == 90), 30)
-        assert view, [experiment(p) for p in procs]
-        assert (view["control"]["requests"], view["candidate"]["requests"]) == (by_version["1"], by_version["2"])
+        served, by_version, view = traffic_judged_as_the_sum(procs, 90)
 
         # Feedback at a non-decider for requests another non-decider served: matched once.
         click = {rid: {"request_id": rid, "metric": "click", "value": 1 if v == "2" else 0} for _, _, v, rid in served}

@@ -107,6 +107,18 @@ def feedback(srv, items) -> dict:
     return r.json()
 
 
+def traffic_judged_as_the_sum(procs, n: int):
+    """`n` requests spread over every process: (served as (process, code, version, request
+    id), the count per version, the view) once every process shows them judged as one sum."""
+    served = [(k % len(procs), *infer(procs[k % len(procs)], k)) for k in range(n)]
+    assert all(code == 200 for _, code, _, _ in served), served
+    by_version = collections.Counter(v for _, _, v, _ in served)
+    view = eventually(lambda: same_on(procs, lambda v: total(v) == n), 30)
+    assert view, [experiment(p) for p in procs]
+    assert (view["control"]["requests"], view["candidate"]["requests"]) == (by_version["1"], by_version["2"])
+    return served, by_version, view
+
+
 def fail_canary_until_rolled_back(procs) -> dict:
     """Half the requests fail (on either version) until the experiment rolls back; the
     view once every process in `procs` shows the rollback and its guardrail latch."""
@@ -137,12 +149,7 @@ def test_one_decider_across_three_replicas_survives_kill_9_and_a_restart_of_all(
     assert holder["metadata"]["annotations"]["splitserve.io/decider-url"] == procs[lead].url
 
     # Traffic at every replica: judged once, by the holder, as the sum of all three.
-    served = [(k % 3, *infer(procs[k % 3], k)) for k in range(90)]
-    assert all(code == 200 for _, code, _, _ in served), served
-    by_version = collections.Counter(v for _, _, v, _ in served)
-    view = eventually(lambda: same_on(procs, lambda v: total(v) == 90), 30)
-    assert view, [experiment(p) for p in procs]
-    assert (view["control"]["requests"], view["candidate"]["requests"]) == (by_version["1"], by_version["2"])
+    served, by_version, view = traffic_judged_as_the_sum(procs, 90)
     assert view["control"]["units"] + view["candidate"]["units"] == 90
 
     # Feedback at one follower for requests the other follower served: matched, then duplicate.
