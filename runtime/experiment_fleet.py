@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import copy
 import http.client
 import json
 import logging
@@ -69,10 +70,13 @@ def pod_identity(run_dir: Path | None = None) -> str:
     if run_dir is None:
         return f"{host}-{secrets.token_hex(4)}"
     path = Path(run_dir) / "fleet.id"
-    with contextlib.suppress(FileExistsError):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.write(fd, secrets.token_hex(4).encode())
-        os.close(fd)
+    tmp = path.with_name(f".fleet.id.{os.getpid()}")
+    tmp.write_text(secrets.token_hex(4))
+    try:  # a hard link appears whole: a worker never reads the id half-written
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        tmp.unlink()
     return f"{host}-{path.read_text().strip()}"
 
 
@@ -236,7 +240,7 @@ class Fleet:
         for ident, counts in docs.items():
             add_counts(cur, counts)
             add_counts(base, self.baseline.get(ident, {}).get(model, {}))
-            self.baseline.setdefault(ident, {})[model] = json.loads(json.dumps(counts))
+            self.baseline.setdefault(ident, {})[model] = copy.deepcopy(counts)
         self._prune()
         return cur, {str(v): c for v, c in base.items()}
 
