@@ -121,9 +121,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="event loop (default auto: uvloop when installed, else asyncio)")
     s.add_argument("--http", choices=("auto", "httptools", "h11"), default=None,
                    help="HTTP/1.1 parser (default auto: httptools when installed, else h11)")
+    s.add_argument("--grpc-transport", choices=("h2", "grpcio"), default=None,
+                   help="gRPC server: h2 (default: splitserve's own HTTP/2 on the event loop) "
+                        "or grpcio (grpc.aio)")
     s.add_argument("--grpc-threads", type=int, default=None, metavar="N",
-                   help="gRPC on its own pool of N handler threads (0: grpc.aio on the event "
-                        "loop; default: server.grpc_threads)")
+                   help="grpcio on its own pool of N handler threads (0: no pool; "
+                        "default: server.grpc_threads)")
     from runtime.opscli import add_subcommands  # status, route, publish, experiment (stdlib only)
     add_subcommands(sub)
     s.add_argument("--workers", type=_workers, default=1, metavar="N",
@@ -222,6 +225,7 @@ def build_settings(args: argparse.Namespace, env: dict | None = None, notes: lis
                          ("server.access_log", "--access-log", args.access_log),
                          ("server.loop", "--loop", args.loop),
                          ("server.http", "--http", args.http),
+                         ("server.grpc_transport", "--grpc-transport", args.grpc_transport),
                          ("server.grpc_threads", "--grpc-threads", args.grpc_threads),
                          ("server.advertise_url", "--advertise-url", args.advertise_url),
                          ("repository.polling", "--polling", True if args.polling else None),

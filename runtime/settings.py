@@ -49,8 +49,10 @@ class ServerSettings(_S):
     # The event loop and HTTP parser (runtime/server/loops.py): auto = the fastest installed.
     loop: LoopName = "auto"
     http: HttpName = "auto"
-    # gRPC transport: 0 = grpc.aio on the event loop; N = gRPC's own threads plus N handler
-    # threads, each call crossing to the loop once (runtime/server/rpc_threads.py).
+    # gRPC transport: h2 = splitserve's own HTTP/2 on the event loop (runtime/server/rpc_h2.py);
+    # grpcio = grpc.aio on the event loop. grpc_threads N > 0 = grpcio's own threads plus N
+    # handler threads, each call crossing to the loop once (runtime/server/rpc_threads.py).
+    grpc_transport: Literal["h2", "grpcio"] = "h2"
     grpc_threads: int = Field(default=0, ge=0, le=1024)
     # Replicas of a kubernetes:// routing source: the experiment decider holds a Lease this
     # long (renewed every third of it; a dead holder is replaced after it), and the other

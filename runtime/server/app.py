@@ -109,7 +109,8 @@ class Server:
     process keeps "a taken port is an error"."""
 
     reuse_port = False
-    grpc_interceptors: tuple = ()
+    grpc_interceptors: tuple = ()   # grpcio transports
+    grpc_initial_metadata: tuple = ()  # the h2 transport: sent with every response
     # A replacement worker joins ports the others serve on: it loads first, so the kernel
     # never hands a new connection to a process that would answer "unknown model".
     load_first = False
@@ -176,6 +177,10 @@ class Server:
                 self._grpc, self.grpc_port = await rpc_threads.start(
                     self.core, s.host, s.grpc_port, self.reuse_port, self.grpc_interceptors,
                     s.grpc_threads)
+            elif rpc is not None and s.grpc_transport == "h2":  # our HTTP/2, on this loop
+                from runtime.server import rpc_h2
+                self._grpc, self.grpc_port = await rpc_h2.start(
+                    self.core, s.host, s.grpc_port, self.reuse_port, self.grpc_initial_metadata)
             elif rpc is not None:
                 self._grpc, self.grpc_port = await rpc.start(self.core, s.host, s.grpc_port,
                                                               self.reuse_port, self.grpc_interceptors)

@@ -393,15 +393,21 @@ def options(core: Core, reuse_port: bool) -> list[tuple]:
     ]
 
 
-def add_services(server, inference, routing, health_servicer) -> None:
-    """The four services on one server (aio or threaded): ours, health, reflection."""
+def add_services(server, inference, routing, health_servicer, aio: bool | None = None) -> None:
+    """The four services on one server (aio, threaded, or rpc_h2's registry): ours,
+    health, reflection. `aio`: the reflection servicer for an event loop (default: when
+    `server` is a grpc.aio server)."""
+    from google.protobuf import descriptor_pool
+    from grpc_reflection.v1alpha import reflection_pb2_grpc
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
     mpb_grpc.add_RoutingServiceServicer_to_server(routing, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (INFERENCE_SERVICE, ROUTING_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    from google.protobuf import descriptor_pool
-    reflection.enable_server_reflection(names, server,
-                                        pool=_ChainedPool(POOL, descriptor_pool.Default()))
+    if aio is None:
+        aio = isinstance(server, grpc.aio.Server)
+    servicer = reflection.aio.ReflectionServicer if aio else reflection.ReflectionServicer
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        servicer(names, pool=_ChainedPool(POOL, descriptor_pool.Default())), server)
 
 
 def bind(server, host: str, port: int) -> int:

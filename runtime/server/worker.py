@@ -133,6 +133,7 @@ class WorkerServer(Server):
         self.load_first = replacement
         threaded = settings.server.grpc_threads > 0
         self.grpc_interceptors = ((ThreadedWorkerInterceptor if threaded else WorkerInterceptor)(worker),)
+        self.grpc_initial_metadata = ((WORKER_HEADER, str(worker)),)
         self.snapshots = SnapshotDir(run_dir, worker)
         self._writer: asyncio.Task | None = None
         self._mark = None

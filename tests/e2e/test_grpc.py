@@ -21,10 +21,15 @@ from runtime.protocol.pb import splitserve_management_pb2 as mpb
 from runtime.protocol.pb import splitserve_management_pb2_grpc as mpb_grpc
 from runtime.types import VersionState
 
-@pytest.fixture(params=[0, 4], ids=["grpc.aio", "grpc-threads"])
+TRANSPORTS = {"h2": {"grpc_transport": "h2"}, "grpc.aio": {"grpc_transport": "grpcio"},
+              "grpc-threads": {"grpc_transport": "grpcio", "grpc_threads": 4}}
+
+
+@pytest.fixture(params=list(TRANSPORTS))
 def serve(request, serve):
-    """Every test here runs against both gRPC transports (server.grpc_threads 0 and 4)."""
-    return functools.partial(serve, grpc_threads=request.param)
+    """Every test here runs against the three gRPC transports (server.grpc_transport h2,
+    grpcio, and grpcio with server.grpc_threads 4)."""
+    return functools.partial(serve, **TRANSPORTS[request.param])
 
 
 MLP_ALL = MLP_YAML.replace("version_policy: {latest: 1}", "version_policy: all")

@@ -1,0 +1,560 @@
+"""The server side of one HTTP/2 connection (RFC 9113), as much of it as gRPC uses, on
+the event loop the Core runs on.
+
+Why our own: grpc.aio wakes the loop several times per call from gRPC's poller thread,
+and that hand-off is most of a small request's CPU (bench/RESULTS_HOTPATH.md). Frames
+parsed here in `data_received` reach the handler without a thread hop, and a unary
+answer (HEADERS, DATA, trailing HEADERS) leaves in one write.
+
+What it does: the preface and SETTINGS exchange, PING, GOAWAY, RST_STREAM, HEADERS with
+CONTINUATION and padding, flow control both ways (our windows reopen as the application
+consumes; our sends wait for the peer's windows), a bound on concurrent streams, on
+header-list size and on frame size. HPACK decoding is the `hpack` package's (Huffman,
+dynamic table); a header block made only of one-byte indexed fields does not change the
+table, so its decoded form is cached until the next block that might. Responses are
+encoded with literals that never touch our encoder's dynamic table, so the peer's
+SETTINGS_HEADER_TABLE_SIZE never matters. No server push, no TLS (an insecure port, as
+before), no priorities (accepted and ignored, as RFC 9113 allows).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import hpack
+
+log = logging.getLogger("splitserve.grpc")
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, \
+    CONTINUATION = range(10)
+END_STREAM = ACK = 0x1
+END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
+# error codes
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR, STREAM_CLOSED = 0x0, 0x1, 0x2, 0x3, 0x5
+FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x6, 0x7, 0x8, 0x9, 0xB
+# settings
+S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS, S_INITIAL_WINDOW_SIZE, \
+    S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = range(1, 7)
+
+MAX_WINDOW = (1 << 31) - 1
+DEFAULT_WINDOW = 65_535
+MAX_FRAME = 1 << 20          # what we accept (advertised); the peer's default is 16 KiB
+STREAM_WINDOW = 1 << 22      # each stream's receive window (4 MiB)
+CONN_WINDOW = 1 << 24        # the connection's receive window (16 MiB)
+_INDEXED_ONLY = bytes(range(128))  # bytes.translate(None, this) == b"" <=> all high bits set
+
+
+class ConnectionError_(Exception):
+    """A connection error (RFC 9113 section 5.4.1): GOAWAY with `code`, then close."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _int(value: int, prefix_bits: int, first: int) -> bytes:
+    """HPACK integer (RFC 7541 5.1) with `first`'s high bits as the representation tag."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((first | value,))
+    out = bytearray((first | limit,))
+    value -= limit
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _str(s: bytes) -> bytes:
+    return _int(len(s), 7, 0) + s  # no Huffman
+
+
+def encode_headers(headers) -> bytes:
+    """(name, value) pairs -> an HPACK block of literals without indexing (new names):
+    stateless, so it is valid whatever the peer's table size."""
+    out = []
+    for name, value in headers:
+        n = name.encode("ascii") if isinstance(name, str) else name
+        v = value.encode("latin-1") if isinstance(value, str) else value
+        out.append(b"\x00" + _str(n) + _str(v))
+    return b"".join(out)
+
+
+# ":status: 200" (static index 8) + "content-type: application/grpc" (static name 31)
+STATUS_200_GRPC = b"\x88" + _int(31, 4, 0x00) + _str(b"application/grpc")
+
+
+def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    return (len(payload).to_bytes(3, "big") + bytes((kind, flags))
+            + stream_id.to_bytes(4, "big") + payload)
+
+
+class Stream:
+    """One request stream. The application sets `on_data(data: bytes, end: bool)` and
+    `on_reset()` when it accepts the stream; `consumed(n)` reopens the receive window."""
+
+    __slots__ = ("id", "conn", "headers", "send_window", "closed_remote", "closed_local",
+                 "reset", "on_data", "on_reset", "_unacked", "_waiter")
+
+    def __init__(self, conn: H2Connection, stream_id: int, send_window: int):
+        self.id = stream_id
+        self.conn = conn
+        self.headers: list[tuple[str, str]] = []
+        self.send_window = send_window
+        self.closed_remote = False
+        self.closed_local = False
+        self.reset = False
+        self.on_data: Callable[[bytes, bool], None] | None = None
+        self.on_reset: Callable[[], None] | None = None
+        self._unacked = 0  # received and consumed, not yet granted back
+        self._waiter: asyncio.Future | None = None
+
+    def consumed(self, n: int) -> None:
+        """The application took n bytes off this stream: grant them back once half the
+        window is used (a unary request's stream ends before it matters)."""
+        if self.closed_remote or self.reset:
+            return
+        self._unacked += n
+        if self._unacked >= STREAM_WINDOW // 2:
+            self.conn.write(frame(WINDOW_UPDATE, 0, self.id, self._unacked.to_bytes(4, "big")))
+            self._unacked = 0
+
+    # ---- sending --------------------------------------------------------------------
+    def send_headers(self, block: bytes, end_stream: bool = False) -> None:
+        self.conn.send_headers(self, block, end_stream)
+
+    def try_send(self, payload: bytes, trailers: bytes | None = None,
+                 headers: bytes | None = None) -> bool:
+        """HEADERS, DATA and trailers ending the stream in one write if the windows allow:
+        the unary fast path. False: nothing was sent; use `send_data`."""
+        return self.conn.try_send(self, payload, trailers, headers)
+
+    async def send_data(self, payload: bytes) -> None:
+        await self.conn.send_data(self, payload)
+
+    async def _wait_window(self) -> None:
+        if self.reset or self.conn.closed:
+            raise ConnectionResetError("stream reset")
+        self._waiter = self.conn.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class H2Connection(asyncio.Protocol):
+    """Frames in, streams out: `on_stream(stream, end_stream)` is called once a request's
+    headers are complete; the callee answers through the Stream."""
+
+    def __init__(self, on_stream: Callable[[Stream, bool], None], *, max_streams: int,
+                 max_header_list: int, on_close: Callable[[H2Connection], None] | None = None):
+        self.loop = asyncio.get_running_loop()
+        self.on_stream = on_stream
+        self.on_close = on_close
+        self.max_streams = max_streams
+        self.max_header_list = max_header_list
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.closed = False
+        self.going_away = False
+        self._buf = bytearray()
+        self._preface = False
+        self._decoder = hpack.Decoder(max_header_list_size=max_header_list)
+        self._hcache: dict[bytes, list] = {}
+        self._streams: dict[int, Stream] = {}
+        self._last_id = 0
+        self._cont: tuple[int, int, bytearray] | None = None  # (stream id, flags, block) awaiting CONTINUATION
+        self._peer_window = DEFAULT_WINDOW          # connection send window
+        self._peer_initial = DEFAULT_WINDOW         # streams' initial send window
+        self._peer_max_frame = 16_384
+        self._recv_unacked = 0
+        self._conn_waiters: list[Stream] = []
+        self._idle: asyncio.Future | None = None
+        self._lost = False
+
+    # ---- asyncio.Protocol -------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            host = peer[0]
+            self.peer = f"ipv6:[{host}]:{peer[1]}" if ":" in host else f"ipv4:{host}:{peer[1]}"
+        settings = b"".join(k.to_bytes(2, "big") + v.to_bytes(4, "big") for k, v in (
+            (S_MAX_CONCURRENT_STREAMS, self.max_streams), (S_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
+            (S_MAX_FRAME_SIZE, MAX_FRAME), (S_MAX_HEADER_LIST_SIZE, self.max_header_list),
+            (S_ENABLE_PUSH, 0)))
+        transport.write(frame(SETTINGS, 0, 0, settings)
+                        + frame(WINDOW_UPDATE, 0, 0, (CONN_WINDOW - DEFAULT_WINDOW).to_bytes(4, "big")))
+
+    def connection_lost(self, exc) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self.closed = True
+        for s in list(self._streams.values()):
+            self._reset_stream(s)
+        self._streams.clear()
+        for s in self._conn_waiters:
+            s._wake()
+        self._conn_waiters.clear()
+        self._check_idle()
+        if self.on_close is not None:
+            self.on_close(self)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        try:
+            if not self._preface:
+                if len(buf) < len(PREFACE):
+                    if not PREFACE.startswith(bytes(buf)):
+                        raise ConnectionError_(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+                    return
+                if not buf.startswith(PREFACE):
+                    raise ConnectionError_(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+                del buf[:len(PREFACE)]
+                self._preface = True
+            off, n = 0, len(buf)
+            while n - off >= 9:
+                length = int.from_bytes(buf[off:off + 3], "big")
+                if length > MAX_FRAME:
+                    raise ConnectionError_(FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds {MAX_FRAME}")
+                end = off + 9 + length
+                if end > n:
+                    break
+                kind, flags = buf[off + 3], buf[off + 4]
+                sid = int.from_bytes(buf[off + 5:off + 9], "big") & 0x7FFFFFFF
+                payload = bytes(buf[off + 9:end])
+                off = end
+                self._frame(kind, flags, sid, payload)
+                if self.closed:
+                    return
+            if off:
+                del buf[:off]
+        except ConnectionError_ as e:
+            log.debug("event=h2_connection_error peer=%s code=%d error=%s", self.peer, e.code, e)
+            self._goaway(e.code, str(e))
+            self._abort()
+
+    # ---- frames in --------------------------------------------------------------------
+    def _frame(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
+        if self._cont is not None and kind != CONTINUATION:
+            raise ConnectionError_(PROTOCOL_ERROR, "expected CONTINUATION")
+        if kind == DATA:
+            self._data(flags, sid, payload)
+        elif kind == HEADERS:
+            self._headers(flags, sid, payload)
+        elif kind == CONTINUATION:
+            if self._cont is None or self._cont[0] != sid:
+                raise ConnectionError_(PROTOCOL_ERROR, "unexpected CONTINUATION")
+            block = self._cont[2]
+            block += payload
+            if len(block) > self.max_header_list * 2:
+                raise ConnectionError_(ENHANCE_YOUR_CALM, "header block too large")
+            if flags & END_HEADERS:
+                _, hflags, _ = self._cont
+                self._cont = None
+                self._headers_done(sid, hflags, bytes(block))
+        elif kind == SETTINGS:
+            self._settings(flags, sid, payload)
+        elif kind == WINDOW_UPDATE:
+            self._window_update(sid, payload)
+        elif kind == PING:
+            if len(payload) != 8 or sid:
+                raise ConnectionError_(FRAME_SIZE_ERROR if len(payload) != 8 else PROTOCOL_ERROR, "bad PING")
+            if not flags & ACK:
+                self.write(frame(PING, ACK, 0, payload))
+        elif kind == RST_STREAM:
+            if not sid or len(payload) != 4:
+                raise ConnectionError_(PROTOCOL_ERROR, "bad RST_STREAM")
+            s = self._streams.pop(sid, None)
+            if s is not None:
+                self._reset_stream(s)
+                self._check_idle()
+        elif kind == GOAWAY:
+            self.going_away = True
+            self._check_idle()
+        elif kind == PUSH_PROMISE:
+            raise ConnectionError_(PROTOCOL_ERROR, "a client may not push")
+        elif kind == PRIORITY:
+            if len(payload) != 5:
+                raise ConnectionError_(FRAME_SIZE_ERROR, "bad PRIORITY")
+        # unknown frame types are ignored (RFC 9113 section 4.1)
+
+    def _settings(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid:
+            raise ConnectionError_(PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & ACK:
+            return
+        if len(payload) % 6:
+            raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
+        for i in range(0, len(payload), 6):
+            key = int.from_bytes(payload[i:i + 2], "big")
+            value = int.from_bytes(payload[i + 2:i + 6], "big")
+            if key == S_INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    raise ConnectionError_(FLOW_CONTROL_ERROR, "initial window too large")
+                delta = value - self._peer_initial
+                self._peer_initial = value
+                for s in self._streams.values():
+                    s.send_window += delta
+                    s._wake()
+            elif key == S_MAX_FRAME_SIZE:
+                if not 16_384 <= value <= (1 << 24) - 1:
+                    raise ConnectionError_(PROTOCOL_ERROR, "bad SETTINGS_MAX_FRAME_SIZE")
+                self._peer_max_frame = value
+        self.write(frame(SETTINGS, ACK, 0))
+
+    def _window_update(self, sid: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise ConnectionError_(FRAME_SIZE_ERROR, "bad WINDOW_UPDATE")
+        inc = int.from_bytes(payload, "big") & 0x7FFFFFFF
+        if sid == 0:
+            if inc == 0:
+                raise ConnectionError_(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            self._peer_window += inc
+            if self._peer_window > MAX_WINDOW:
+                raise ConnectionError_(FLOW_CONTROL_ERROR, "connection window overflow")
+            waiters, self._conn_waiters = self._conn_waiters, []
+            for s in waiters:
+                s._wake()
+            return
+        s = self._streams.get(sid)
+        if s is not None:
+            s.send_window += inc
+            if s.send_window > MAX_WINDOW:
+                self._rst(s, FLOW_CONTROL_ERROR)
+                return
+            s._wake()
+
+    def _headers(self, flags: int, sid: int, payload: bytes) -> None:
+        if not sid or not sid & 1:
+            raise ConnectionError_(PROTOCOL_ERROR, "HEADERS on stream 0 or an even stream")
+        if flags & PADDED:
+            if not payload or payload[0] >= len(payload):
+                raise ConnectionError_(PROTOCOL_ERROR, "bad padding")
+            payload = payload[1:len(payload) - payload[0]]
+        if flags & PRIORITY_FLAG:
+            payload = payload[5:]
+        if flags & END_HEADERS:
+            self._headers_done(sid, flags, payload)
+        else:
+            self._cont = (sid, flags, bytearray(payload))
+
+    def _decode(self, block: bytes) -> list:
+        if not block.translate(None, _INDEXED_ONLY):  # only one-byte indexed fields
+            hit = self._hcache.get(block)
+            if hit is None:
+                hit = self._hcache[block] = self._decode_raw(block)
+                if len(self._hcache) > 64:
+                    self._hcache.clear()
+            return hit
+        self._hcache.clear()  # the table may change
+        return self._decode_raw(block)
+
+    def _decode_raw(self, block: bytes) -> list:
+        try:
+            return self._decoder.decode(block)
+        except hpack.OversizedHeaderListError:
+            raise ConnectionError_(ENHANCE_YOUR_CALM, "header list too large") from None
+        except hpack.HPACKError as e:
+            raise ConnectionError_(COMPRESSION_ERROR, f"HPACK: {e}") from None
+
+    def _headers_done(self, sid: int, flags: int, block: bytes) -> None:
+        headers = self._decode(block)  # always, to keep the decoder's table in step
+        end = bool(flags & END_STREAM)
+        s = self._streams.get(sid)
+        if s is not None:  # trailers of a request
+            if not end:
+                self._rst(s, PROTOCOL_ERROR)
+                return
+            s.closed_remote = True
+            if s.on_data is not None:
+                s.on_data(b"", True)
+            return
+        if sid <= self._last_id:
+            raise ConnectionError_(STREAM_CLOSED, f"HEADERS on closed stream {sid}")
+        self._last_id = sid
+        if self.going_away or self.closed:
+            self.write(frame(RST_STREAM, 0, sid, REFUSED_STREAM.to_bytes(4, "big")))
+            return
+        if len(self._streams) >= self.max_streams:
+            self.write(frame(RST_STREAM, 0, sid, REFUSED_STREAM.to_bytes(4, "big")))
+            return
+        s = Stream(self, sid, self._peer_initial)
+        s.headers = headers
+        s.closed_remote = end
+        self._streams[sid] = s
+        self.on_stream(s, end)
+
+    def _data(self, flags: int, sid: int, payload: bytes) -> None:
+        if not sid:
+            raise ConnectionError_(PROTOCOL_ERROR, "DATA on stream 0")
+        size = len(payload)
+        self._recv_unacked += size  # the whole frame counts against the connection window
+        if self._recv_unacked >= CONN_WINDOW // 2:
+            self.write(frame(WINDOW_UPDATE, 0, 0, self._recv_unacked.to_bytes(4, "big")))
+            self._recv_unacked = 0
+        if flags & PADDED:
+            if not payload or payload[0] >= size:
+                raise ConnectionError_(PROTOCOL_ERROR, "bad padding")
+            payload = payload[1:size - payload[0]]
+        s = self._streams.get(sid)
+        if s is None:
+            if sid > self._last_id:
+                raise ConnectionError_(PROTOCOL_ERROR, f"DATA on idle stream {sid}")
+            return  # a stream we already finished or reset: drop (RFC 9113 6.1)
+        if s.closed_remote:
+            self._rst(s, STREAM_CLOSED)
+            return
+        end = bool(flags & END_STREAM)
+        if end:
+            s.closed_remote = True
+        if s.on_data is not None:
+            s.on_data(payload, end)
+        if s.closed_local and s.closed_remote:
+            self._finish(s)
+
+    # ---- frames out ---------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def send_headers(self, s: Stream, block: bytes, end_stream: bool) -> None:
+        if s.reset or s.closed_local:
+            return
+        self.write(self._header_frames(s.id, block, end_stream))
+        if end_stream:
+            self._close_local(s)
+
+    def _header_frames(self, sid: int, block: bytes, end_stream: bool) -> bytes:
+        m = self._peer_max_frame
+        flags = END_STREAM if end_stream else 0
+        if len(block) <= m:
+            return frame(HEADERS, flags | END_HEADERS, sid, block)
+        parts = [block[i:i + m] for i in range(0, len(block), m)]
+        out = [frame(HEADERS, flags, sid, parts[0])]
+        out += [frame(CONTINUATION, 0, sid, p) for p in parts[1:-1]]
+        out.append(frame(CONTINUATION, END_HEADERS, sid, parts[-1]))
+        return b"".join(out)
+
+    def try_send(self, s: Stream, payload: bytes, trailers: bytes | None,
+                 headers: bytes | None = None) -> bool:
+        n = len(payload)
+        if s.reset or s.closed_local:
+            return True  # nothing to send to: count it as done
+        if n > self._peer_window or n > s.send_window or n > self._peer_max_frame:
+            return False
+        self._peer_window -= n
+        s.send_window -= n
+        out = frame(DATA, 0, s.id, payload)
+        if headers is not None:
+            out = self._header_frames(s.id, headers, False) + out
+        if trailers is not None:
+            out += self._header_frames(s.id, trailers, True)
+        self.write(out)
+        if trailers is not None:
+            self._close_local(s)
+        return True
+
+    async def send_data(self, s: Stream, payload: bytes) -> None:
+        """DATA frames as the peer's windows open; raises ConnectionResetError when the
+        stream or connection goes away first."""
+        view = memoryview(payload)
+        while view.nbytes or not payload:
+            if s.reset or self.closed:
+                raise ConnectionResetError("stream reset")
+            n = min(view.nbytes, self._peer_window, s.send_window, self._peer_max_frame)
+            if n <= 0 and view.nbytes:
+                if self._peer_window <= 0:
+                    self._conn_waiters.append(s)
+                await s._wait_window()
+                continue
+            self._peer_window -= n
+            s.send_window -= n
+            self.write(frame(DATA, 0, s.id, bytes(view[:n])))
+            view = view[n:]
+            if not payload:
+                break
+            if self.transport is not None and self.transport.get_write_buffer_size() > (1 << 22):
+                await asyncio.sleep(0)  # let the socket drain before queueing more
+
+    def _close_local(self, s: Stream) -> None:
+        s.closed_local = True
+        if not s.closed_remote:
+            # a response ended before the request did (an error on a stream still
+            # sending): tell the peer to stop (RFC 9113 8.1)
+            self.write(frame(RST_STREAM, 0, s.id, NO_ERROR.to_bytes(4, "big")))
+        self._finish(s)
+
+    def _finish(self, s: Stream) -> None:
+        if self._streams.get(s.id) is s:
+            del self._streams[s.id]
+        self._check_idle()
+
+    def _rst(self, s: Stream, code: int) -> None:
+        self.write(frame(RST_STREAM, 0, s.id, code.to_bytes(4, "big")))
+        self._streams.pop(s.id, None)
+        self._reset_stream(s)
+        self._check_idle()
+
+    def reset(self, s: Stream, code: int = CANCEL) -> None:
+        """The application gives up on a stream (a deadline, a too-large message)."""
+        if not s.reset and not (s.closed_local and s.closed_remote):
+            self._rst(s, code)
+
+    def _reset_stream(self, s: Stream) -> None:
+        if s.reset:
+            return
+        s.reset = True
+        s._wake()
+        if s.on_reset is not None:
+            s.on_reset()
+
+    def _goaway(self, code: int, message: str = "") -> None:
+        self.write(frame(GOAWAY, 0, 0, self._last_id.to_bytes(4, "big") + code.to_bytes(4, "big")
+                         + message.encode("utf-8", "replace")[:256]))
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self.closed = True
+
+    # ---- shutdown -----------------------------------------------------------------------
+    def go_away(self) -> None:
+        """Graceful: no new streams (GOAWAY NO_ERROR with the last stream we accepted);
+        those in flight finish; the connection closes once they have."""
+        if self.closed or self.going_away:
+            return
+        self.going_away = True
+        self._goaway(NO_ERROR)
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if self._streams or not self.going_away:
+            return
+        if self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+        if not self.closed and self.transport is not None:
+            self.transport.close()
+
+    async def wait_idle(self) -> None:
+        if not self._streams or self.closed:
+            return
+        self._idle = self.loop.create_future()
+        await self._idle
+
+    def close(self) -> None:
+        """Hard stop at the end of the grace period: streams still open are cancelled."""
+        if not self.closed:
+            self._goaway(NO_ERROR)
+            self._abort()
+            self.connection_lost(None)
