@@ -10,8 +10,8 @@ What it does: the preface and SETTINGS exchange, PING, GOAWAY, RST_STREAM, HEADE
 CONTINUATION and padding, flow control both ways (our windows reopen as the application
 consumes; our sends wait for the peer's windows), a bound on concurrent streams, on
 header-list size and on frame size. HPACK decoding is the `hpack` package's (Huffman,
-dynamic table); a header block made only of one-byte indexed fields does not change the
-table, so its decoded form is cached until the next block that might. Responses are
+dynamic table); a block that leaves the table unchanged decodes the same while the table
+stays so, and such blocks (a client's every call after the first) are cached. Responses are
 encoded with literals that never touch our encoder's dynamic table, so the peer's
 SETTINGS_HEADER_TABLE_SIZE never matters. No server push, no TLS (an insecure port, as
 before), no priorities (accepted and ignored, as RFC 9113 allows).
@@ -24,6 +24,7 @@ import logging
 from collections.abc import Callable
 
 import hpack
+from hpack.table import HeaderTable
 
 log = logging.getLogger("splitserve.grpc")
 
@@ -44,7 +45,23 @@ DEFAULT_WINDOW = 65_535
 MAX_FRAME = 1 << 20          # what we accept (advertised); the peer's default is 16 KiB
 STREAM_WINDOW = 1 << 22      # each stream's receive window (4 MiB)
 CONN_WINDOW = 1 << 24        # the connection's receive window (16 MiB)
-_INDEXED_ONLY = bytes(range(128))  # bytes.translate(None, this) == b"" <=> all high bits set
+
+
+class _CountingTable(HeaderTable):
+    """hpack's dynamic table, counting every change (an insertion or an eviction): a
+    decoded block may be reused only while the count it was decoded at still holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.changes = 0
+
+    def add(self, name, value):
+        self.changes += 1
+        return super().add(name, value)
+
+    def _shrink(self):
+        self.changes += 1
+        return super()._shrink()
 
 
 class ConnectionError_(Exception):
@@ -70,17 +87,26 @@ def _int(value: int, prefix_bits: int, first: int) -> bytes:
 
 
 def _str(s: bytes) -> bytes:
-    return _int(len(s), 7, 0) + s  # no Huffman
+    n = len(s)
+    return (bytes((n,)) if n < 127 else _int(n, 7, 0)) + s  # no Huffman
+
+
+_NAMES: dict = {}  # name -> its encoded literal prefix (names are few and fixed)
 
 
 def encode_headers(headers) -> bytes:
-    """(name, value) pairs -> an HPACK block of literals without indexing (new names):
-    stateless, so it is valid whatever the peer's table size."""
+    """(name, value) pairs (str or bytes) -> an HPACK block of literals without indexing
+    (new names): stateless, so it is valid whatever the peer's table size."""
     out = []
+    names = _NAMES
     for name, value in headers:
-        n = name.encode("ascii") if isinstance(name, str) else name
-        v = value.encode("latin-1") if isinstance(value, str) else value
-        out.append(b"\x00" + _str(n) + _str(v))
+        prefix = names.get(name)
+        if prefix is None:
+            prefix = b"\x00" + _str(name.encode("ascii") if isinstance(name, str) else name)
+            if len(names) < 1024:
+                names[name] = prefix
+        out.append(prefix)
+        out.append(_str(value.encode("utf-8") if isinstance(value, str) else value))
     return b"".join(out)
 
 
@@ -168,7 +194,8 @@ class H2Connection(asyncio.Protocol):
         self._buf = bytearray()
         self._preface = False
         self._decoder = hpack.Decoder(max_header_list_size=max_header_list)
-        self._hcache: dict[bytes, list] = {}
+        self._table = self._decoder.header_table = _CountingTable()
+        self._hcache: dict[bytes, tuple[int, list]] = {}
         self._streams: dict[int, Stream] = {}
         self._last_id = 0
         self._cont: tuple[int, int, bytearray] | None = None  # (stream id, flags, block) awaiting CONTINUATION
@@ -350,15 +377,20 @@ class H2Connection(asyncio.Protocol):
             self._cont = (sid, flags, bytearray(payload))
 
     def _decode(self, block: bytes) -> list:
-        if not block.translate(None, _INDEXED_ONLY):  # only one-byte indexed fields
-            hit = self._hcache.get(block)
-            if hit is None:
-                hit = self._hcache[block] = self._decode_raw(block)
-                if len(self._hcache) > 64:
-                    self._hcache.clear()
-            return hit
-        self._hcache.clear()  # the table may change
-        return self._decode_raw(block)
+        """A client sends the same block for every call of a kind; decoding it again gives
+        the same headers as long as it leaves the table as it found it (no insertion, no
+        size update: those must run every time) and the table has not changed since."""
+        table = self._table
+        hit = self._hcache.get(block)
+        if hit is not None and hit[0] == table.changes:
+            return hit[1]
+        before = table.changes
+        headers = self._decode_raw(block)
+        if table.changes == before and not (block and 0x20 <= block[0] < 0x40):
+            if len(self._hcache) >= 64:
+                self._hcache.clear()
+            self._hcache[block] = (before, headers)
+        return headers
 
     def _decode_raw(self, block: bytes) -> list:
         try:

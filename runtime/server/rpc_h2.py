@@ -94,14 +94,18 @@ def _percent(message: str) -> bytes:
     return bytes(out)
 
 
-def _metadata_out(md) -> list[tuple[bytes, bytes]]:
+def _metadata_out(md) -> list[tuple]:
     out = []
-    for k, v in md or ():
-        key = k.lower()
-        if key.endswith("-bin"):
+    for k, v in md:
+        if k.endswith("-bin"):
             v = base64.b64encode(v if isinstance(v, bytes) else v.encode()).rstrip(b"=")
-        out.append((key.encode("ascii"), v if isinstance(v, bytes) else str(v).encode("latin-1")))
+        elif not isinstance(v, (str, bytes)):
+            v = str(v)
+        out.append((k.lower(), v))
     return out
+
+
+_STATUS = [str(i).encode() for i in range(17)]
 
 
 def _timeout(value: str) -> float | None:
@@ -377,14 +381,18 @@ class _Call:
         return "?"
 
     def _headers_block(self, md) -> bytes:
-        extra = self.server.initial_metadata + tuple(md or ())
+        if not md:
+            return self.server.headers_block
+        extra = self.server.initial_metadata + tuple(md)
         return h2conn.STATUS_200_GRPC + encode_headers(_ACCEPT + tuple(_metadata_out(extra)))
 
     def _trailers_block(self, status: int, message: str) -> bytes:
-        fields = [(b"grpc-status", str(status).encode())]
+        fields = [(b"grpc-status", _STATUS[status] if status < 17 else str(status).encode())]
         if message:
             fields.append((b"grpc-message", _percent(message)))
-        fields += _metadata_out(self.ctx._trailing)
+        trailing = self.ctx._trailing
+        if trailing:
+            fields += _metadata_out(trailing)
         return encode_headers(fields)
 
     def send_headers(self, md) -> None:
@@ -448,6 +456,8 @@ class H2GrpcServer:
         self.max_message = max_message
         self.initial_metadata = tuple(initial_metadata)
         self._conns: set[H2Connection] = set()
+        self.headers_block = h2conn.STATUS_200_GRPC + encode_headers(
+            _ACCEPT + tuple(_metadata_out(self.initial_metadata)))
         self._server: asyncio.AbstractServer | None = None
 
     def _protocol(self) -> H2Connection:
