@@ -1,1 +1,1 @@
-"""The only package that imports fastapi, uvicorn and grpc."""
+"""The only package that imports fastapi, uvicorn, grpc and hpack."""

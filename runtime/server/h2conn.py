@@ -64,6 +64,17 @@ class _CountingTable(HeaderTable):
         return super()._shrink()
 
 
+class Headers(list):
+    """A decoded header list; `parsed` is the application's reading of it, kept with a
+    cached block so that a repeated block is also read once."""
+
+    __slots__ = ("parsed",)
+
+    def __init__(self, items=()):
+        super().__init__(items)
+        self.parsed = None
+
+
 class ConnectionError_(Exception):
     """A connection error (RFC 9113 section 5.4.1): GOAWAY with `code`, then close."""
 
@@ -394,7 +405,7 @@ class H2Connection(asyncio.Protocol):
 
     def _decode_raw(self, block: bytes) -> list:
         try:
-            return self._decoder.decode(block)
+            return Headers(self._decoder.decode(block))
         except hpack.OversizedHeaderListError:
             raise ConnectionError_(ENHANCE_YOUR_CALM, "header list too large") from None
         except hpack.HPACKError as e:
@@ -410,7 +421,7 @@ class H2Connection(asyncio.Protocol):
                 return
             s.closed_remote = True
             if s.on_data is not None:
-                s.on_data(b"", True)
+                self._guard(s.on_data, s, b"", True)
             return
         if sid <= self._last_id:
             raise ConnectionError_(STREAM_CLOSED, f"HEADERS on closed stream {sid}")
@@ -425,7 +436,17 @@ class H2Connection(asyncio.Protocol):
         s.headers = headers
         s.closed_remote = end
         self._streams[sid] = s
-        self.on_stream(s, end)
+        self._guard(self.on_stream, s, s, end)
+
+    def _guard(self, fn, s: Stream, *args) -> None:
+        """An application callback that raises is a bug: that stream is reset
+        (INTERNAL_ERROR), the connection and its other streams go on."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001
+            log.error("event=h2_stream_error peer=%s stream=%d error=%r", self.peer, s.id, e)
+            log.debug("traceback", exc_info=e)
+            self.reset(s, INTERNAL_ERROR)
 
     def _data(self, flags: int, sid: int, payload: bytes) -> None:
         if not sid:
@@ -451,7 +472,7 @@ class H2Connection(asyncio.Protocol):
         if end:
             s.closed_remote = True
         if s.on_data is not None:
-            s.on_data(payload, end)
+            self._guard(s.on_data, s, payload, end)
         if s.closed_local and s.closed_remote:
             self._finish(s)
 

@@ -114,6 +114,34 @@ def _timeout(value: str) -> float | None:
     return int(value[:-1]) * _UNITS[value[-1]]
 
 
+def _read_headers(headers) -> tuple:
+    """(method, path, content-type, grpc-timeout, grpc-encoding, metadata): metadata None
+    when a -bin value does not decode."""
+    method = path = ctype = None
+    timeout = encoding = ""
+    md = []
+    for k, v in headers:
+        if k[0] == ":":
+            if k == ":path":
+                path = v
+            elif k == ":method":
+                method = v
+        elif k == "content-type":
+            ctype = v
+        elif k == "grpc-timeout":
+            timeout = v
+        elif k == "grpc-encoding":
+            encoding = v
+        elif k not in _RESERVED:
+            if k.endswith("-bin"):
+                try:
+                    v = base64.b64decode(v + "=" * (-len(v) % 4), validate=True)
+                except ValueError:
+                    return method, path, ctype, timeout, encoding, None
+            md.append((k, v))
+    return method, path, ctype, timeout, encoding, tuple(md)
+
+
 class Context:
     """The part of grpc.aio's ServicerContext the servicers use."""
 
@@ -467,23 +495,17 @@ class H2GrpcServer:
         return conn
 
     def _stream(self, stream: Stream, end: bool) -> None:
-        method = path = ctype = None
-        timeout = encoding = ""
-        md = []
-        for k, v in stream.headers:
-            if k[0] == ":":
-                if k == ":path":
-                    path = v
-                elif k == ":method":
-                    method = v
-            elif k == "content-type":
-                ctype = v
-            elif k == "grpc-timeout":
-                timeout = v
-            elif k == "grpc-encoding":
-                encoding = v
-            elif k not in _RESERVED:
-                md.append((k, base64.b64decode(v + "=" * (-len(v) % 4)) if k.endswith("-bin") else v))
+        headers = stream.headers
+        parsed = getattr(headers, "parsed", None)
+        if parsed is None:
+            parsed = _read_headers(headers)
+            if isinstance(headers, h2conn.Headers):
+                headers.parsed = parsed
+        method, path, ctype, timeout, encoding, md = parsed
+        if md is None:
+            self._trailers_only(stream, grpc.StatusCode.INTERNAL,
+                                "a -bin metadata value is not base64")
+            return
         if ctype is None or not ctype.startswith("application/grpc"):
             stream.send_headers(encode_headers([(b":status", b"415"),
                                                 (b"content-type", b"text/plain")]) , end_stream=True)
@@ -502,7 +524,7 @@ class H2GrpcServer:
                 self._trailers_only(stream, grpc.StatusCode.INTERNAL, f"bad grpc-timeout {timeout!r}")
                 return
             deadline = time.monotonic() + t
-        call = _Call(self, stream, handler, tuple(md), deadline, encoding)
+        call = _Call(self, stream, handler, md, deadline, encoding)
         if handler.request_streaming:
             call.start_streaming()
         if end:

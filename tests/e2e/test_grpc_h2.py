@@ -323,3 +323,15 @@ def test_stop_lets_calls_in_flight_finish(tmp_path, serve):
     t.join(30)
     ch.close()
     assert "resp" in out, out.get("err")
+
+
+def test_bad_binary_metadata_is_an_error_for_that_call_only(mlp):
+    w = Wire(mlp.server.grpc_port)
+    w.send(_frame(HEADERS, 0x4, 1, w.headers_block(LIVE, extra=[("trace-bin", "not base64!")]))
+           + _frame(DATA, 0x1, 1, _message(pb.ServerLiveRequest())))
+    t = _trailers_of(w, 1)
+    assert t["grpc-status"] == str(grpc.StatusCode.INTERNAL.value[0]) and "base64" in t["grpc-message"]
+    w.send(_frame(HEADERS, 0x4, 3, w.headers_block(LIVE, extra=[("trace-bin", "AAEC")]))
+           + _frame(DATA, 0x1, 3, _message(pb.ServerLiveRequest())))
+    assert _trailers_of(w, 3)["grpc-status"] == "0"
+    w.close()
