@@ -29,6 +29,7 @@ import io
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -158,9 +159,13 @@ def _log_path(logdir: Path, name: str) -> Path:
     return logdir / f"{name.replace(' ', '_').replace(',', '')}.log"
 
 
+SERVE_FLAGS: list[str] = []  # --serve-flags: extra `splitserve serve` flags (e.g. --workers 4)
+
+
 def splitserve(name: str, repo: Path, config: Path, logdir: Path) -> tuple[ChildProcess, str, str]:
     """`python -m runtime serve` on ports 0 (read from its log) -> (server, http, grpc)."""
-    s = ServerProcess(repo, config=config, cwd=ROOT, name=name, log_path=_log_path(logdir, name))
+    s = ServerProcess(repo, *SERVE_FLAGS, config=config, cwd=ROOT, name=name,
+                      log_path=_log_path(logdir, name))
     s.wait_ready(180)
     return s, s.http_hostport, s.grpc_target
 
@@ -641,7 +646,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="dynamic batching on for the release scenario (default on)")
     ap.add_argument("--out", type=Path, default=BENCH / "RESULTS.md")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, repos)")
+    ap.add_argument("--serve-flags", default="", help="extra `splitserve serve` flags for every "
+                    "splitserve row, e.g. '--workers 4'")
     o = ap.parse_args(argv)
+    SERVE_FLAGS[:] = shlex.split(o.serve_flags)
     o.duration = o.duration or (2.0 if o.quick else 5.0)
     o.warmup = o.warmup if o.warmup is not None else 0.5
     o.rounds = max(1, o.rounds or (1 if o.quick else 3))
