@@ -220,11 +220,15 @@ def test_headers_in_continuation_frames_and_padded_data(mlp):
     w.close()
 
 
-def test_unknown_method_wrong_content_type_and_deadline(tmp_path, serve):
+def _slow_wire(tmp_path, serve, delay: float) -> Wire:
+    """A raw connection to a server whose model `slow` takes `delay` seconds a forward."""
     repo = tmp_path / "repo"
-    write_slow_model(repo, delay=0.5)
-    srv = serve(repo)
-    w = Wire(srv.server.grpc_port)
+    write_slow_model(repo, delay=delay)
+    return Wire(serve(repo).server.grpc_port)
+
+
+def test_unknown_method_wrong_content_type_and_deadline(tmp_path, serve):
+    w = _slow_wire(tmp_path, serve, 2.0)
     w.send(_frame(HEADERS, 0x4 | 0x1, 1, w.headers_block("/no.Such/Method")))
     t = _trailers_of(w, 1)
     assert t["grpc-status"] == str(grpc.StatusCode.UNIMPLEMENTED.value[0])
@@ -240,15 +244,12 @@ def test_unknown_method_wrong_content_type_and_deadline(tmp_path, serve):
     t0 = time.monotonic()
     t = _trailers_of(w, 5)
     assert t["grpc-status"] == str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
-    assert time.monotonic() - t0 < 0.45  # answered at the deadline, not after the forward
+    assert time.monotonic() - t0 < 1.5  # answered at the deadline, not after the 2 s forward
     w.close()
 
 
 def test_a_reset_stream_is_dropped_and_the_connection_serves_on(tmp_path, serve):
-    repo = tmp_path / "repo"
-    write_slow_model(repo, delay=0.3)
-    srv = serve(repo)
-    w = Wire(srv.server.grpc_port)
+    w = _slow_wire(tmp_path, serve, 0.3)
     x = np.ones((1, 64), np.float32)
     w.send(_frame(HEADERS, 0x4, 1, w.headers_block("/inference.GRPCInferenceService/ModelInfer"))
            + _frame(DATA, 0x1, 1, _message(_req(x, model="slow")))
