@@ -6,6 +6,7 @@ infinity (evidence is capped at 1e300), arms named by their label or version.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -31,8 +32,12 @@ def report(route: RouteConfig | None, state: ExperimentState | None, now: float)
                 "decisions": [d.to_json() for d in state.decisions]}
     assert route is not None
     if state is None or state.spec != fingerprint(route):
-        state = start(route, now).state  # what the next judgment starts from
-        assert state is not None
+        # What the decider's first judgment starts from, with no decision until it is made:
+        # counting begins there (requests served before it are not the experiment's
+        # evidence), so a reader can tell a started experiment by its first decision.
+        fresh = start(route, now).state
+        assert fresh is not None
+        state = dataclasses.replace(fresh, decisions=())
     weight = {"rolled_back": 0.0, "promoted": 100.0}.get(state.phase, float(exp.steps[state.step]))
 
     def arm(i: int, ref: str | int) -> dict[str, Any]:

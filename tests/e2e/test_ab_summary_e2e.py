@@ -80,7 +80,7 @@ def test_the_summary_carries_the_experiment_and_prometheus_its_series(make_repo,
     cfg = tmp_path / "splitserve.yaml"
     cfg.write_text(config_text(min_requests=10_000))  # stays on its first step
     srv = serve(repo, cfg, token=TOKEN)
-    assert wait_until(lambda: experiment(srv)["candidate_weight"] == 50, 30)
+    assert wait_until(lambda: experiment(srv)["decisions"][:1] and experiment(srv)["candidate_weight"] == 50, 30)
     with httpx.Client(timeout=30) as c:
         served = send(c, srv, 40)
         items = [{"request_id": rid, "metric": "click", "value": 1} for code, _, rid in served if code == 200]

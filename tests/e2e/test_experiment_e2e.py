@@ -118,7 +118,7 @@ def test_a_healthy_canary_is_promoted_and_feedback_lands_on_the_served_version(r
     cfg = tmp_path / "splitserve.yaml"
     cfg.write_text(config_text())
     srv = serve(repo, cfg, token=TOKEN)
-    assert wait_until(lambda: experiment(srv)["candidate_weight"] == 50, 30)
+    assert wait_until(lambda: experiment(srv)["decisions"][:1] and experiment(srv)["candidate_weight"] == 50, 30)
     with httpx.Client(timeout=30) as c:
         served = send(c, srv, 30)
         items = [{"request_id": rid, "metric": "click", "value": 1 if v == "2" else 0} for code, v, rid in served

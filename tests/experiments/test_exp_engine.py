@@ -322,6 +322,7 @@ def test_report_is_strict_json_in_every_phase():
     assert report(RouteConfig(), None, 0) == {"state": "none", "decisions": []}
     view = report(doc(), None, 0)
     assert view["state"] == "running" and view["candidate"]["requests"] == 0
+    assert view["decisions"] == []  # the first judgment makes the start decision: none listed before it
 
 
 def test_the_operator_cli_formats_the_real_report():

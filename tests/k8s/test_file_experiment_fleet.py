@@ -18,7 +18,7 @@ import pytest
 from conftest import wait_until
 from tests.e2e.test_experiment_e2e import AUTH, FLAKY, TOKEN
 from tests.k8s.test_k8s_experiment_fleet import (deciders, doc_text, eventually, experiment, fail_canary_until_rolled_back,
-                                                 feedback, infer, rollbacks, same_on, total,
+                                                 feedback, infer, rollbacks, same_on, started, total,
                                                  traffic_judged_as_the_sum, two_members_count_and_join_once)
 from tools.serverproc import ServerProcess
 
@@ -37,7 +37,7 @@ def test_one_decider_across_three_servers_sharing_one_config_file(make_repo, tmp
         for p in procs:
             p.wait_ready(240)
         assert eventually(lambda: same_on(procs, lambda v: v["state"] in ("running", "holding")
-                                          and v["candidate_weight"] == 50), 30), [experiment(p) for p in procs]
+                                          and started(v)), 30), [experiment(p) for p in procs]
         assert len(deciders(procs)) == 1, [p.log_text(20) for p in procs]
         (lead,) = deciders(procs)
         record = json.loads((tmp_path / ".splitserve.yaml.decider.json").read_text())

@@ -4,18 +4,23 @@ held; the holder's annotations reach readers through the record, its states thro
 `<stem>.experiments.json` in the format a lone server always wrote (an existing file is
 read as is); released at a graceful close, and freed by the kernel at kill -9, so the
 next sync takes it at once. make_fleet gives a writable config file this lease, a
-ConfigMap volume none."""
+ConfigMap volume none. A decider in such a fleet counts from its first judgment (the
+start): what was served before is judged away, and the view lists no decision until then."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
+from router import Router, parse_config_text
 from runtime.configsource import FileSource
 from runtime.experiment_filelease import FileLease
-from runtime.experiment_fleet import make_fleet
+from runtime.experiment_fleet import Fleet, make_fleet
+from runtime.experiment_runner import ExperimentRunner
 
 STATES = "splitserve.io/experiments"
 URL = "splitserve.io/decider-url"
@@ -90,3 +95,64 @@ def test_a_writable_config_file_gets_a_file_fleet_a_configmap_volume_none(tmp_pa
     (vol / "splitserve.yaml").symlink_to("..data/splitserve.yaml")
     assert make_fleet(settings, FileSource(vol / "splitserve.yaml")) is None
     assert make_fleet(settings, None) is None
+
+
+# Weights already at the first step: the start changes no routing (no Control needed).
+RUNNING = json.dumps({"models": {"mlp": {
+    "labels": {"stable": 1, "canary": 2}, "weights": {"stable": 50, "canary": 50},
+    "experiment": {"control": "stable", "candidate": "canary", "steps": [50, 100], "interval_s": 1,
+                   "min_requests": 10_000, "min_duration_s": 0}}}})
+
+
+def test_requests_before_the_first_judgment_are_not_counted_and_the_view_lists_no_decision_until_it(tmp_path):
+    """Traffic that reaches a server after it is ready but before its decider's first
+    judgment (with workers in a file fleet: a tick to take the workers' flock, a sync to
+    take the lease, then a tick) is judged away by that judgment, which starts the
+    experiment: the baseline moves on, the state counts from zero. A view that listed the
+    start decision before it was made let a client send such traffic believing it counted
+    (tests/workers/test_experiment_workers.py's first test, about 1 run in 6)."""
+    cfg = tmp_path / "splitserve.yaml"
+    cfg.write_text(RUNNING)
+    clock = [1000.0]
+    runner = ExperimentRunner(Router(parse_config_text(RUNNING, str(cfg))), None,
+                              cfg.with_name("splitserve.experiments.json"), clock=lambda: clock[0], tick_s=3600)
+    runner.fleet = Fleet(FileLease(cfg, "srv-a", STATES), token=None, advertise_url="http://127.0.0.1:9")
+    record = tmp_path / ".splitserve.yaml.decider.json"
+
+    def serve(version: int, n: int) -> None:
+        for _ in range(n):
+            runner.on_finished("mlp", version, "split", True, 0.001, f"r{clock[0]}-{version}-{_}", None)
+
+    def judged() -> dict[str, int]:  # the baseline the holder wrote: requests per version
+        base = json.loads(json.loads(record.read_text())["annotations"]["splitserve.io/baseline"])
+        return {v: c[0] for v, c in base["srv-a"]["mlp"].items()}
+
+    async def main() -> None:
+        runner.start()  # (its own tick is an hour away: this test ticks)
+        try:
+            serve(1, 2)  # before any judgment
+            view = runner.view("mlp")
+            assert view["decisions"] == [] and view["state"] == "running" and view["candidate_weight"] == 50
+            deadline = time.monotonic() + 10
+            while not runner.fleet.leading:  # the lease loop's first sync, from a thread
+                assert time.monotonic() < deadline, "the file lease was never taken"
+                await asyncio.sleep(0.01)
+            await runner.tick()  # the first judgment: the start
+            view = runner.view("mlp")
+            assert [d["action"] for d in view["decisions"]] == ["start"]
+            assert (view["control"]["requests"], view["candidate"]["requests"]) == (0, 0)
+            assert judged() == {"1": 2}  # judged away, not evidence
+            shown = json.loads(cfg.with_name("splitserve.experiments.json").read_text())["models"]["mlp"]
+            assert shown["decisions"][0]["action"] == "start" and shown["requests"] == [0, 0]
+
+            serve(1, 3)
+            serve(2, 4)
+            clock[0] += 1  # an interval on
+            await runner.tick()
+            view = runner.view("mlp")
+            assert (view["control"]["requests"], view["candidate"]["requests"]) == (3, 4)  # every one since
+            assert judged() == {"1": 5, "2": 4}
+        finally:
+            await runner.stop()
+
+    asyncio.run(main())

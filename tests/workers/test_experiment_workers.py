@@ -56,6 +56,12 @@ def same_everywhere(srv, pred, reads: int = 12):
     return None
 
 
+def started(v: dict) -> bool:
+    """The decider's first judgment is made: requests sent from now on are counted (before
+    it the view shows the first step with no decision, and that judgment judges them away)."""
+    return bool(v["decisions"]) and v["candidate_weight"] == 50
+
+
 def eventually(fn, timeout: float):
     """fn()'s first truthy value within timeout (a state read over HTTP), else its last."""
     box = []
@@ -107,7 +113,7 @@ def test_one_decider_judges_both_workers_traffic_and_feedback_joins_at_any_worke
     cfg.write_text(config_text(min_requests=10_000, interval_s=0.5))  # stays on step 1: 50 %
     srv = start(repo, cfg, tmp_path)
     try:
-        assert wait_until(lambda: experiment(srv)[1]["candidate_weight"] == 50, 60)
+        assert wait_until(lambda: started(experiment(srv)[1]), 60)
         served = [infer_rest(srv, i) for i in range(160)]
         assert all(code == 200 for code, *_ in served), served
         assert {w for *_, w in served} == {"0", "1"}  # both workers served
@@ -158,7 +164,7 @@ def test_a_failing_canary_is_rolled_back_once_and_a_new_decider_takes_over_after
     cfg.write_text(config_text(min_requests=10_000))
     srv = start(repo, cfg, tmp_path)
     try:
-        assert wait_until(lambda: experiment(srv)[1]["candidate_weight"] == 50, 60)
+        assert wait_until(lambda: started(experiment(srv)[1]), 60)
         i = 0
         while experiment(srv)[1]["state"] != "rolled_back" and i < 3000:
             for _ in range(20):
