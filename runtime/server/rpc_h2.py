@@ -531,7 +531,8 @@ class H2GrpcServer:
             call._data(b"", True)
 
     def _trailers_only(self, stream: Stream, code, message: str) -> None:
-        stream.send_headers(h2conn.STATUS_200_GRPC + encode_headers(
+        # the same response headers as a call's own trailers-only answer (_Call._end)
+        stream.send_headers(self.headers_block + encode_headers(
             [(b"grpc-status", str(_status_value(code)).encode()), (b"grpc-message", _percent(message))]),
             end_stream=True)
 
