@@ -4,7 +4,9 @@
 ConfigMap volume swaps a `..data` symlink to a fresh timestamped folder and deletes the
 old one, so a watch on the resolved folder goes deaf after the first update. Any event in
 the user's folder, plus a hash poll every `poll_s` as a safety net, re-reads the file;
-only a change of content hash calls `on_change(text)`. A file on a read-only mount (or in
+only a change of content hash calls `on_change(text)`. Events are debounced (`quiet_s`
+after the last one), but never past MAX_QUIET_S after the first: a folder that is never
+still (logs or lease files written beside the config) must not hold a change back. A file on a read-only mount (or in
 a ConfigMap layout, where a write would be lost at the next sync) is not writable: the
 routing API then refuses with CONFLICT and changes nothing.
 
@@ -33,6 +35,7 @@ log = logging.getLogger("splitserve.config")
 
 MAX_CONFIG_BYTES = 1024 * 1024  # a ConfigMap holds at most 1 MiB; so does our file
 POLL_S = 2.0  # the hash poll: heals a missed event within a few seconds
+MAX_QUIET_S = 0.75  # events that never stop (a log file beside the config) delay a re-read at most this long
 OnChange = Callable[[str | None], object]  # None: unreadable now
 
 
@@ -69,6 +72,7 @@ class FileSource:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watcher: Watcher | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._first_event = 0.0  # loop time of the first event the pending re-read waits out
         self._poll: asyncio.TimerHandle | None = None
         self._unreadable = False
 
@@ -117,9 +121,17 @@ class FileSource:
     def _touched(self) -> None:
         if self._loop is None:
             return
-        if self._timer is not None:
+        now = self._loop.time()
+        if self._timer is None:
+            self._first_event = now
+        else:
             self._timer.cancel()
-        self._timer = self._loop.call_later(self.quiet_s, self.check)
+        at = min(now + self.quiet_s, self._first_event + max(self.quiet_s, MAX_QUIET_S))
+        self._timer = self._loop.call_at(at, self._quiet)
+
+    def _quiet(self) -> None:
+        self._timer = None
+        self.check()
 
     def _poll_tick(self) -> None:
         self.check(polled=True)
@@ -128,7 +140,6 @@ class FileSource:
 
     def check(self, polled: bool = False) -> bool:
         """Re-read the file; call on_change when its content hash changed."""
-        self._timer = None
         try:
             data = read_limited(self.path)
         except (OSError, RoutingError) as e:

@@ -22,6 +22,7 @@ import asyncio
 import base64
 import inspect
 import logging
+import socket
 import time
 import zlib
 
@@ -486,7 +487,7 @@ class H2GrpcServer:
         self._conns: set[H2Connection] = set()
         self.headers_block = h2conn.STATUS_200_GRPC + encode_headers(
             _ACCEPT + tuple(_metadata_out(self.initial_metadata)))
-        self._server: asyncio.AbstractServer | None = None
+        self._servers: list[asyncio.AbstractServer] = []
 
     def _protocol(self) -> H2Connection:
         conn = H2Connection(self._stream, max_streams=MAX_STREAMS, max_header_list=MAX_HEADER_LIST,
@@ -537,18 +538,27 @@ class H2GrpcServer:
             end_stream=True)
 
     async def start(self, host: str, port: int, reuse_port: bool) -> int:
+        """Listen on every address `host` resolves to, all on one port (with port 0 the
+        first address picks it: `localhost` is ::1 and 127.0.0.1 on the same port)."""
         try:
-            self._server = await self.loop.create_server(
-                self._protocol, host=host, port=port, reuse_address=True,
-                reuse_port=reuse_port or None, backlog=2048)
+            infos = await self.loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            addrs = list(dict.fromkeys(info[4][0] for info in infos))
+            for addr in addrs:
+                self._servers.append(await self.loop.create_server(
+                    self._protocol, host=addr, port=port, reuse_address=True,
+                    reuse_port=reuse_port or None, backlog=2048))
+                port = self._servers[0].sockets[0].getsockname()[1]
         except OSError as e:
+            for srv in self._servers:
+                srv.close()
+            self._servers = []
             raise OSError(e.errno, f"gRPC could not bind {host}:{port}: {e.strerror}") from None
-        return self._server.sockets[0].getsockname()[1]
+        return port
 
     async def stop(self, grace: float | None) -> None:
         await self.health.enter_graceful_shutdown()
-        if self._server is not None:
-            self._server.close()
+        for srv in self._servers:
+            srv.close()
         conns = list(self._conns)
         for c in conns:
             c.go_away()
@@ -560,8 +570,8 @@ class H2GrpcServer:
                 pass
         for c in list(self._conns):
             c.close()
-        if self._server is not None:
-            await self._server.wait_closed()
+        for srv in self._servers:
+            await srv.wait_closed()
 
 
 async def start(core: Core, host: str, port: int, reuse_port: bool = False,

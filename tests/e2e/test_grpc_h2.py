@@ -336,3 +336,21 @@ def test_bad_binary_metadata_is_an_error_for_that_call_only(mlp):
            + _frame(DATA, 0x1, 3, _message(pb.ServerLiveRequest())))
     assert _trailers_of(w, 3)["grpc-status"] == "0"
     w.close()
+
+
+def test_a_host_with_two_addresses_listens_on_one_port_for_both(make_repo, serve, monkeypatch):
+    """With port 0, `localhost` as ::1 and 127.0.0.1 (as on most hosts) is served on one
+    port, the one reported: the first address picks it, the second joins it."""
+    real = socket.getaddrinfo
+
+    def both(host, *args, **kwargs):
+        if host == "localhost":
+            return real("::1", *args, **kwargs) + real("127.0.0.1", *args, **kwargs)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", both)
+    srv = serve(make_repo({"mlp": {1: "st1"}}), host="localhost")
+    port = srv.server.grpc_port
+    for target in (f"127.0.0.1:{port}", f"[::1]:{port}"):
+        with grpc.insecure_channel(target) as ch:
+            assert pb_grpc.GRPCInferenceServiceStub(ch).ServerLive(pb.ServerLiveRequest(), timeout=10).live, target

@@ -150,6 +150,43 @@ def test_hash_poll_heals_a_missed_event(tmp_path):
     _run_source(tmp_path, body)
 
 
+def test_a_folder_that_is_never_still_does_not_hold_a_change_back(tmp_path):
+    """A log written beside the config every 20 ms keeps the folder busy for longer than
+    the quiet time: the change is still applied (the poll is an hour away here)."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "splitserve.yaml").write_text(DOC.format(a=1, b=1))
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        seen: list[str | None] = []
+        src = FileSource(conf / "splitserve.yaml", poll_s=3600, quiet_s=0.2)
+        src.read()
+        src.start(loop, seen.append)
+        writes = 0
+
+        async def chatter():
+            nonlocal writes
+            while True:
+                with open(conf / "server.log", "a") as f:
+                    f.write(f"line {writes}\n")
+                writes += 1
+                await asyncio.sleep(0.02)
+
+        task = asyncio.create_task(chatter())
+        try:
+            assert await _until(lambda: writes >= 5)
+            (conf / "splitserve.yaml").write_text(DOC.format(a=2, b=1))
+            at = writes
+            assert await _until(lambda: seen == [DOC.format(a=2, b=1)], 10), seen
+            assert not task.done() and writes > at  # the folder was busy all along
+        finally:
+            task.cancel()
+            src.stop()
+
+    asyncio.run(main())
+
+
 def test_writable_knows_the_configmap_layout(tmp_path):
     vol = ConfigMapVolume(tmp_path / "cm")
     vol.write({"splitserve.yaml": "models: {}\n"})
