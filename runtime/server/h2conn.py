@@ -522,7 +522,7 @@ class H2Connection(asyncio.Protocol):
         """DATA frames as the peer's windows open; raises ConnectionResetError when the
         stream or connection goes away first."""
         view = memoryview(payload)
-        while view.nbytes or not payload:
+        while True:  # at least one frame: an empty payload is one empty DATA frame
             if s.reset or self.closed:
                 raise ConnectionResetError("stream reset")
             n = min(view.nbytes, self._peer_window, s.send_window, self._peer_max_frame)
@@ -535,8 +535,8 @@ class H2Connection(asyncio.Protocol):
             s.send_window -= n
             self.write(frame(DATA, 0, s.id, bytes(view[:n])))
             view = view[n:]
-            if not payload:
-                break
+            if not view.nbytes:
+                return
             if self.transport is not None and self.transport.get_write_buffer_size() > (1 << 22):
                 await asyncio.sleep(0)  # let the socket drain before queueing more
 

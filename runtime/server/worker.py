@@ -56,8 +56,8 @@ class WorkerInterceptor(grpc.aio.ServerInterceptor):
     """Sends `x-worker: K` as initial metadata on every unary call and on every
     ModelStreamInfer stream (before the handler runs, so an error answer carries it too)."""
 
-    def __init__(self, worker: int):
-        self.md = ((WORKER_HEADER, str(worker)),)
+    def __init__(self, md: tuple):
+        self.md = md
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -91,8 +91,8 @@ class WorkerInterceptor(grpc.aio.ServerInterceptor):
 class ThreadedWorkerInterceptor(grpc.ServerInterceptor):
     """WorkerInterceptor for the threaded gRPC server (`server.grpc_threads` > 0)."""
 
-    def __init__(self, worker: int):
-        self.md = ((WORKER_HEADER, str(worker)),)
+    def __init__(self, md: tuple):
+        self.md = md
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
@@ -132,8 +132,8 @@ class WorkerServer(Server):
         self.worker = worker
         self.load_first = replacement
         threaded = settings.server.grpc_threads > 0
-        self.grpc_interceptors = ((ThreadedWorkerInterceptor if threaded else WorkerInterceptor)(worker),)
-        self.grpc_initial_metadata = ((WORKER_HEADER, str(worker)),)
+        self.grpc_initial_metadata = ((WORKER_HEADER, str(worker)),)  # the h2 transport sends it itself
+        self.grpc_interceptors = ((ThreadedWorkerInterceptor if threaded else WorkerInterceptor)(self.grpc_initial_metadata),)
         self.snapshots = SnapshotDir(run_dir, worker)
         self._writer: asyncio.Task | None = None
         self._mark = None
