@@ -6,9 +6,10 @@ old one, so a watch on the resolved folder goes deaf after the first update. Any
 the user's folder, plus a hash poll every `poll_s` as a safety net, re-reads the file;
 only a change of content hash calls `on_change(text)`. Events are debounced (`quiet_s`
 after the last one), but never past MAX_QUIET_S after the first: a folder that is never
-still (logs or lease files written beside the config) must not hold a change back. A file on a read-only mount (or in
-a ConfigMap layout, where a write would be lost at the next sync) is not writable: the
-routing API then refuses with CONFLICT and changes nothing.
+still (logs or lease files written beside the config) must not hold a change back.
+A file on a read-only mount (or in a ConfigMap layout, where a write would be lost at
+the next sync) is not writable: the routing API then refuses with CONFLICT and changes
+nothing.
 
 `KubernetesSource` (runtime/k8ssource.py) keeps the document in a ConfigMap through the
 API server, so N replicas share one routing truth.
