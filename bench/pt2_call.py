@@ -1,5 +1,5 @@
 """One exported program's call, with and without torch.export's per-call pytree check
-(runtime/loader.py turns it off where the graph's guards still check shapes): the bundled
+(runtime/lifecycle/loader.py turns it off where the graph's guards still check shapes): the bundled
 mlp version 2 (model.pt2), batch 1, interleaved rounds, medians. Prints microseconds per
 `LoadedModel.forward`. Usage: python bench/pt2_call.py [--rounds 8] [--calls 3000]"""
 
@@ -15,8 +15,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from runtime.loader import load_version  # noqa: E402
-from runtime.modelspec import ModelSpec  # noqa: E402
+from runtime.lifecycle.loader import load_version  # noqa: E402
+from runtime.repository.modelspec import ModelSpec  # noqa: E402
 
 
 def main() -> None:

@@ -330,8 +330,8 @@ def in_process(cache: Path, w: Workload, batches: list[int], seconds: float) -> 
     import numpy as np
     import torch
 
-    from runtime.loader import load_version
-    from runtime.modelspec import parse_spec
+    from runtime.lifecycle.loader import load_version
+    from runtime.repository.modelspec import parse_spec
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-inproc-"))
     try:
@@ -683,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
                 import grpc  # noqa: F401
 
                 from runtime.protocol.pb import grpc_service_pb2_grpc  # noqa: F401
-                from runtime.server import rpc  # noqa: F401
+                from runtime.server.grpc import servicers as rpc  # noqa: F401
             except ImportError as e:
                 grpc_ok = False
                 notes.append(f"gRPC rows skipped: {e}")

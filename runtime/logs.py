@@ -4,7 +4,7 @@ Messages are written as `event=name key=value ...`; a value that is not a plain 
 written repr-quoted (`reason='load did not finish'`, `config={'labels': {...}}`). One
 parser (`parse`) reads that back for both formatters: the JSON formatter turns it into
 fields, the kv formatter uses it to keep a message with a newline on one line. Successful
-requests are logged only by the access log (runtime/server/access_log.py).
+requests are logged only by the access log (runtime/server/rest/access_log.py).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import make_example_models as mk  # noqa: E402
 
-from runtime.settings import Settings  # noqa: E402
+from runtime.config.settings import Settings  # noqa: E402
 from runtime.types import VersionState  # noqa: E402
 
 MLP_YAML = (ROOT / "model_repository" / "mlp" / "model.yaml").read_text()

@@ -44,19 +44,119 @@ def test_router_does_not_import_experiments():
 
 def test_only_server_package_imports_web_frameworks():
     for rel, imps in modules("runtime"):
-        if rel.parts[:2] == ("runtime", "server") or rel.parts[:3] == ("runtime", "protocol", "pb"):
+        if rel.parts[:2] in (("runtime", "server"), ("runtime", "workers")) \
+                or rel.parts[:3] == ("runtime", "protocol", "pb"):
             continue
         bad = {i for i in imps if i.split(".")[0] in WEB}
-        assert not bad, f"{rel} imports {bad}: only runtime/server may import web/gRPC frameworks"
+        assert not bad, f"{rel} imports {bad}: only runtime/server (and its workers) may import web/gRPC frameworks"
 
 
-def test_core_does_not_import_protocols_or_servers():
-    core = {"types", "errors", "dtypes", "modelspec", "policy", "repository", "loader", "manager",
-            "batcher", "metrics", "inference", "control", "core", "metadata", "watch", "settings"}
+# ---- the folders: one concept each, imports go down this list only ----------------------
+GROUND = {"types", "views", "errors", "dtypes", "logs", "files", "histogram"}
+LAYERS = ["config", "repository", "execution", "lifecycle", "routing", "metrics", "decider",
+          "service", "protocol", "server", "workers", "cli"]
+
+
+def _home(name: str) -> str | None:
+    """The folder (or "ground") a runtime module lives in; None: not ours."""
+    parts = name.split(".")
+    if parts[0] != "runtime":
+        return None
+    if len(parts) == 1 or parts[1] in ("__init__", "__main__"):
+        return "top"
+    return "ground" if parts[1] in GROUND else parts[1]
+
+
+def _module_name(rel: Path) -> str:
+    parts = list(rel.with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_every_runtime_module_has_a_home():
+    for rel, _ in modules("runtime"):
+        home = _home(_module_name(rel))
+        assert home in {"top", "ground", *LAYERS}, f"{rel}: not in a known folder ({LAYERS})"
+
+
+def test_folders_import_one_way():
+    rank = {"ground": -1, **{name: i for i, name in enumerate(LAYERS)}}
     for rel, imps in modules("runtime"):
-        if len(rel.parts) == 2 and rel.stem in core:
-            bad = {i for i in imps if i.startswith(("runtime.protocol", "runtime.server"))}
-            assert not bad, f"{rel} imports {bad}: the core must not know the protocols"
+        me = _home(_module_name(rel))
+        if me == "top":
+            continue
+        for i in imps:
+            other = _home(i)
+            if other in (None, "top") or other == me:
+                continue
+            assert rank[other] < rank[me], f"{rel} ({me}) imports {i} ({other}): folders import down {LAYERS}"
+
+
+def test_ground_floor_imports_no_runtime_folder():
+    for rel, imps in modules("runtime"):
+        if _home(_module_name(rel)) != "ground":
+            continue
+        bad = {i for i in imps if _home(i) not in (None, "ground", "top")}
+        assert not bad, f"{rel} imports {bad}: the ground floor imports only the stdlib, third parties and itself"
+
+
+def test_named_rules():
+    for rel, imps in modules("runtime"):
+        me = _home(_module_name(rel))
+        homes = {_home(i) for i in imps}
+        if me == "decider":
+            assert "metrics" not in homes, f"{rel}: the decider never imports metrics/ (histogram.py, files.py)"
+        if me == "server":
+            assert not homes & {"cli", "workers"}, f"{rel}: server/ never imports cli/ or workers/"
+        if me != "cli" and _module_name(rel) != "runtime.__main__":
+            assert "cli" not in homes, f"{rel}: nothing imports cli/"
+
+
+def _graph() -> dict[str, set[str]]:
+    names = {_module_name(rel) for rel, _ in modules("runtime")}
+    graph = {}
+    for rel, imps in modules("runtime"):
+        me = _module_name(rel)
+        deps = set()
+        for i in imps:
+            while i and i not in names:
+                i = i.rpartition(".")[0]
+            if i and i != me and i != "runtime":
+                deps.add(i)
+        graph[me] = deps
+    return graph
+
+
+def test_no_import_circles():
+    graph = _graph()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> None:
+        state[n] = 1
+        stack.append(n)
+        for d in sorted(graph.get(n, ())):
+            if state.get(d) == 1:
+                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(d):] + [d]))
+            if d not in state:
+                visit(d)
+        stack.pop()
+        state[n] = 2
+
+    for n in sorted(graph):
+        if n not in state:
+            visit(n)
+
+
+def test_supervisor_loads_no_torch_grpc_or_web_servers():
+    """`--workers N`: the supervisor process stays small; workers import the heavy parts."""
+    import subprocess
+    import sys
+    code = ("import sys, runtime.workers.supervisor, runtime.cli.main; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'torch', 'grpc', 'fastapi', 'uvicorn', 'starlette', 'numpy'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]", f"the supervisor's imports load {out}"
 
 
 def test_codecs_do_not_import_servers():
@@ -89,13 +189,13 @@ MANAGER_INTERNALS = {"harnesses", "serving", "ended", "loaded", "batch_calibrati
 def test_only_the_manager_touches_harnesses_and_entries():
     """Readers use the published views (runtime/views.py), never the manager's insides."""
     for rel, _ in modules("runtime"):
-        if rel.as_posix() in ("runtime/manager.py", "runtime/runner.py"):
+        if rel.as_posix() in ("runtime/lifecycle/manager.py", "runtime/execution/runner.py"):
             continue
         tree = ast.parse((ROOT / rel).read_text(), str(rel))
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module == "runtime.manager":
+            if isinstance(node, ast.ImportFrom) and node.module == "runtime.lifecycle.manager":
                 bad = {a.name for a in node.names} & {"Harness", "ModelEntry", "VersionStatus"}
-                assert not bad, f"{rel} imports {bad} from runtime.manager: use runtime.views"
+                assert not bad, f"{rel} imports {bad} from runtime.lifecycle.manager: use runtime.views"
             if isinstance(node, ast.Attribute):
                 assert node.attr not in MANAGER_INTERNALS, \
                     f"{rel}:{node.lineno} reads .{node.attr}: manager internals; use a view"

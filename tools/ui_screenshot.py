@@ -41,7 +41,7 @@ def main() -> int:
 
     import make_example_models as mk
     from runtime.server.app import Server
-    from runtime.settings import Settings
+    from runtime.config.settings import Settings
 
     work = Path(tempfile.mkdtemp(prefix="splitserve-ui-"))
     repo = work / "repo"

@@ -1,7 +1,7 @@
 """KServe v2 gRPC codec (Triton's `inference.GRPCInferenceService` messages).
 
 Wire -> `InferRequest` and `InferResponse` -> wire, plus dict -> message helpers for the
-read-only views (`runtime.metadata`, `Metrics.statistics`). No I/O, no routing.
+read-only views (`runtime.service.metadata`, `Metrics.statistics`). No I/O, no routing.
 
 Inputs in `raw_input_contents` become numpy arrays over the bytes protobuf hands us
 (`np.frombuffer`), and reach the model as torch views of those bytes (`dtypes.to_torch`,
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from google.protobuf import json_format
 
-from runtime.repository import is_version_name
+from runtime.repository.scan import is_version_name
 from runtime import dtypes, errors
 from runtime.errors import Code, ServingError
 from runtime.protocol.pb import grpc_service_pb2 as pb

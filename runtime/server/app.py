@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import signal
 import socket
@@ -19,13 +18,21 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from runtime.core import Core
+from runtime.service.core import Core
 from runtime.errors import ServingError
-from runtime.server.access_log import AccessLog
+from runtime.server.rest.access_log import AccessLog
 from runtime.server import loops
+from runtime.server.grpc import h2 as grpc_h2
+from runtime.server.grpc import servicers
+from runtime.server.rest import control as rest_control
+from runtime.server.rest import experiment as rest_experiment
+from runtime.server.rest import metrics as rest_metrics
+from runtime.server.rest import tfs as rest_tfs
+from runtime.server.rest import ui as rest_ui
+from runtime.server.rest import v2 as rest_v2
 from runtime.server.banner import serving_line
 from runtime.server.http import error_response, json_response
-from runtime.settings import Settings
+from runtime.config.settings import Settings
 
 log = logging.getLogger("splitserve.server")
 
@@ -86,17 +93,10 @@ def build_app(core: Core) -> FastAPI:
         log.debug("traceback", exc_info=exc)
         return json_response({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500)
 
-    # rest_metrics first: its literal /v2/models/stats must win over /v2/models/{model}.
-    for name in ("rest_metrics", "rest_v2", "rest_tfs", "rest_control", "rest_experiment", "rest_ui"):
-        try:
-            mod = importlib.import_module(f"runtime.server.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"runtime.server.{name}":
-                raise
-            continue
-        app.include_router(mod.build(core))
-    from runtime.server.rest_v2 import fast_routes
-    app.router.routes[:0] = fast_routes(core)
+    # metrics first: its literal /v2/models/stats must win over /v2/models/{model}.
+    for surface in (rest_metrics, rest_v2, rest_tfs, rest_control, rest_experiment, rest_ui):
+        app.include_router(surface.build(core))
+    app.router.routes[:0] = rest_v2.fast_routes(core)
     app.add_middleware(AccessLog, settings=core.settings.server)  # reads its mode per request
     app.add_middleware(CloseWhenStopping, core=core)
     return app
@@ -166,24 +166,12 @@ class Server:
                     self._uv_task.result()
                     raise RuntimeError("HTTP server exited during start")
                 await asyncio.sleep(0.01)
-            try:
-                rpc = importlib.import_module("runtime.server.rpc")
-            except ModuleNotFoundError as e:
-                if e.name != "runtime.server.rpc":
-                    raise
-                rpc = None
-            if rpc is not None and s.grpc_threads > 0:  # gRPC on its own thread pool
-                from runtime.server import rpc_threads
-                self._grpc, self.grpc_port = await rpc_threads.start(
-                    self.core, s.host, s.grpc_port, self.reuse_port, self.grpc_interceptors,
-                    s.grpc_threads)
-            elif rpc is not None and s.grpc_transport == "h2":  # our HTTP/2, on this loop
-                from runtime.server import rpc_h2
-                self._grpc, self.grpc_port = await rpc_h2.start(
+            if s.grpc_transport == "h2":  # our HTTP/2, on this loop
+                self._grpc, self.grpc_port = await grpc_h2.start(
                     self.core, s.host, s.grpc_port, self.reuse_port, self.grpc_initial_metadata)
-            elif rpc is not None:
-                self._grpc, self.grpc_port = await rpc.start(self.core, s.host, s.grpc_port,
-                                                              self.reuse_port, self.grpc_interceptors)
+            else:
+                self._grpc, self.grpc_port = await servicers.start(
+                    self.core, s.host, s.grpc_port, self.reuse_port, self.grpc_interceptors)
             log.info("event=listening http=%s:%s grpc=%s:%s ready=false", s.host, self.http_port,
                      s.host, self.grpc_port)
             if not self.load_first:

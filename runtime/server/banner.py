@@ -5,7 +5,7 @@ Kept in the `event=serving http=HOST:PORT ...` shape that scripts (and tests) re
 
 from __future__ import annotations
 
-from runtime.core import Core
+from runtime.service.core import Core
 from runtime.logs import value
 
 

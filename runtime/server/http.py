@@ -15,7 +15,7 @@ from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
 from runtime.errors import Code, ServingError
-from runtime.repository import is_version_name
+from runtime.repository.scan import is_version_name
 
 HTTP_STATUS = {
     Code.INVALID_ARGUMENT: 400,

@@ -8,8 +8,8 @@ import httpx
 import pytest
 
 from runtime.logs import parse
-from runtime.server.access_log import AccessLog
-from runtime.settings import ServerSettings
+from runtime.server.rest.access_log import AccessLog
+from runtime.config.settings import ServerSettings
 
 BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}]}
 BAD = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [0.5] * 3}]}
@@ -112,7 +112,7 @@ def test_errors_are_capped_per_second_and_the_skipped_counted(monkeypatch):
     async def sent(message):
         pass
 
-    monkeypatch.setattr("runtime.server.access_log.ERRORS_PER_S", 3)
+    monkeypatch.setattr("runtime.server.rest.access_log.ERRORS_PER_S", 3)
     mw = AccessLog(app, ServerSettings(access_log="sample"))
     now = [100.0]
     mw.clock = lambda: now[0]

@@ -21,14 +21,13 @@ from runtime.protocol.pb import splitserve_management_pb2 as mpb
 from runtime.protocol.pb import splitserve_management_pb2_grpc as mpb_grpc
 from runtime.types import VersionState
 
-TRANSPORTS = {"h2": {"grpc_transport": "h2"}, "grpc.aio": {"grpc_transport": "grpcio"},
-              "grpc-threads": {"grpc_transport": "grpcio", "grpc_threads": 4}}
+TRANSPORTS = {"h2": {"grpc_transport": "h2"}, "grpc.aio": {"grpc_transport": "grpcio"}}
 
 
 @pytest.fixture(params=list(TRANSPORTS))
 def serve(request, serve):
-    """Every test here runs against the three gRPC transports (server.grpc_transport h2,
-    grpcio, and grpcio with server.grpc_threads 4)."""
+    """Every test here runs against both gRPC transports (server.grpc_transport h2 and
+    grpcio)."""
     return functools.partial(serve, **TRANSPORTS[request.param])
 
 
@@ -337,7 +336,7 @@ def test_token_required_for_state_changes(make_repo, serve):
 
 
 def test_taken_port_is_an_error(make_repo, serve):
-    from runtime.server import rpc
+    from runtime.server.grpc import servicers as rpc
 
     srv = serve(make_repo({"mlp": {1: "st1"}}))
     port = int(srv.grpc.rsplit(":", 1)[1])

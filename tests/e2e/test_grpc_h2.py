@@ -1,4 +1,4 @@
-"""splitserve's own gRPC transport (server.grpc_transport h2, runtime/server/rpc_h2.py and
+"""splitserve's own gRPC transport (server.grpc_transport h2, runtime/server/grpc/h2.py and
 h2conn.py) where it differs from grpcio's: flow control both ways, compression,
 deadlines, cancellation, metadata, server streaming, and the HTTP/2 rules a real client
 may exercise. grpcio's client drives the first part; the second sends frames by hand

@@ -157,8 +157,8 @@ def test_routes_leave_other_v1_endpoints_alone():
 
     from fastapi import FastAPI
 
-    from runtime.server import rest_tfs
-    from runtime.settings import Settings
+    from runtime.server.rest import tfs as rest_tfs
+    from runtime.config.settings import Settings
 
     app = FastAPI()
     app.include_router(rest_tfs.build(SimpleNamespace(settings=Settings())))

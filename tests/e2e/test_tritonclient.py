@@ -28,14 +28,13 @@ def _expect(seed, x):
     return expected_output(seed, torch.from_numpy(x)).numpy()
 
 
-TRANSPORTS = {"h2": {"grpc_transport": "h2"}, "grpc.aio": {"grpc_transport": "grpcio"},
-              "grpc-threads": {"grpc_transport": "grpcio", "grpc_threads": 4}}
+TRANSPORTS = {"h2": {"grpc_transport": "h2"}, "grpc.aio": {"grpc_transport": "grpcio"}}
 
 
 @pytest.fixture(params=list(TRANSPORTS))
 def serve(request, serve):
-    """Every test here runs against the three gRPC transports (server.grpc_transport h2,
-    grpcio, and grpcio with server.grpc_threads 4)."""
+    """Every test here runs against both gRPC transports (server.grpc_transport h2 and
+    grpcio)."""
     return functools.partial(serve, **TRANSPORTS[request.param])
 
 

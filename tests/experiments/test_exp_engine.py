@@ -326,7 +326,7 @@ def test_report_is_strict_json_in_every_phase():
 
 
 def test_the_operator_cli_formats_the_real_report():
-    from runtime.opscli import format_experiment
+    from runtime.cli.ops import format_experiment
 
     sim = Sim(doc())
     sim.run(1, rate=1500, err=(0.0, 0.6))

@@ -165,7 +165,7 @@ def test_error_guardrail_false_alarms_and_time_to_rollback():
 
 
 def test_latency_guardrail_false_alarms_and_detection():
-    edges = np.array([10.0 ** (-6 + k / 48) for k in range(8 * 48 + 1)])  # like runtime/metrics.py
+    edges = np.array([10.0 ** (-6 + k / 48) for k in range(8 * 48 + 1)])  # like runtime/metrics/store.py
     rng = np.random.default_rng(11)
 
     def hist(x):

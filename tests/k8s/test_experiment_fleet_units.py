@@ -1,4 +1,4 @@
-"""The fleet's bookkeeping (runtime/experiment_fleet.py) without servers: the holder judges
+"""The fleet's bookkeeping (runtime/decider/fleet.py) without servers: the holder judges
 the sum over pods of (latest totals - judged baseline), so a new holder that reads the
 baseline from the Lease carries on exactly and a dead pod's judged counts are not judged
 twice; pushes are validated whole; the states fit the Lease's annotation budget by
@@ -11,10 +11,10 @@ import logging
 
 import pytest
 
-from runtime.experiment_fleet import Fleet, fit_states, parse_push
-from runtime.experiment_lease import Lease
-from runtime.experiment_peers import zero_counts
-from runtime.k8sapi import KubeClient
+from runtime.decider.fleet import Fleet, fit_states, parse_push
+from runtime.decider.lease_k8s import Lease
+from runtime.decider.workers import zero_counts
+from runtime.routing.k8s_api import KubeClient
 
 
 def fleet(identity: str) -> Fleet:
@@ -75,7 +75,7 @@ def test_states_fit_the_annotation_budget_by_dropping_the_oldest_decisions(caplo
 
 
 def test_silent_identities_are_forgotten_once_judged(monkeypatch):
-    import runtime.experiment_fleet as ef
+    import runtime.decider.fleet as ef
     now = [100.0]
     monkeypatch.setattr(ef.time, "monotonic", lambda: now[0])
     f = fleet("pod-c-1")

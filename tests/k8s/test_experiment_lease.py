@@ -1,4 +1,4 @@
-"""The experiment decider's Lease (runtime/experiment_lease.py) against the loopback API
+"""The experiment decider's Lease (runtime/decider/lease_k8s.py) against the loopback API
 server (tests/k8s/kubeapi.py): taken when absent, renewed by its holder, never taken while
 renewed, taken after a whole duration without a renewal, lost on a conflicting write (a
 deposed holder's annotations are refused), no longer led after a duration of failed
@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from kubeapi import KubeAPI
-from runtime.experiment_lease import Lease
-from runtime.k8sapi import KubeClient, KubeError
+from runtime.decider.lease_k8s import Lease
+from runtime.routing.k8s_api import KubeClient, KubeError
 
 NS, NAME = "serving", "routing-decider"
 

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import wait_until
 from kubelet import ConfigMapVolume
-from runtime.configsource import FileSource
+from runtime.routing.file_source import FileSource
 from runtime.protocol.pb import splitserve_management_pb2 as mpb
 from runtime.protocol.pb import splitserve_management_pb2_grpc as mpb_grpc
 

@@ -13,8 +13,8 @@ import pytest
 
 from conftest import LiveServer, wait_until
 from kubeapi import KubeAPI
-from runtime.configsource import digest
-from runtime.settings import Settings
+from runtime.routing.document import digest
+from runtime.config.settings import Settings
 
 pytestmark = pytest.mark.slow  # two replicas per test: ~25 s each on the 2-core VM
 

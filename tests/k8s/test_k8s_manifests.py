@@ -74,9 +74,9 @@ def _app_status(path: str) -> int:
 
     import httpx
 
-    from runtime.core import Core
+    from runtime.service.core import Core
     from runtime.server.app import build_app
-    from runtime.settings import Settings
+    from runtime.config.settings import Settings
 
     async def get() -> int:
         transport = httpx.ASGITransport(app=build_app(Core(Settings())))
@@ -97,7 +97,7 @@ def _arg(c: dict, flag: str) -> str:
 
 
 def _server_settings(items):
-    from runtime.settings import ServerSettings
+    from runtime.config.settings import ServerSettings
 
     cm = one(items, "ConfigMap")
     doc = yaml.safe_load(cm["data"]["splitserve.yaml"])
@@ -149,7 +149,7 @@ def test_grace_period_covers_delay_and_drain_and_the_config_is_wired(docs):
         assert cfg == f"kubernetes://$(POD_NAMESPACE)/{cm['metadata']['name']}" and "splitserve.yaml" in cm["data"]
         env = {e["name"]: e for e in c["env"]}
         assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
-        # the experiment decider is reached at http://$POD_IP:<http port> (runtime/experiment_fleet.py)
+        # the experiment decider is reached at http://$POD_IP:<http port> (runtime/decider/fleet.py)
         assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
         assert _arg(c, "--http-port") == "8000"
         return
@@ -161,7 +161,7 @@ def test_grace_period_covers_delay_and_drain_and_the_config_is_wired(docs):
 
 def test_configmap_routing_is_valid_for_the_bundled_models(docs):
     from router import parse_config_text, validate_against
-    from runtime.repository import scan_model
+    from runtime.repository.scan import scan_model
 
     _, items = docs
     _, cm = _server_settings(items)
@@ -188,13 +188,13 @@ def test_service_hpa_and_rbac(docs):
     metrics = one(items, "HorizontalPodAutoscaler")["spec"]["metrics"]
     assert metrics[0]["type"] == "Pods" and metrics[0]["pods"]["metric"]["name"] == "splitserve_inflight_requests"
     assert any(m["type"] == "Resource" and m["resource"]["name"] == "cpu" for m in metrics)
-    from runtime.metrics import Metrics  # noqa: F401  (the metric is one the runtime exports)
-    assert "splitserve_inflight_requests" in (ROOT / "runtime" / "metrics.py").read_text()
+    from runtime.metrics.store import Metrics  # noqa: F401  (the metric is one the runtime exports)
+    assert "splitserve_inflight_requests" in (ROOT / "runtime" / "metrics" / "store.py").read_text()
     rule, lease, create = one(items, "Role")["rules"]
     cm = one(items, "ConfigMap")["metadata"]["name"]
     assert rule["resources"] == ["configmaps"] and rule["resourceNames"] == [cm]
     assert "delete" not in rule["verbs"] and "create" not in rule["verbs"]
-    # the experiment decider's Lease (runtime/experiment_lease.py): the one, by name; create unnamed
+    # the experiment decider's Lease (runtime/decider/lease_k8s.py): the one, by name; create unnamed
     assert lease["apiGroups"] == create["apiGroups"] == ["coordination.k8s.io"]
     assert lease["resources"] == create["resources"] == ["leases"]
     assert lease["resourceNames"] == [f"{cm}-decider"] and sorted(lease["verbs"]) == ["get", "update"]

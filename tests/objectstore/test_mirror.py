@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from runtime.mirror import MANIFEST, Mirror
+from runtime.repository.mirror import MANIFEST, Mirror
 from s3fixtures import bucket, publish, s3_server  # noqa: F401 - fixtures
-from runtime.objectstore import StoreError
-from runtime.settings import StoreSettings
+from runtime.repository.objectstore import StoreError
+from runtime.config.settings import StoreSettings
 
 EMPTY_ZIP = b"PK\x05\x06" + b"\0" * 18  # a complete (empty) archive: passes the zip check
 
@@ -61,7 +61,7 @@ def test_quiet_s_is_measured_between_listings(bucket, publish, tmp_path):
     publish("mlp", 1, "st1")
     m = mirror_of(bucket, tmp_path, quiet_s=30.0)
     m._open_cache()
-    from runtime.objectstore import Store
+    from runtime.repository.objectstore import Store
     m._store = Store(m.url)
     assert m.sync_once() is True
     assert m.sync_once() is True  # two identical listings, but not 30 s apart

@@ -15,7 +15,7 @@ import torch
 
 from conftest import expected_output, wait_until
 from s3fixtures import bucket, publish, s3_server  # noqa: F401 - fixtures
-from runtime.settings import StoreSettings
+from runtime.config.settings import StoreSettings
 from runtime.types import VersionState
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -152,9 +152,9 @@ def test_a_missing_bucket_at_start_is_a_clear_error_and_nothing_is_served(bucket
 
     import pytest
 
-    from runtime.core import Core
-    from runtime.objectstore import StoreError
-    from runtime.settings import Settings
+    from runtime.service.core import Core
+    from runtime.repository.objectstore import StoreError
+    from runtime.config.settings import Settings
     s = Settings()
     s.repository.url = "s3://no-such-bucket-here/models"
     s.repository.store = store(tmp_path)

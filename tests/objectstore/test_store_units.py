@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from runtime.mirror import group, listed_problem, signature
-from runtime.objectstore import ObjectInfo, RateLimit, check_url, describe, is_store_url
+from runtime.repository.mirror import group, listed_problem, signature
+from runtime.repository.objectstore import ObjectInfo, RateLimit, check_url, describe, is_store_url
 
 
 def obj(key: str, size: int = 1, etag: str = "e") -> ObjectInfo:
@@ -104,7 +104,7 @@ def test_urls():
 
 
 def test_cli_takes_a_store_url_as_the_repository():
-    from runtime.cli import CliError, _parser, build_settings
+    from runtime.cli.main import CliError, _parser, build_settings
     s = build_settings(_parser().parse_args(["serve", "--repository", "s3://bkt/models/prod",
                                              "--config", "/dev/null"]))
     assert s.repository.url == "s3://bkt/models/prod"

@@ -110,7 +110,7 @@ def test_every_query_names_an_exported_metric(make_repo, serve, tmp_path):
         exported = _scrape(http)
 
     cuda = torch.cuda.is_available()
-    source = (ROOT / "runtime" / "metrics.py").read_text()
+    source = (ROOT / "runtime" / "metrics" / "store.py").read_text()
     checked = 0
     for title, expr, legend in queries(dashboard()):
         names = set(METRIC_RE.findall(expr))
@@ -118,7 +118,7 @@ def test_every_query_names_an_exported_metric(make_repo, serve, tmp_path):
             if name.startswith("splitserve_cuda_") and not cuda:
                 # Exported only where a CUDA device is visible; here check the family exists.
                 family = name.removesuffix("_total")
-                assert f'"{family}"' in source, f"{title}: {name} is not a family in runtime/metrics.py"
+                assert f'"{family}"' in source, f"{title}: {name} is not a family in runtime/metrics/store.py"
                 continue
             assert name in exported, f"{title}: {name} is not exported (exported: {sorted(exported)})"
             checked += 1

@@ -1,5 +1,5 @@
 """The operator command line against a live server: `splitserve status`, `route`,
-`publish`, `experiment`. Each runs through runtime.cli.main (the real entry point); one
+`publish`, `experiment`. Each runs through runtime.cli.main.main (the real entry point); one
 test also runs it as a separate process. Failures are one line and a non-zero status."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runtime.cli import main
+from runtime.cli.main import main
 from runtime.types import VersionState
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -244,7 +244,7 @@ def test_real_process_entry_point(live):
 
 def test_experiment_report_lines():
     """The shape GET /v1/models/{m}/experiment answers (experiments/report.py on its branch)."""
-    from runtime.opscli import format_experiment
+    from runtime.cli.ops import format_experiment
 
     doc = {"state": "rolled_back", "step": 1, "steps": [5, 25, 50, 100], "candidate_weight": 0.0,
            "control": {"ref": "stable", "version": 1, "requests": 950, "errors": 1, "error_rate": 0.001},

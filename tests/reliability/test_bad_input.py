@@ -42,7 +42,7 @@ def srv(tmp_path_factory, version_cache):
     import shutil
 
     import make_example_models as mk
-    from runtime.settings import Settings
+    from runtime.config.settings import Settings
 
     base = tmp_path_factory.mktemp("bad_input")
     repo = base / "repo"
@@ -643,7 +643,7 @@ def test_schemathesis_no_500(tmp_path_factory, version_cache):
     import shutil
 
     import make_example_models as mk
-    from runtime.settings import Settings
+    from runtime.config.settings import Settings
 
     base = tmp_path_factory.mktemp("schemathesis")
     repo = base / "repo"

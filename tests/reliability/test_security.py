@@ -100,9 +100,9 @@ def test_state_changing_endpoints_need_the_token(guarded):
 
 
 def test_default_bind_is_loopback(tmp_path, make_repo):
-    from runtime.settings import ServerSettings, Settings
+    from runtime.config.settings import ServerSettings, Settings
     assert ServerSettings().host == "127.0.0.1" and Settings().server.host == "127.0.0.1"
-    from runtime.cli import _parser, build_settings
+    from runtime.cli.main import _parser, build_settings
     args = _parser().parse_args(["serve", "--repository", str(tmp_path)])
     assert build_settings(args).server.host == "127.0.0.1"
 

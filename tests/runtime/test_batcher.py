@@ -17,11 +17,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime.batcher import (ROW_MULTIPLES, Batcher, BatchResult, _padded, calibrate,
+from runtime.execution.batcher import (ROW_MULTIPLES, Batcher, BatchResult, _padded, calibrate,
                              calibrate_loaded, make_batcher)
 from runtime.errors import Code, ServingError
-from runtime.loader import load_version
-from runtime.modelspec import parse_spec
+from runtime.lifecycle.loader import load_version
+from runtime.repository.modelspec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = ROOT / "model_repository" / "mlp"

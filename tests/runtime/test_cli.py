@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cli import CliError, _parser, build_settings, main
+from runtime.cli.main import CliError, _parser, build_settings, main
 
 ROOT = Path(__file__).resolve().parents[2]
 

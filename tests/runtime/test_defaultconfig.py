@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime.defaultconfig import seed_default_config
+from runtime.config.defaults import seed_default_config
 
 
 def test_seeds_from_the_template_only_when_the_default_is_missing(tmp_path):

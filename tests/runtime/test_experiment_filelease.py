@@ -1,4 +1,4 @@
-"""The file-backed decider lease (runtime/experiment_filelease.py): taken by the first
+"""The file-backed decider lease (runtime/decider/lease_file.py): taken by the first
 process, refused to another process and to a second descriptor in the same one while
 held; the holder's annotations reach readers through the record, its states through
 `<stem>.experiments.json` in the format a lone server always wrote (an existing file is
@@ -17,17 +17,17 @@ import time
 from types import SimpleNamespace
 
 from router import Router, parse_config_text
-from runtime.configsource import FileSource
-from runtime.experiment_filelease import FileLease
-from runtime.experiment_fleet import Fleet, make_fleet
-from runtime.experiment_runner import ExperimentRunner
+from runtime.routing.file_source import FileSource
+from runtime.decider.lease_file import FileLease
+from runtime.decider.fleet import Fleet, make_fleet
+from runtime.decider.runner import ExperimentRunner
 
 STATES = "splitserve.io/experiments"
 URL = "splitserve.io/decider-url"
 
 HOLD = """
 import sys
-from runtime.experiment_filelease import FileLease
+from runtime.decider.lease_file import FileLease
 lease = FileLease(sys.argv[1], "proc-b", "splitserve.io/experiments")
 print(lease.sync({"splitserve.io/decider-url": "http://127.0.0.1:2"}), flush=True)
 sys.stdin.read()

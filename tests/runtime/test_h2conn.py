@@ -1,4 +1,4 @@
-"""runtime/server/h2conn.py's HPACK parts against the `hpack` package's own coder: our
+"""runtime/server/grpc/h2conn.py's HPACK parts against the `hpack` package's own coder: our
 cached decoding must give what a plain decoder gives, call after call, through table
 insertions, evictions and size updates; our stateless encoder must decode as sent."""
 
@@ -10,7 +10,7 @@ import hpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.server.h2conn import H2Connection, encode_headers
+from runtime.server.grpc.h2conn import H2Connection, encode_headers
 
 NAMES = [":path", ":authority", "content-type", "te", "x-user-id", "grpc-timeout", "x-a", "x-b"]
 header = st.tuples(st.sampled_from(NAMES), st.text("abcdefgh/0123456789", min_size=0, max_size=40))

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.loader import _guarded_flat, load_version
-from runtime.modelspec import ModelSpec
+from runtime.lifecycle.loader import _guarded_flat, load_version
+from runtime.repository.modelspec import ModelSpec
 
 BUNDLED = Path(__file__).resolve().parents[2] / "model_repository" / "mlp"
 

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router import RouteConfig, Router
 from runtime.errors import Code, ServingError
-from runtime.metrics import BATCH_BOUNDS, EDGES, EXPORT_BOUNDS, Metrics, quantile
+from runtime.metrics.store import BATCH_BOUNDS, EDGES, EXPORT_BOUNDS, Metrics, quantile
 from runtime.types import VersionState
 from runtime.views import LifecycleEvent, ModelView, Snapshot, VersionView
 

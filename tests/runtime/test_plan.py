@@ -2,7 +2,7 @@
 
 import pytest
 
-from runtime.policy import Action, HarnessInfo, plan
+from runtime.lifecycle.policy import Action, HarnessInfo, plan
 from runtime.types import VersionState
 
 A, L, U, F, ST = (VersionState.AVAILABLE, VersionState.LOADING, VersionState.UNLOADING,

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.modelspec import SpecError, parse_spec, read_spec
-from runtime.policy import select_versions
-from runtime.repository import is_version_name, root_ignored, safetensors_problem, scan_model
+from runtime.repository.modelspec import SpecError, parse_spec, read_spec
+from runtime.lifecycle.policy import select_versions
+from runtime.repository.scan import is_version_name, root_ignored, safetensors_problem, scan_model
 
 SRC = "mlp/model.yaml"
 

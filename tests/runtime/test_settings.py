@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from runtime.settings import FileSettings, Settings, SettingChange, compare_settings, describe
+from runtime.config.settings import FileSettings, Settings, SettingChange, compare_settings, describe
 
 
 def S(**sections) -> Settings:

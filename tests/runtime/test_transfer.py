@@ -1,4 +1,4 @@
-"""runtime/transfer.py: one packed device-to-host copy of all outputs, pinned uploads.
+"""runtime/execution/transfer.py: one packed device-to-host copy of all outputs, pinned uploads.
 
 The packing runs on any device, so its layout is checked here on the CPU; the CUDA
 tests (marked `cuda`, skipped without a GPU) check the real copies: outputs come back
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import MLP_YAML, expected_output
-from runtime import transfer
-from runtime.batcher import run_batch
+from runtime.execution import transfer
+from runtime.execution.batcher import run_batch
 
 def _mixed(device="cpu"):
     g = torch.Generator().manual_seed(3)

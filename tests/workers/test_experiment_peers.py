@@ -1,4 +1,4 @@
-"""runtime/experiment_peers.py on real files, sockets and locks: one lock holder at a time
+"""runtime/decider/workers.py on real files, sockets and locks: one lock holder at a time
 (released when it closes), decision records read once each across segment rotation and
 half-written lines, counters files of the others only, and a forwarded call answered."""
 
@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from runtime import experiment_peers
-from runtime.experiment_peers import Peers, Unanswered
+from runtime.decider import workers as experiment_peers
+from runtime.decider.workers import Peers, Unanswered
 
 
 def test_one_lock_holder_and_the_lock_passes_on_close(tmp_path):

@@ -12,8 +12,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from router import RouteConfig, Router
-from runtime.metrics import Metrics
-from runtime.metrics_merge import SnapshotDir, merge_states
+from runtime.metrics.store import Metrics
+from runtime.metrics.merge import SnapshotDir, merge_states
 from runtime.types import VersionState
 from runtime.views import ModelView, Snapshot, VersionView
 

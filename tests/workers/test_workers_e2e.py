@@ -243,7 +243,7 @@ def test_a_taken_port_fails_at_once_with_one_line(make_repo, tmp_path):
     assert "worker_started" not in r.stderr
 
 
-@pytest.mark.parametrize("transport", [(), ("--grpc-threads", "2")], ids=["grpc.aio", "grpc-threads"])
+@pytest.mark.parametrize("transport", [("--grpc-transport", "grpcio"), ("--grpc-transport", "h2")], ids=["grpc.aio", "h2"])
 def test_grpc_channels_spread_over_workers_and_streams_say_who_answered(repo, tmp_path, transport):
     """One HTTP/2 connection lands on one worker (as with any SO_REUSEPORT server), so a
     client scales over workers by opening several connections: channels with their own

@@ -1,0 +1,538 @@
+"""ExperimentRunner: experiments/ inside the server, one per Core, on the event loop.
+
+Owns what the pure engine cannot: the per-model counters of the interval in progress
+(fed by `on_finished`, called once per finished primary request; shadow copies never
+come here), the decision log that joins feedback to the version that served, the engine
+state of every model (persisted as strict JSON beside the routing config, so latches and
+steps survive a restart), and the loop that judges each experiment every `interval_s`.
+A routing change goes through `Control.put_routing`: validated, persisted atomically and
+applied in one write. One process decides: alone, this one; with `--workers N`
+(`share()`), the worker holding the decider lock judges everyone's counts and joins
+everyone's feedback, and the others forward actions and feedback to it and show the
+state it persists (runtime/decider/workers.py). Across the replicas of a `kubernetes://`
+routing source, or the servers sharing one writable config file (`fleet`), each pod's
+local decider takes part in a lease (a Lease; a flock beside the file): its holder
+judges every pod's counts and joins every pod's feedback, the others push their counts
+and records to it, forward feedback and actions, and show the state it writes into the
+lease (runtime/decider/fleet.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from bisect import bisect_left
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from experiments import ArmObservation, ExperimentError, ExperimentState, Observation, act, judge
+from experiments.feedback import DecisionLog, FeedbackError, parse_feedback
+from experiments.report import report
+from router import RouteConfig, Router
+from router.configfile import atomic_write
+from runtime import errors
+from runtime.errors import Code, ServingError
+from runtime.decider.fleet import NOT_DECIDER, PUSH_S, Fleet, parse_push
+from runtime.decider.workers import Peers, Unanswered, add_counts, zero_counts
+from runtime.histogram import EDGES
+from runtime.views import ExperimentsView
+
+log = logging.getLogger("splitserve.experiments")
+
+ROUTED = ("split", "sticky")  # only requests the split placed are evidence
+_CODES = {"not_found": Code.NOT_FOUND, "conflict": Code.CONFLICT}
+_EDGES = tuple(EDGES)
+
+
+def _observation(totals: dict[int, list], base: dict, versions: tuple[int, int],
+                 outcomes: dict[str, dict]) -> Observation:
+    """The increments since the last judgment: totals minus the totals judged then."""
+    arms = []
+    for i, v in enumerate(versions):
+        t, b = totals.get(v, zero_counts()), base.get(str(v), zero_counts())
+        arms.append(ArmObservation(t[0] - b[0], t[1] - b[1], t[2] - b[2],
+                                   tuple(x - y for x, y in zip(t[3], b[3])),
+                                   outcomes.get(("control", "candidate")[i], {})))
+    return Observation(arms[0], arms[1], _EDGES)
+
+
+class ExperimentRunner:
+    def __init__(self, router: Router, control: Any, state_path: Path | None, *,
+                 clock: Callable[[], float] = time.time, tick_s: float = 0.05,
+                 log_capacity: int = 100_000, seen_capacity: int = 200_000):
+        self.router = router
+        self.control = control
+        self.state_path = state_path
+        self.clock = clock
+        self.tick_s = tick_s
+        self.log = DecisionLog(log_capacity)
+        self.states: dict[str, ExperimentState] = {}
+        self._arms: dict[str, tuple[int, int]] = {}  # models with an experiment: arm versions
+        # cumulative counts of routed requests since this process started, model -> version
+        self._totals: dict[str, dict[int, list]] = {}
+        self._base: dict[str, dict] = {}  # the totals (all workers) at each model's last judgment
+        self._dirty = False
+        self.peers: Peers | None = None  # set by share(): several workers
+        self.fleet: Fleet | None = None  # set by Core (a ConfigMap, a writable file): several replicas
+        self._fleet_leading = False
+        self._fleet_mark: str | None = None  # the Lease's states text we show (a follower)
+        self._pushed_at = 0.0
+        self._pushed_holder: str | None = None  # the Lease holder our outbox went to
+        self._push_failing = False
+        self._lease_task: asyncio.Task | None = None
+        self._state_mark = None
+        self._leading = False
+        self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()  # sticky keys already counted
+        self._seen_capacity = seen_capacity
+        self._due: dict[str, float] = {}
+        self._task: asyncio.Task | None = None
+        self._counts: dict[tuple[str, str, str], int] = {}  # (kind, model, key): published counters
+
+    # ---- hot path ---------------------------------------------------------------------
+    def on_finished(self, model: str, version: int | None, how: str, ok: bool, latency_s: float,
+                    request_id: str | None, key: str | None) -> None:
+        arms = self._arms.get(model)
+        if arms is None or version is None:
+            return
+        i = 0 if version == arms[0] else 1 if version == arms[1] else -1
+        routed = how in ROUTED and i >= 0
+        if request_id is not None and ok:
+            arm = ("control", "candidate")[i] if routed else None
+            self.log.record(request_id, model, version, arm, self.clock())
+            if self.peers is not None:  # on disk before the answer leaves: any worker can join it
+                self.peers.append_record(request_id, model, version, arm)
+            if self.fleet is not None and self._local:  # for the Lease holder, at the next push
+                self.fleet.outbox.append((request_id, model, version, arm))
+        if not routed:
+            return
+        c = self._totals.setdefault(model, {}).get(version)
+        if c is None:
+            c = self._totals[model][version] = zero_counts()
+        self._dirty = True
+        c[0] += 1
+        if ok:
+            c[3][bisect_left(EDGES, latency_s)] += 1
+        else:
+            c[1] += 1
+        if key is None:
+            c[2] += 1
+        elif (model, key) not in self._seen:  # a sticky unit counts once, where it was first placed
+            self._seen[(model, key)] = None
+            if len(self._seen) > self._seen_capacity:
+                self._seen.popitem(last=False)
+            c[2] += 1
+
+    # ---- several workers ------------------------------------------------------------------
+    def share(self, run_dir: Path, worker: int) -> None:
+        """Before start(): decide together with the other workers of this run folder
+        (without a config file, the state lives there: the workers show it)."""
+        self.peers = Peers(run_dir, worker)
+        if self.state_path is None:
+            self.state_path = Path(run_dir) / "experiments.json"
+
+    @property
+    def _local(self) -> bool:
+        """This process decides for its pod (alone, or the workers' flock holder)."""
+        return self.peers is None or self._leading
+
+    @property
+    def leader(self) -> bool:
+        """This process decides: for its pod, and (in a fleet) holds the Lease."""
+        return self._local and (self.fleet is None or (self._fleet_leading and self.fleet.leading))
+
+    def _all_totals(self, model: str) -> dict[int, list]:
+        acc: dict[int, list] = {}
+        add_counts(acc, self._totals.get(model, {}))
+        for doc in self.peers.peer_counters() if self.peers is not None else ():
+            add_counts(acc, doc["models"].get(model, {}))
+        return acc
+
+    def _publish(self) -> None:
+        if self.peers is not None and self._dirty:
+            self._dirty = False
+            self.peers.write_counters({"models": {m: {str(v): c for v, c in d.items()}
+                                                  for m, d in self._totals.items()}})
+
+    async def _take_lead(self) -> None:
+        """The decider lock is ours: carry on from what the last decider persisted."""
+        self._leading = True
+        self._load_states()
+        self._base = self.peers.read_baseline()
+        self._ingest()
+        await self.peers.serve(self._serve_call)
+        log.info("event=experiment_decider worker=%d pid=%d", self.peers.worker, self.peers.pid)
+
+    def _ingest(self) -> None:
+        if self.peers is not None:
+            for rid, model, version, arm in self.peers.new_records():
+                self.log.record(rid, model, version, arm, self.clock())
+                if self.fleet is not None:
+                    self.fleet.outbox.append((rid, model, version, arm))
+
+    def _follow(self) -> None:
+        """Not the decider: show the state the decider persists, reloaded when it changes."""
+        try:
+            st = self.state_path.stat() if self.state_path is not None else None
+        except OSError:
+            st = None
+        mark = None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
+        if mark != self._state_mark:
+            self._state_mark = mark
+            self.states = {}
+            self._load_states()
+
+    async def _serve_call(self, call: dict) -> dict:
+        """A call another worker or replica forwarded; errors travel as their code and message.
+        A call from another replica (`fleet`) is never sent on to a third."""
+        fleet = call.get("fleet") is True
+        try:
+            if call.get("op") == "push":
+                return {"ok": self._received(call)}
+            model = str(call["model"])
+            if call.get("op") == "action":
+                return {"ok": await self.action(model, str(call["action"]), fleet=fleet)}
+            if call.get("op") == "feedback":
+                return {"ok": await self.feedback(model, call["body"], fleet=fleet, sender=call.get("from"))}
+            raise errors.invalid(f"unknown forwarded call {call.get('op')!r}")
+        except ServingError as e:
+            return {"code": e.code.value, "message": e.message}
+        except (KeyError, TypeError) as e:
+            return {"code": Code.INVALID_ARGUMENT.value, "message": f"malformed forwarded call: {e}"}
+
+    async def peer_call(self, call: object) -> dict:
+        """A call another replica sent (POST /v1/experiments/peers): applied by this pod's
+        decider, answered as {"ok": ...} or {"code", "message"}; never forwarded to a replica."""
+        if not isinstance(call, dict):
+            return {"code": Code.INVALID_ARGUMENT.value, "message": "expected a JSON object (a peer call)"}
+        call = {**call, "fleet": True}
+        if self._local:
+            return await self._serve_call(call)
+        try:
+            return await self.peers.forward(call)
+        except Unanswered as e:
+            return {"code": Code.UNAVAILABLE.value, "message": f"{e}; it may have been applied"}
+        except (OSError, asyncio.TimeoutError):
+            return {"code": Code.UNAVAILABLE.value, "message": NOT_DECIDER}
+
+    def _received(self, call: dict) -> dict:
+        """A follower's push: its pod's totals and new decision records (the holder only)."""
+        try:
+            ident, models, records = parse_push(call)
+        except ValueError as e:
+            raise errors.invalid(f"push: {e}") from None
+        if self.fleet is None or not self.leader:
+            raise errors.unavailable(NOT_DECIDER)
+        now = self.clock()
+        for rid, model, version, arm in records:
+            self.log.record(rid, model, version, arm, now)
+        self.fleet.received(ident, models)
+        return {"records": len(records), "lease_version": self.fleet.lease.version}
+
+    async def _to_decider(self, call: dict) -> dict:
+        """Apply `call` at the decider: forwarded, or here once the lock is free."""
+        deadline = time.monotonic() + 5.0
+        while True:
+            if self._local and (self.fleet is None or self.leader):
+                answer = await self._serve_call(call)
+                break
+            if self._local:  # in a fleet, not holding the Lease
+                if call.get("fleet"):
+                    raise errors.unavailable(NOT_DECIDER)
+                await self._push()  # our records first: the feedback may name them
+                answer = await self.fleet.forward({**call, "from": self.fleet.identity})
+                if answer is not None:
+                    return answer
+                await self._fleet_tick()  # we took the lease meanwhile: apply it here
+                continue
+            try:
+                answer = await self.peers.forward(call)
+                break
+            except Unanswered as e:
+                raise errors.unavailable(f"{e}; it may have been applied: read the experiment before retrying") from None
+            except (OSError, asyncio.TimeoutError) as e:  # nothing sent yet: safe to try again
+                if time.monotonic() > deadline:
+                    raise errors.unavailable(f"no experiment decider answers right now ({e}); retry") from None
+                if self.peers.try_lead():  # the decider is gone: this worker decides now
+                    await self._take_lead()
+                else:
+                    await asyncio.sleep(self.tick_s)
+        if "ok" in answer:
+            return answer["ok"]
+        raise ServingError(Code(answer["code"]), answer["message"])
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        self._load_states()
+        self._refresh_all()
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._loop(), name="experiments")
+        if self.fleet is not None:
+            if self.peers is not None:
+                self.fleet.use_run_folder(self.peers.dir)
+            self._lease_task = loop.create_task(self._lease_loop(), name="experiment-lease")
+
+    async def stop(self) -> None:
+        for task in (self._task, self._lease_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._task = self._lease_task = None
+        if self.fleet is not None and self.leader and self.peers is None:
+            await asyncio.to_thread(self.fleet.release)  # the next holder need not wait it out
+        if self.peers is not None:
+            self._dirty = True
+            self._publish()  # the last counts, for whoever decides next
+            await self.peers.close()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_s)
+            try:
+                await self.tick()
+            except Exception as e:  # one bad judgment must not stop every experiment
+                log.error("event=experiment_tick_failed error=%r", e)
+                log.debug("event=experiment_tick_failed", exc_info=True)
+
+    async def tick(self) -> None:
+        """Judge every experiment whose interval has passed (the decider only)."""
+        self._refresh_all()
+        if self.peers is not None:
+            self._publish()
+            if not self._leading:
+                if not self.peers.try_lead():
+                    self._follow()
+                    return
+                await self._take_lead()
+            self._ingest()
+        if self.fleet is not None and not await self._fleet_tick():
+            return
+        now = self.clock()
+        judged = False
+        for model, route in self.router.configs().items():
+            if route.experiment is None:
+                continue
+            due = self._due.get(model)
+            if due is None:
+                self._due[model] = due = now if model not in self.states else now + route.experiment.interval_s
+            if now >= due:
+                self._due[model] = now + route.experiment.interval_s
+                await self._judge(model, route, now)
+                judged = True
+        if judged and self.fleet is not None:  # the judged baseline, exact for the next holder
+            await self._save_states()
+
+    # ---- several replicas ------------------------------------------------------------------
+    async def _lease_loop(self) -> None:
+        """Renew (or try to take) the Lease every third of its duration, from a thread;
+        only this pod's decider (a worker that becomes it starts within a tick)."""
+        while True:
+            if self._local:
+                await asyncio.to_thread(self.fleet.sync)
+                await asyncio.sleep(self.fleet.lease.renew_s)
+            else:
+                await asyncio.sleep(self.tick_s)
+
+    async def _fleet_tick(self) -> bool:
+        """The pod decider's part in the fleet; True while it holds the Lease (judge now)."""
+        f = self.fleet
+        if f.leading:
+            if not self._fleet_leading:  # carry on from what the last holder wrote
+                self._fleet_leading = True
+                self.states = self._parse_states(f.taken())
+                self._due = {}
+                log.info("event=experiment_decider lease=%s identity=%s url=%s",
+                         f.lease.where, f.identity, f.advertise_url)
+            return True
+        if self._fleet_leading:
+            self._fleet_leading = False
+            log.info("event=experiment_follower lease=%s holder=%s", f.lease.where, f.lease.holder)
+        mark = f.states_mark()
+        if mark != self._fleet_mark:  # show what the holder wrote (and to this pod's workers)
+            self._fleet_mark = mark
+            self.states = self._parse_states(f.states())
+            if self.peers is not None and not self._lease_keeps_file:
+                await self._save_states()
+        if f.lease.version is not None and time.monotonic() - self._pushed_at >= PUSH_S:
+            await self._push()  # (once the Lease was read: before, no holder is known)
+        return False
+
+    async def _push(self) -> None:
+        """This pod's cumulative counts and new decision records, to the Lease holder."""
+        self._pushed_at = time.monotonic()
+        holder = self.fleet.lease.holder
+        if holder != self._pushed_holder:  # a new holder has none of our records yet: all of them
+            self._pushed_holder = holder
+            self.fleet.outbox.clear()
+            self.fleet.outbox.extend(self.log.entries())
+        models = {m: {str(v): c for v, c in self._all_totals(m).items()} for m in self._arms}
+        call, n = self.fleet.push_call(models)
+        try:
+            answer = await self.fleet.forward(call, wait_s=0)  # the next push is PUSH_S away anyway
+            if answer is None:  # we hold the lease now: nothing to push
+                return
+        except ServingError as e:
+            if not self._push_failing:
+                log.warning("event=experiment_push_failed reason=%r", e.message)
+            self._push_failing = True
+            return
+        if self._push_failing:
+            log.info("event=experiment_push_resumed")
+        self._push_failing = False
+        self.fleet.acked(n)
+        if isinstance(answer, dict) and answer.get("lease_version") != self.fleet.lease.version:
+            await asyncio.to_thread(self.fleet.sync)  # the holder wrote: show it now, not at our next renewal
+
+    def _refresh_all(self) -> None:
+        for model, route in self.router.configs().items():
+            self._refresh(model, route)
+
+    def _refresh(self, model: str, route: RouteConfig) -> None:
+        """Keep the counters' arm versions in step with the routing (labels may move)."""
+        exp = route.experiment
+        if exp is None:
+            self._arms.pop(model, None)
+            return
+        self._arms[model] = (route.target_of(exp.control), route.target_of(exp.candidate))
+
+    async def _judge(self, model: str, route: RouteConfig, now: float) -> None:
+        self._refresh(model, route)
+        totals = self._all_totals(model)
+        if self.fleet is not None:  # every pod's totals, less what was judged of each
+            totals, base = self.fleet.judged_totals(model, totals)
+        else:
+            base = self._base.get(model, {})
+            self._base[model] = {str(v): c for v, c in totals.items()}
+        obs = _observation(totals, base, self._arms[model], self.log.drain(model))
+        await self._apply(model, judge(route, self.states.get(model), obs, now))
+        if self.peers is not None and self.fleet is None:
+            await asyncio.to_thread(self.peers.write_baseline, self._base)
+
+    async def _apply(self, model: str, j) -> None:
+        if self.fleet is not None and not self.leader:
+            log.warning("event=experiment_decision_dropped model=%s reason='the Lease was lost meanwhile'", model)
+            return  # judged while a renewal failed for a whole duration: the next holder decides
+        if j.route is not None:
+            await self.control.put_routing(model, j.route.to_json())
+        changed = j.state is not None and j.state != self.states.get(model)
+        if j.state is not None:
+            self.states[model] = j.state
+        if j.decision is not None:
+            d = j.decision
+            log.info("event=experiment_decision model=%s action=%s by=%s step=%d candidate_weight=%g reason=%r",
+                     model, d.action, d.by, d.step, d.candidate_weight, d.reason)
+            if d.action == "rollback":
+                self._count("rollbacks", model, rollback_reason(d))
+        if j.route is not None or j.decision is not None or changed:  # the others show what is saved
+            await self._save_states()
+            self._refresh(model, self.router.get_config(model))
+
+    # ---- state file -----------------------------------------------------------------------
+    def _load_states(self) -> None:
+        if self.state_path is None or not self.state_path.exists():
+            return
+        try:
+            doc = json.loads(self.state_path.read_text(encoding="utf-8"))
+            self.states.update(self._parse_states(doc.get("models", {}), strict=True))
+        except (OSError, ValueError, AttributeError) as e:
+            log.error("event=experiment_state_unreadable path=%s reason=%r", self.state_path, str(e))
+
+    @staticmethod
+    def _parse_states(doc: dict, strict: bool = False) -> dict[str, ExperimentState]:
+        out = {}
+        for model, obj in doc.items():
+            try:
+                out[model] = ExperimentState.from_json(obj)
+            except (ValueError, AttributeError, TypeError, KeyError) as e:
+                if strict:
+                    raise ValueError(str(e)) from None
+                log.error("event=experiment_state_unreadable model=%s reason=%r", model, str(e))
+        return out
+
+    async def _save_states(self) -> None:
+        """The file (beside the config, or this pod's run folder) and, holding it, the
+        Lease: serialized here on the loop, written from a thread."""
+        states = {m: s.to_json() for m, s in self.states.items()}
+        lease = self.fleet is not None and self.leader
+        if lease:
+            self.fleet.stage(states)
+        text = None  # our own file, unless the lease keeps the states there
+        if self.state_path is not None and not self._lease_keeps_file:
+            text = json.dumps({"models": states}, allow_nan=False, indent=1).encode()
+        await asyncio.to_thread(self._write_states, text, lease)
+
+    @property
+    def _lease_keeps_file(self) -> bool:
+        """The lease keeps the states in our state file (a file fleet): its holder alone writes it."""
+        kept = self.fleet.lease.state_file if self.fleet is not None else None
+        return kept is not None and self.state_path is not None and kept.absolute() == self.state_path.absolute()
+
+    def _write_states(self, text: bytes | None, lease: bool) -> None:
+        if text is not None:
+            atomic_write(str(self.state_path), text)
+        if lease:
+            self.fleet.sync()
+
+    # ---- API ----------------------------------------------------------------------------
+    def view(self, model: str) -> dict:
+        return report(self.router.get_config(model), self.states.get(model), self.clock())
+
+    async def action(self, model: str, action: str, fleet: bool = False) -> dict:
+        if not self.leader:
+            return await self._to_decider({"op": "action", "model": model, "action": action, "fleet": fleet})
+        now = self.clock()
+        try:
+            j = act(self.router.get_config(model), self.states.get(model), action, now)
+        except ExperimentError as e:
+            raise ServingError(_CODES.get(e.kind, Code.INVALID_ARGUMENT), e.message) from None
+        exp = self.router.get_config(model).experiment
+        if exp is not None:  # the next judgment is a whole interval after a person's move
+            self._due[model] = now + exp.interval_s  # (set first: a tick may run while we write)
+        await self._apply(model, j)
+        return self.view(model)
+
+    async def feedback(self, model: str, body: object, fleet: bool = False, sender: str | None = None) -> dict:
+        """Joined by the decider alone (it reads every worker's and replica's decision records)."""
+        arrived = time.monotonic()
+        if not self.leader:
+            return await self._to_decider({"op": "feedback", "model": model, "body": body, "fleet": fleet})
+        exp = self.router.get_config(model).experiment
+        if exp is None:
+            raise errors.not_found(f"model '{model}' has no experiment to take feedback")
+        try:
+            items = parse_feedback(body, exp.outcomes)
+        except FeedbackError as e:
+            raise errors.invalid(str(e)) from None
+        self._ingest()  # records other workers appended since the last tick
+        if self.fleet is not None and any((s := self.log.served(it.request_id)) is None or s.model != model
+                                          for it in items):
+            await self.fleet.wait_pushes(arrived, skip=sender)  # a pod's records may be on their way
+        result = self.log.join(model, items).to_json()
+        for k, n in result.items():
+            self._count("feedback", model, k, n)
+        return result
+
+    # ---- published view (read-only; metrics reads it) ------------------------------------
+    def _count(self, kind: str, model: str, key: str, n: int = 1) -> None:
+        k = (kind, model, key)
+        self._counts[k] = self._counts.get(k, 0) + n
+
+    def published(self) -> ExperimentsView:
+        """Every model's report (as GET .../experiment answers it) and this process's counters."""
+        models = {m for m, r in self.router.configs().items() if r.experiment is not None} | set(self.states)
+        return ExperimentsView({m: self.view(m) for m in sorted(models)}, dict(self._counts))
+
+
+def rollback_reason(d) -> str:
+    """`manual` for a person's rollback, else the guardrail that alarmed (`errors`, `latency`)."""
+    if d.by != "auto":
+        return "manual"
+    head = d.reason.split(":", 1)[0].strip()
+    return head if head.isidentifier() else "other"
+
