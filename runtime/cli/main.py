@@ -125,8 +125,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="gRPC server: h2 (default: splitserve's own HTTP/2 on the event loop) "
                         "or grpcio (grpc.aio)")
     s.add_argument("--grpc-threads", type=int, default=None, metavar="N",
-                   help="grpcio on its own pool of N handler threads (0: no pool; "
-                        "default: server.grpc_threads)")
+                   help="ignored (the threaded gRPC server is gone; kept so old command lines start)")
     from runtime.cli.ops import add_subcommands  # status, route, publish, experiment (stdlib only)
     add_subcommands(sub)
     s.add_argument("--workers", type=_workers, default=1, metavar="N",

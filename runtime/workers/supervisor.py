@@ -80,11 +80,10 @@ class Supervisor:
         self.all_announced = False  # every worker served once: later spawns are replacements
 
     def _spawn(self, slot: _Slot) -> None:
-        from runtime.workers import child as worker  # noqa: F401  (resolved in the child)
         r, w = self.ctx.Pipe(duplex=False)
         slot.proc = self.ctx.Process(
             target=_worker_entry, name=f"splitserve-worker-{slot.index}",
-            args=(self.argv, slot.index, self.run_dir, self.http_port, self.grpc_port,
+            args=(self.settings.to_wire(), slot.index, self.run_dir, self.http_port, self.grpc_port,
                   self.log_format, w, self.all_announced))  # once the others serve: load, then join
         slot.proc.start()
         w.close()

@@ -86,6 +86,9 @@ def test_two_workers_one_port_exact_totals_and_one_routing_truth(repo, tmp_path)
     cfg.write_text(CONFIG)
     srv = supervised(repo, tmp_path, "--config", str(cfg))
     try:
+        # The supervisor imports no torch, gRPC or web server (issue 23: it held ~338 MB).
+        rss_kb = int(re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{srv.pid}/status").read_text()).group(1))
+        assert rss_kb < 60 * 1024, f"supervisor RSS {rss_kb / 1024:.0f} MB"
         by_worker = collections.Counter()
         for _ in range(400):  # a fresh connection each: the kernel spreads them
             r = httpx.post(f"{srv.url}/v2/models/mlp/infer", json=BODY, timeout=30)
