@@ -162,8 +162,10 @@ def test_sticky_keys_are_served_by_one_version_whichever_replica(fleet):
     multi = sum(len(v) > 1 for v in replicas.values())
     # Keys must really cross replicas for the check above to mean anything. Round robin over
     # three gives ~296 of 300 on a quiet machine; a replica that misses a health check under
-    # load sits out a while (219 seen on a loaded 2-core VM), so the floor is half the keys.
-    assert multi >= 150, multi
+    # load sits out a while (219 seen on a loaded 2-core VM, 147 in one CI run). Stickiness is
+    # shown by every key that crossed; 50 crossing keys (1 in 6) already make a version
+    # switch across replicas unmissable, so that is the floor, not a share of a quiet run.
+    assert multi >= 50, multi
     versions = Counter(next(iter(v)) for v in served.values())
     assert set(versions) == {"1", "2"} and min(versions.values()) > 100, versions
     print(f"fleet sticky: 1500 requests, 300 keys, 0 failures, {multi} keys answered by >1 replica, "

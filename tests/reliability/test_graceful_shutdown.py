@@ -125,10 +125,10 @@ def test_drain_timeout_bounds_the_stop(tmp_path):
     try:
         assert httpx.post(f"http://127.0.0.1:{http}/v2/models/slow/infer", json=BODY,
                           timeout=10).status_code == 200
-        with cf.ThreadPoolExecutor(10) as pool:
+        with cf.ThreadPoolExecutor(30) as pool:
             hold = tmp_path / "hold"
             hold.touch()
-            futs = [pool.submit(_rest, http) for _ in range(10)]  # 5 s of queued work
+            futs = [pool.submit(_rest, http) for _ in range(30)]  # 15 s of queued work
             assert wait_until(lambda: _inflight(http) == len(futs), 60), _inflight(http)
             t_sig = time.monotonic()
             srv.send_signal(signal.SIGTERM)
@@ -142,7 +142,10 @@ def test_drain_timeout_bounds_the_stop(tmp_path):
     print(f"\n  drain timeout {drain:g}s with {len(results)} x {DELAY}s queued: exit {rc} after "
           f"{t_exit - t_sig:.2f}s, {ok} completed, {len(results) - ok} cut off")
     assert rc == 0, srv.log_text(40)
-    assert t_exit - t_sig < drain + 3.0, f"stop took {t_exit - t_sig:.1f}s with drain_timeout_s={drain}"
+    # Unbounded, the stop would take the 15 s of queued work; bounded, the drain timeout
+    # plus the release and exit (~2-3 s on a loaded 2-core VM: 4.06 s once against a 4.0 s
+    # bound). 8 s apart from both keeps the test about the bound, not the machine's load.
+    assert t_exit - t_sig < drain + 6.0, f"stop took {t_exit - t_sig:.1f}s with drain_timeout_s={drain}"
     assert ok >= 1
     cut = [r[1] for r in results if r[1] != 200]
     assert all(c != 500 for c in cut), (
