@@ -107,15 +107,16 @@ class Control:
         if self.source is None:
             return False
         where = self.source.name
-        if text is None:
+        if text is None:  # the source says the document became unreadable: read it to say why
             try:
                 text = self.source.read()
-            except (OSError, RoutingError) as e:
-                log.error("event=config_rejected source=%r keeping=last_good reason=%r", where,
-                          getattr(e, "message", str(e)))
+                if text is None:
+                    raise RoutingError("missing", f"{where}: no such routing config file")
+            except (OSError, UnicodeDecodeError, RoutingError) as e:
+                if not quiet:
+                    log.error("event=config_rejected source=%r keeping=last_good reason=%r",
+                              str(where), getattr(e, "message", None) or str(e))
                 return False
-        if text is None:
-            return False
         if self.file_settings is not None:  # server:/limits:/...: live keys applied, others WARNING
             self.file_settings.reload(text)
         try:
