@@ -8,8 +8,8 @@ a temp file in the same folder, flush, fsync, os.replace, fsync of the folder. A
 or a crash, sees the old file or the new one, never a mix. The read-modify-write holds an
 exclusive `flock` on `.<name>.lock` beside the file, so writers in other processes (the
 workers of `--workers N`) take turns: each re-reads what the last one wrote and changes
-only its own model's entry, so no PUT is lost. With ruamel.yaml (round trip)
-comments, key order and quoting survive; without it, PyYAML rewrites the file plainly.
+only its own model's entry, so no PUT is lost. Read and written in the one YAML dialect
+(router/yamltext.py, round trip): comments, key order and quoting survive.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from collections.abc import Iterator
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
-import yaml
-
+from router import yamltext
 from router.config import RouteConfig
 from router.errors import RoutingError
 
@@ -32,40 +31,14 @@ try:
 except ImportError:  # pragma: no cover - Windows: one process writes, as before
     fcntl = None  # type: ignore[assignment]
 
-try:
-    from ruamel.yaml import YAML
-    from ruamel.yaml.error import YAMLError as _RuamelError
-except ImportError:  # pragma: no cover - exercised only where ruamel.yaml is absent
-    YAML = None  # type: ignore[assignment,misc]
-    _RuamelError = yaml.YAMLError  # type: ignore[assignment,misc]
-
 __all__ = ["load_config_file", "persist_config_file", "parse_config_text", "update_config_text"]
-
-
-def _rt() -> Any:
-    y = YAML(typ="rt")
-    y.preserve_quotes = True
-    y.indent(mapping=2, sequence=4, offset=2)
-    return y
 
 
 def _read(path: str, text: str) -> Any:
     try:
-        if YAML is not None:
-            return _rt().load(text)
-        return yaml.safe_load(text)
-    except (_RuamelError, yaml.YAMLError) as e:
-        raise RoutingError("invalid", f"{path}: not valid YAML: {_yaml_reason(e)}") from None
-
-
-def _yaml_reason(e: Exception) -> str:
-    """One line: what is wrong and where (line and column count from 1)."""
-    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
-    if not problem:
-        return " ".join(str(e).split())
-    context = getattr(e, "context", None)
-    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-    return f"{context + ': ' if context else ''}{problem}{where}"
+        return yamltext.load_rt(text)
+    except yamltext.YamlError as e:
+        raise RoutingError("invalid", f"{path}: not valid YAML: {e.reason}") from None
 
 
 def parse_config_text(text: str, source: str = "<config>") -> dict[str, RouteConfig]:
@@ -228,19 +201,13 @@ def _changed_text(text: str, source: str, change: Any) -> str:
 
 
 def _new_map() -> Any:
-    if YAML is not None:
-        from ruamel.yaml.comments import CommentedMap
+    from ruamel.yaml.comments import CommentedMap
 
-        return CommentedMap()
-    return {}
+    return CommentedMap()
 
 
 def _dump(doc: Any) -> bytes:
-    if YAML is not None:
-        buf = io.StringIO()
-        _rt().dump(doc, buf)
-        return buf.getvalue().encode("utf-8")
-    return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True).encode("utf-8")
+    return yamltext.dump_rt(doc).encode("utf-8")
 
 
 def atomic_write(path: str, data: bytes) -> None:

@@ -169,14 +169,12 @@ def _load_config(path: Path) -> dict:
 
 
 def _parse_config(text: str, path) -> dict:
-    import yaml
+    from router import yamltext
     try:
-        doc = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
-        raise CliError(f"config file {path}:{where} is not valid YAML: "
-                       f"{getattr(e, 'problem', None) or e}") from None
+        doc = yamltext.load(text) or {}
+    except yamltext.YamlError as e:
+        where = f" line {e.line} column {e.column}" if e.line is not None else ""
+        raise CliError(f"config file {path}:{where} is not valid YAML: {e.problem}") from None
     if not isinstance(doc, dict):
         raise CliError(f"config file {path}: expected a mapping at the top level")
     return doc

@@ -243,18 +243,18 @@ class FileSettings:
         self.baseline = live._file if live._file is not None else self._read()
 
     def _read(self, text: str | None = None) -> Settings | None:
-        import yaml
+        from router import yamltext
         if text is None and self.path is None:
             return None
         try:
-            doc = yaml.safe_load(text if text is not None else Path(self.path).read_text()) or {}
+            doc = yamltext.load(text if text is not None else Path(self.path).read_text()) or {}
             if not isinstance(doc, dict):
                 raise ValueError("expected a mapping at the top level")
             return Settings.model_validate(settings_part(doc))
         except ValidationError as e:
             log.error("event=config_settings_rejected path=%s keeping=last_good reason=%r",
                       self.path, describe(e))
-        except (OSError, ValueError, yaml.YAMLError) as e:
+        except (OSError, ValueError) as e:  # YamlError is a ValueError
             # the routing reload reports an unreadable file; this is the detail
             log.debug("event=config_settings_unreadable path=%s error=%r", self.path, str(e))
         return None

@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-import yaml
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
                       field_validator, model_validator)
 
+from router import yamltext
 from runtime import dtypes
 from runtime.types import Signature, TensorSpec
 
@@ -174,12 +174,10 @@ DEFAULT_SPEC = ModelSpec()
 def parse_spec(text: str, source: str = SPEC_FILE) -> ModelSpec:
     """`source` names the file in messages: relative to the repository (`mlp/model.yaml`)."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise SpecError(f"invalid YAML in {source}{where}: "
-                        f"{getattr(e, 'problem', None) or type(e).__name__}") from None
+        data = yamltext.load(text)
+    except yamltext.YamlError as e:
+        where = f" at line {e.line}" if e.line is not None else ""
+        raise SpecError(f"invalid YAML in {source}{where}: {e.problem}") from None
     if data is None:
         return DEFAULT_SPEC
     if not isinstance(data, dict):

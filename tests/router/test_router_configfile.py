@@ -214,17 +214,6 @@ def test_persist_through_a_symlink_keeps_the_link(tmp_path, path):
     assert "bert" not in path.read_text()
 
 
-def test_without_ruamel_pyyaml_still_loads_and_persists(path, monkeypatch):
-    # ruamel.yaml keeps comments; without it the file is rewritten plainly but correctly.
-    monkeypatch.setattr(configfile, "YAML", None)
-    assert list(load_config_file(path)) == ["resnet", "bert"]
-    config = RouteConfig.from_json({"weights": {"1": 3, "2": 1}})
-    persist_config_file(path, "resnet", config)
-    configs = load_config_file(path)
-    assert configs["resnet"] == config and list(configs) == ["resnet", "bert"]
-    assert "port: 8500" in path.read_text()
-
-
 def _hammer(path: str, model: str, n: int, start, out) -> None:
     """One writer process: PUT-like edits of its own model only, reading back after each."""
     start.wait(60)
