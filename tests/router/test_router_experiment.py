@@ -100,7 +100,7 @@ BAD = [
     (_e(min_requests=2.5), "experiment.min_requests: expected an integer >= 0, got 2.5"),
     (_e(min_duration_s=float("nan")), "experiment.min_duration_s: expected a number of seconds >= 0, got nan"),
     (_e(guardrails=[]), "experiment.guardrails: expected a mapping with errors and/or latency, got list"),
-    (_e(guardrails={"cpu": {}}), "experiment.guardrails: unknown key 'cpu' (expected: errors, latency)"),
+    (_e(guardrails={"cpu": {}}), "experiment.guardrails: unknown key 'cpu' (expected: errors, latency, window_intervals)"),
     (_e(guardrails={"errors": {}}), "experiment.guardrails.errors.max_ratio: required (a number >= 1)"),
     (_e(guardrails={"errors": {"max_ratio": 0.5}}), "experiment.guardrails.errors.max_ratio: expected a number >= 1, got 0.5"),
     (_e(guardrails={"latency": {"quantile": 1, "max_ratio": 2}}),
