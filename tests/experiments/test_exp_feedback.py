@@ -34,7 +34,7 @@ def test_duplicates_are_idempotent_and_unknown_ids_change_nothing():
     assert again.to_json() == {"matched": 0, "unknown": 1, "duplicate": 2}
     assert log.join("bert", items(("a", "click", 1))).unknown == 1  # another model's request
     assert log.drain("mlp")["candidate"]["click"].n == 1
-    assert log.totals == {"matched": 1, "unknown": 2, "duplicate": 2}
+    assert log.totals == {"matched": 1, "unknown": 2, "duplicate": 2, "late": 0, "evicted_early": 0}
 
 
 def test_first_record_wins_and_unrouted_requests_are_matched_but_not_counted():
