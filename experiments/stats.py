@@ -26,6 +26,8 @@ The classic chi-square test of SRM is here too (`srm_chi2`) for reporting.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -420,31 +422,25 @@ def ratio_update(log_a: Sequence[float], shifts: Sequence[float], ratio: float, 
 def quantile_edge(edges: Sequence[float], hist: Sequence[int], quantile: float) -> float | None:
     """The bucket edge at or above the control's `quantile` (a point estimate), None without data
     or when it falls in the overflow bucket."""
-    n = int(sum(hist))
+    cum = list(itertools.accumulate(hist))
+    n = cum[-1] if cum else 0
     if n == 0:
         return None
-    rank = max(1, math.ceil(n * quantile))
-    cum = np.cumsum(np.asarray(hist, dtype=np.int64))
-    i = int(np.searchsorted(cum, rank))
+    i = bisect.bisect_left(cum, max(1, math.ceil(n * quantile)))
     return None if i >= len(edges) else float(edges[i])
 
 
 def above(edges: Sequence[float], hist: Sequence[int], t: float) -> float:
-    """Requests above t in a histogram; a bucket that straddles t counts the part above it,
-    log-linearly interpolated (bucket i holds (edges[i-1], edges[i]]; one overflow bucket)."""
-    c = np.asarray(hist, dtype=float)
-    if c.size == 0:
+    """Requests above t in a histogram (bucket i holds (edges[i-1], edges[i]]; one overflow
+    bucket); the bucket that straddles t counts its part above t, log-linearly interpolated
+    (none of the overflow bucket when t is beyond the last edge)."""
+    if not hist:
         return 0.0
-    e = np.asarray(edges, dtype=float)
-    lows = np.concatenate(([0.0], e))[: c.size]
-    highs = np.concatenate((e, [math.inf]))[: c.size]
-    total = float(c[lows >= t].sum())
-    k = np.nonzero((lows < t) & (highs > t))[0]
-    for i in k:
-        lo, hi = lows[i], highs[i]
-        if c[i] == 0 or not math.isfinite(hi):
-            total += float(c[i]) if not math.isfinite(hi) else 0.0
-            continue
-        frac = (math.log(hi) - math.log(t)) / (math.log(hi) - math.log(lo)) if lo > 0 else 0.0
-        total += float(c[i]) * frac
+    i = bisect.bisect_left(edges, t)  # edges[i-1] < t <= edges[i]
+    if i >= len(edges):
+        return 0.0
+    total = float(sum(hist[i + 1:]))
+    hi, lo = edges[i], edges[i - 1] if i > 0 else 0.0
+    if hi > t and lo > 0 and hist[i]:
+        total += hist[i] * (math.log(hi) - math.log(t)) / (math.log(hi) - math.log(lo))
     return total
