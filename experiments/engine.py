@@ -695,8 +695,18 @@ def outcome_views(exp: ExperimentConfig, s: ExperimentState, route: RouteConfig 
             "evidence": None if d is None else _ev_value(d.log_lambda),
             "significant": bool(d is not None and d.significant), "verdict": verdict,
             "planned_n": exp.planned_n, "promotable": promotable,
+            "detectable_effect": _detectable(exp, spec.kind == "binary", a.merge(b)),
         })
     return out
+
+
+def _detectable(exp: ExperimentConfig, binary: bool, both: Moments) -> float | None:
+    """The difference the test finds with 80% power at planned_n per arm (request unit, from
+    the pooled standard deviation so far); None before two values."""
+    if both.n < 2:
+        return None
+    sd = math.sqrt(stats._unit_var(both, binary))
+    return stats.detectable_effect(sd, exp.alpha / tests_sharing_alpha(exp), exp.planned_n)
 
 
 def _name(ref: str | int) -> str:

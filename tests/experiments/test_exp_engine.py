@@ -349,3 +349,59 @@ def test_the_operator_cli_formats_the_real_report():
     assert lines[0] == "experiment mlp: state rolled_back, step 1, candidate weight 0.0"
     assert any(line.startswith("  guardrail errors: ALARM") for line in lines)
     assert any("rollback (auto): errors: canary had " in line for line in lines)
+
+
+# --- issue 29: the API the runtime feeds ------------------------------------------------------
+
+
+def test_srm_judges_each_generation_against_its_own_share():
+    from experiments import GenerationObservation
+
+    route = doc(steps=[5, 50], min_requests=10, min_duration_s=0)
+    j = judge(route, None, None, 0.0)
+    state, route = j.state, j.route
+    g1 = state.generation
+    rng = np.random.default_rng(2)
+    t = 0.0
+    while state.step == 0:
+        t += 30
+        n = 2000
+        nb = int(rng.binomial(n, 0.05))
+        j = judge(route, state, Observation(generations=(GenerationObservation(g1, 0.05, ArmObservation(n - nb),
+                                                                               ArmObservation(nb)),)), t)
+        state, route = j.state, j.route or route
+    g2 = state.generation
+    assert g2 == g1 + 1 and candidate_share(route) == 0.5
+    # the next interval: 2 s still routed at 5% (the router lags), 28 s at 50%, 20,000 requests
+    for _ in range(20):
+        t += 30
+        lag, now = 1300, 18700
+        lb, nb = int(rng.binomial(lag, 0.05)), int(rng.binomial(now, 0.5))
+        obs = Observation(generations=(GenerationObservation(g1, 0.05, ArmObservation(lag - lb), ArmObservation(lb)),
+                                       GenerationObservation(g2, 0.5, ArmObservation(now - nb), ArmObservation(nb))))
+        state = judge(route, state, obs, t).state
+    assert state.phase != "paused" and [g.generation for g in state.gens] == [g1, g2]
+    view = report(route, state, t)
+    assert [g["generation"] for g in view["srm"]["generations"]] == [g1, g2]
+    assert view["srm"]["generations"][1]["share"] == 0.5 and view["generation"] == g2
+
+
+def test_the_report_names_the_unit_the_planned_size_and_the_shared_alpha():
+    sim = Sim(doc(planned_n=8000))
+    sim.run(3)
+    view = report(sim.route, sim.state, sim.now)
+    assert view["unit"] == "key" and view["planned_n"] == 8000
+    assert view["alpha"] == {"total": 0.05, "tests": 3, "each": 0.05 / 3}
+    assert view["effective_steps"] == [5, 25, 50, 95] and view["holdback"]["percent"] == 5
+    assert view["control"]["late"] == 0 and view["guardrails"]["errors"]["restarts"] >= 1
+    assert view["outcomes"][0]["planned_n"] == 8000 and view["outcomes"][0]["detectable_effect"] > 0
+    unkeyed = RouteConfig.from_json({k: v for k, v in sim.route.to_json().items() if k != "sticky"})
+    assert report(unkeyed, None, sim.now)["unit"] == "request"
+
+
+def test_a_worse_verdict_latches_and_blocks_promotion_for_good():
+    sim = Sim(doc(steps=[50], min_requests=100, outcomes=[{"metric": "click", "kind": "binary", "goal": "increase"}]))
+    sim.run(30, rate=400, click=(0.3, 0.1))
+    assert dict((m, v) for m, v, _, _ in sim.state.verdicts) == {"click": "worse"}
+    sim.run(60, rate=400, click=(0.1, 0.3))  # even if the candidate then looks better
+    assert sim.state.phase == "holding" and dict((m, v) for m, v, _, _ in sim.state.verdicts) == {"click": "worse"}
