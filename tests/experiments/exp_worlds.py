@@ -55,11 +55,14 @@ class World:
     incident: tuple[float, float] | None = None  # minutes: errors x2, latency x1.6 on both arms
     stop_at_first_alarm: bool = False
     outcomes: bool = True
+    # negative controls: what the engine sees when the runtime does not do its part
+    untagged: bool = False  # every request reported under the current generation and share
+    request_unit: bool = False  # sticky traffic analysed as if the request were the unit
     extras: dict = field(default_factory=dict)
 
     def route(self) -> RouteConfig:
         doc = {"labels": {"stable": 1, "canary": 2}, "weights": {"stable": 100}, "experiment": self.block}
-        if self.sticky_keys:
+        if self.sticky_keys and not self.request_unit:
             doc["sticky"] = {"header": "x-user-id"}
         return RouteConfig.from_json(doc)
 
@@ -175,6 +178,11 @@ def run(world: World, seed: int) -> Result:
                                                        cum["err"][sel], units))
                         row[2 + arm] = row[2 + arm].merge(_inc(old["req"][sel], old["conv"][sel], cum["req"][sel],
                                                                cum["conv"][sel], units))
+        if world.request_unit:
+            cohort_sums = {}
+        if world.untagged:
+            slices = [GenerationObservation(cur[0], cur[1], _sum(sl.control for sl in slices),
+                                            _sum(sl.candidate for sl in slices))]
         for c_gen, row in cohort_sums.items():
             at = next((i for i, sl in enumerate(slices) if sl.generation == c_gen), None)
             if at is None:
@@ -218,6 +226,17 @@ def run(world: World, seed: int) -> Result:
     return res
 
 
+def _sum(arms) -> ArmObservation:
+    arms = list(arms)
+    hist = [sum(col) for col in zip(*[a.latency for a in arms if a.latency])] if any(a.latency for a in arms) else []
+    outs: dict = {}
+    for a in arms:
+        for k, m in a.outcomes.items():
+            outs[k] = outs.get(k, Moments()).merge(m)
+    return ArmObservation(sum(a.requests for a in arms), sum(a.errors for a in arms),
+                          sum(a.units or 0 for a in arms), tuple(hist), outs)
+
+
 def _inc(old_x: np.ndarray, old_y: np.ndarray, x: np.ndarray, y: np.ndarray, units: int) -> UnitSums:
     """The increments of the per-key sums when the keys' (x, y) went from old to new."""
     return UnitSums(units, float((x - old_x).sum()), float((x * x - old_x * old_x).sum()),
@@ -239,3 +258,17 @@ def replace_block(block: dict, **kw) -> dict:
 
 __all__ = ["EDGES", "World", "Result", "run", "bound", "rate", "const", "ramp", "after", "replace_block",
            "dataclasses"]
+
+
+if __name__ == "__main__":  # the negative controls quoted in docs/experiments.md
+    from test_exp_verdicts import BLOCK
+
+    for name, w, runs, seed in (
+        ("sticky keys analysed per request", World(BLOCK, rate=50, minutes=40, sticky_keys=3000,
+                                                   conv=(ramp(0.25, 0.30, 40),) * 2, request_unit=True), 60, 50_000),
+        ("routing lag 3 s at 10 s intervals, counts not tagged by generation",
+         World({**BLOCK, "steps": [5, 25, 50], "interval_s": 10, "min_duration_s": 300}, rate=500, minutes=20,
+               lag_s=3.0, untagged=True), 40, 60_000),
+    ):
+        rs = [run(w, seed + i) for i in range(runs)]
+        print(name, runs, {k: rate(rs, k) for k in ("outcome", "errors", "latency", "srm")})
