@@ -215,6 +215,11 @@ class ExperimentState:
             kw["decisions"] = tuple(Decision(**d) for d in kw["decisions"])
             kw["gens"] = tuple(GenStats.from_json(g) for g in kw.get("gens", ()))
             kw["verdicts"] = tuple((str(m), str(v), lo, hi) for m, v, lo, hi in kw.get("verdicts", ()))
+            if "restarts" not in kw:  # persisted before issue 29: guardrail evidence starts afresh
+                kw["error_ev"], _ = stats.restarted(stats.fresh(GUARD_SHIFTS), 0)
+                kw["latency_ev"], _ = stats.restarted(stats.fresh(GUARD_SHIFTS), 0)
+                kw["restarts"] = (1, 1)
+                kw["slow"] = (0, 0)
             state = cls(**kw)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"not an experiment state: {e}") from None
@@ -281,6 +286,13 @@ def judge(route: RouteConfig, state: ExperimentState | None, obs: Observation | 
     steps = steps_of(exp)
     weight = steps[state.step]
     share = candidate_share(route)
+    if share >= 1.0 and is_holdback(exp, state.step) and state.phase in ("running", "holding"):
+        # a state from before issue 29 at its 100% step: keep a concurrent control from now on
+        new = dataclasses.replace(state, judged=now, generation=state.generation + 1, step_started=now,
+                                  step_requests=(0, 0), step_errors=(0, 0), step_intervals=0)
+        return _decide(exp, new, _with_weight(route, weight), "run",
+                       f"holding back {_pct(100 - weight)} on {_name(exp.control)} at the last step (was 100%): "
+                       "no judgment against history", now)
     slices = _slices(state, obs, share)
     state = _fold(route, exp, state, obs.edges, slices, now)
     state = _latch(route, exp, state)
