@@ -466,19 +466,16 @@ def _fold(route: RouteConfig, exp: ExperimentConfig, s: ExperimentState, edges: 
     slow, slow_control = s.slow, s.slow_control
     lat_control = list(s.lat_control)
     both = [0, 0]
-    # the key unit: counts of errors come in clusters per key; scale their evidence down
-    for sl in slices:
+    for sl in slices:  # counts, SRM and outcome sums per generation (cohort, for per-key sums)
         a, b = sl.control, sl.candidate
         g = gens.get(sl.generation) or GenStats(sl.generation, float(sl.share))
         outs = []
-        metrics = {o.metric for o in exp.outcomes}
         for o in exp.outcomes:
             ma, mb, ua, ub = g.outcome(o.metric)
             outs.append((o.metric, ma.merge(a.outcomes.get(o.metric, Moments())),
                          mb.merge(b.outcomes.get(o.metric, Moments())),
                          ua.merge(a.unit_outcomes.get(o.metric, _EMPTY_UNITS)),
                          ub.merge(b.unit_outcomes.get(o.metric, _EMPTY_UNITS))))
-        del metrics
         gens[sl.generation] = dataclasses.replace(
             g, units=_pair(g.units, _units(a), _units(b)), requests=_pair(g.requests, a.requests, b.requests),
             errors=_pair(g.errors, a.errors, b.errors),
@@ -495,7 +492,7 @@ def _fold(route: RouteConfig, exp: ExperimentConfig, s: ExperimentState, edges: 
         both[0] += a.requests
         both[1] += b.requests
         srm = stats.srm_update(srm, _units(a), _units(b), sl.share)
-    phi = 1.0
+    phi = 1.0  # the key unit: errors come in clusters per key; their evidence is scaled down
     if unit_of(route) == "key":
         phi = stats.dispersion(*(u for g in gens.values() for u in g.unit_errors))
     for sl in slices:  # guardrails per generation
