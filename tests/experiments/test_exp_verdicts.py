@@ -128,3 +128,18 @@ def test_promote_auto_on_a_minus_8_percent_candidate_rarely_promotes():
           f"in {kept:.2f}); a +8% candidate is promoted in {rate(good, 'promoted'):.2f} of {len(good)}, median at "
           f"{statistics.median([r.promoted for r in good if r.promoted is not None] or [float('nan')]):.0f} min")
     assert promoted <= 0.05
+
+
+def test_negative_controls_the_harness_sees_what_the_runtime_must_prevent():
+    # The same worlds with the runtime's part undone: sticky traffic analysed per request, and
+    # counts not tagged by generation under a lagging router. The A/A tests above pass because
+    # the engine is fed right, not because the harness cannot see a failure.
+    per_request = World(BLOCK, rate=50, minutes=40, sticky_keys=3000, conv=(ramp(0.25, 0.30, 40),) * 2,
+                        request_unit=True)
+    untagged = World({**BLOCK, "steps": [5, 25, 50], "interval_s": 10, "min_duration_s": 300}, rate=500, minutes=20,
+                     lag_s=3.0, untagged=True)
+    a = rate([run(per_request, 50_000 + i) for i in range(20)], "outcome")
+    b = rate([run(untagged, 60_000 + i) for i in range(20)], "srm")
+    print(f"\nnegative controls: sticky keys analysed per request: outcome fires in {a:.2f} of 20 runs; untagged counts "
+          f"under a 3 s routing lag: SRM fires in {b:.2f} of 20")
+    assert a >= 0.4 and b >= 0.2
