@@ -1,6 +1,6 @@
 """splitserve experiments: always-valid statistics, the decision engine and the feedback log.
 
-A pure library like router/ (which it builds on): numpy and scipy, never the runtime,
+A pure library like router/ (which it builds on): numpy and the standard library (scipy only on rarely used paths), never the runtime,
 torch or a web framework. The runtime feeds it observations and writes what it decides.
 """
 
@@ -9,21 +9,24 @@ from experiments.engine import (
     Decision,
     ExperimentError,
     ExperimentState,
+    GenerationObservation,
     Judgment,
     Observation,
     act,
     judge,
 )
-from experiments.stats import Moments
+from experiments.stats import Moments, UnitSums
 
 __all__ = [
     "ArmObservation",
     "Decision",
     "ExperimentError",
     "ExperimentState",
+    "GenerationObservation",
     "Judgment",
     "Moments",
     "Observation",
+    "UnitSums",
     "act",
     "judge",
 ]

@@ -11,14 +11,28 @@ import math
 from typing import Any
 
 from experiments import stats
-from experiments.engine import ExperimentState, fingerprint, outcome_views, start
+from experiments.engine import (
+    ExperimentState,
+    fingerprint,
+    is_holdback,
+    outcome_views,
+    srm_by_generation,
+    start,
+    steps_of,
+    tests_sharing_alpha,
+    unit_of,
+)
 from router.config import RouteConfig
 
 _CAP = 1e300
 
 
 def _ev(log_lrs: tuple[float, ...]) -> float:
-    return min(math.exp(min(stats.log_evidence(log_lrs), 700.0)), _CAP)
+    return _ev_log(stats.log_evidence(log_lrs))
+
+
+def _ev_log(log_e: float) -> float:
+    return min(math.exp(min(log_e, 700.0)), _CAP)
 
 
 def report(route: RouteConfig | None, state: ExperimentState | None, now: float) -> dict[str, Any]:
@@ -38,24 +52,30 @@ def report(route: RouteConfig | None, state: ExperimentState | None, now: float)
         fresh = start(route, now).state
         assert fresh is not None
         state = dataclasses.replace(fresh, decisions=())
-    weight = {"rolled_back": 0.0, "promoted": 100.0}.get(state.phase, float(exp.steps[state.step]))
+    steps = steps_of(exp)
+    weight = {"rolled_back": 0.0, "promoted": 100.0}.get(state.phase, float(steps[state.step]))
 
     def arm(i: int, ref: str | int) -> dict[str, Any]:
         n, e = state.requests[i], state.errors[i]
         return {"ref": ref, "version": route.target_of(ref), "units": state.units[i], "requests": n, "errors": e,
-                "error_rate": e / n if n else None, "step_requests": state.step_requests[i]}
+                "error_rate": e / n if n else None, "step_requests": state.step_requests[i], "late": state.late[i]}
 
-    bar = 1.0 / exp.alpha
+    m = tests_sharing_alpha(exp)
+    bar = m / exp.alpha
     guardrails: dict[str, Any] = {}
     if exp.errors is not None:
-        ev = _ev(state.error_ev)
+        ev = _ev_log(stats.restart_evidence(state.error_ev, state.restarts[0]))
         guardrails["errors"] = {"max_ratio": exp.errors.max_ratio, "evidence": ev, "threshold": bar,
-                                "alarm": ev >= bar}
+                                "alarm": ev >= bar, "restarts": state.restarts[0], "dispersion": state.dispersion}
     if exp.latency is not None:
-        ev = _ev(state.latency_ev)
+        ev = _ev_log(stats.restart_evidence(state.latency_ev, state.restarts[1]))
+        c = state.threshold
         guardrails["latency"] = {"quantile": exp.latency.quantile, "max_ratio": exp.latency.max_ratio,
-                                 "slow": state.slow[0], "judged": state.slow[1], "latency_threshold_s": state.threshold,
-                                 "evidence": ev, "threshold": bar, "alarm": ev >= bar}
+                                 "slow": state.slow[0], "judged": state.slow[1],
+                                 "control_slow": state.slow_control[0], "control_judged": state.slow_control[1],
+                                 "control_quantile_s": c,
+                                 "latency_threshold_s": None if c is None else c * exp.latency.max_ratio,
+                                 "evidence": ev, "threshold": bar, "alarm": ev >= bar, "restarts": state.restarts[1]}
     total = state.units[0] + state.units[1]
     chi2, p = stats.srm_chi2([state.units[0], state.units[1]], [total - state.expected_units, state.expected_units])
     srm_ev = _ev(state.srm)
@@ -63,6 +83,16 @@ def report(route: RouteConfig | None, state: ExperimentState | None, now: float)
         "state": state.phase,
         "step": state.step + 1,
         "steps": list(exp.steps),
+        "effective_steps": list(steps),
+        "holdback": {"percent": exp.holdback, "intervals": exp.holdback_intervals,
+                     "active": is_holdback(exp, state.step) and state.phase not in ("rolled_back", "promoted"),
+                     "judged_intervals": state.step_intervals},
+        "unit": unit_of(route),
+        "planned_n": exp.planned_n,
+        "alpha": {"total": exp.alpha, "tests": m, "each": exp.alpha / m},
+        "generation": state.generation,
+        "window_intervals": exp.window_intervals,
+        "feedback_window_s": exp.feedback_window_s,
         "candidate_weight": weight,
         "started": state.started,
         "step_started": state.step_started,
@@ -72,8 +102,9 @@ def report(route: RouteConfig | None, state: ExperimentState | None, now: float)
         "control": arm(0, exp.control),
         "candidate": arm(1, exp.candidate),
         "guardrails": guardrails,
-        "outcomes": outcome_views(exp, state),
+        "outcomes": outcome_views(exp, state, route),
         "srm": {"expected_candidate_units": state.expected_units, "chi2": chi2, "p_value": p,
-                "evidence": srm_ev, "threshold": 1.0 / stats.SRM_ALPHA, "flagged": srm_ev >= 1.0 / stats.SRM_ALPHA},
+                "evidence": srm_ev, "threshold": 1.0 / stats.SRM_ALPHA, "flagged": srm_ev >= 1.0 / stats.SRM_ALPHA,
+                "generations": srm_by_generation(state)},
         "decisions": [d.to_json() for d in state.decisions],
     }

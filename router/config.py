@@ -262,7 +262,14 @@ def _parse_shadow(raw: object, labels: Mapping[str, int], problems: list[str]) -
 # --- experiment: progressive steps with guardrails, judged by experiments/ -----------------
 
 _EXP_KEYS = ("control", "candidate", "steps", "interval_s", "min_requests", "min_duration_s", "guardrails",
-             "outcomes", "alpha", "promote")
+             "outcomes", "alpha", "promote", "planned_n", "holdback", "holdback_intervals", "feedback_window_s")
+# Optional fields of issue 29, written out only when they differ from these defaults (so a
+# block that does not use them round-trips unchanged and keeps its fingerprint).
+DEFAULT_PLANNED_N = 5000
+DEFAULT_HOLDBACK = 5
+DEFAULT_HOLDBACK_INTERVALS = 10
+DEFAULT_FEEDBACK_WINDOW_S = 3600
+DEFAULT_WINDOW_INTERVALS = 10
 _METRIC_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 MAX_STEPS = 20
 MAX_OUTCOMES = 16
@@ -296,9 +303,13 @@ class OutcomeSpec:
     metric: str
     kind: str  # "binary" | "continuous"
     goal: str  # "increase" | "decrease"
+    margin: float = 0  # non-inferiority margin in the metric's units (promotion needs lower bound > -margin)
 
     def to_json(self) -> dict[str, Any]:
-        return {"metric": self.metric, "kind": self.kind, "goal": self.goal}
+        out: dict[str, Any] = {"metric": self.metric, "kind": self.kind, "goal": self.goal}
+        if self.margin:
+            out["margin"] = self.margin
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,15 +332,23 @@ class ExperimentConfig:
     outcomes: tuple[OutcomeSpec, ...] = ()
     alpha: float = 0.05
     promote: str = "auto"  # "auto" | "manual"
+    planned_n: int = DEFAULT_PLANNED_N  # per arm: the mixture is tuned to be tightest there
+    holdback: float = DEFAULT_HOLDBACK  # percent kept on the control at a last step of 100
+    holdback_intervals: int = DEFAULT_HOLDBACK_INTERVALS  # judged intervals at the holdback step
+    feedback_window_s: float = DEFAULT_FEEDBACK_WINDOW_S  # feedback later than this is late
+    window_intervals: int = DEFAULT_WINDOW_INTERVALS  # guardrail evidence restarts this often
 
     def to_json(self) -> dict[str, Any]:
-        """Every field, defaults included, so the persisted document shows what runs."""
+        """Every original field, defaults included, so the persisted document shows what runs;
+        the optional fields of issue 29 only when they differ from their defaults."""
         guardrails: dict[str, Any] = {}
         if self.errors is not None:
             guardrails["errors"] = self.errors.to_json()
         if self.latency is not None:
             guardrails["latency"] = self.latency.to_json()
-        return {
+        if self.window_intervals != DEFAULT_WINDOW_INTERVALS:
+            guardrails["window_intervals"] = self.window_intervals
+        out = {
             "control": self.control,
             "candidate": self.candidate,
             "steps": list(self.steps),
@@ -341,6 +360,12 @@ class ExperimentConfig:
             "alpha": self.alpha,
             "promote": self.promote,
         }
+        for key, default in (("planned_n", DEFAULT_PLANNED_N), ("holdback", DEFAULT_HOLDBACK),
+                             ("holdback_intervals", DEFAULT_HOLDBACK_INTERVALS),
+                             ("feedback_window_s", DEFAULT_FEEDBACK_WINDOW_S)):
+            if getattr(self, key) != default:
+                out[key] = getattr(self, key)
+        return out
 
     def outcome(self, metric: str) -> OutcomeSpec | None:
         return next((o for o in self.outcomes if o.metric == metric), None)
@@ -423,11 +448,33 @@ def parse_experiment(raw: object, labels: Mapping[str, int], weights: Mapping[st
     if promote not in ("auto", "manual"):
         problems.append(f"{p}.promote: expected 'auto' or 'manual', got {_show(promote)}")
     promote = str(promote)
+    planned_n = _integer(raw, "planned_n", p, DEFAULT_PLANNED_N, 2, problems)
+    holdback = _number(raw, "holdback", p, DEFAULT_HOLDBACK, lambda v: 0 < v < 50, "a percentage in (0, 50)",
+                       problems)
+    holdback_intervals = _integer(raw, "holdback_intervals", p, DEFAULT_HOLDBACK_INTERVALS, 1, problems)
+    feedback_window_s = _number(raw, "feedback_window_s", p, DEFAULT_FEEDBACK_WINDOW_S, lambda v: 0 < v <= 7 * 86400,
+                                "a number of seconds in (0, 604800]", problems)
+    window_intervals = DEFAULT_WINDOW_INTERVALS
+    if isinstance(guardrails, Mapping):
+        window_intervals = _integer(guardrails, "window_intervals", f"{p}.guardrails", DEFAULT_WINDOW_INTERVALS, 1,
+                                    problems)
     if len(problems) > before or control is None or candidate is None or steps is None:
         return None
     return ExperimentConfig(control=control, candidate=candidate, steps=steps, interval_s=interval_s,
                             min_requests=min_requests, min_duration_s=min_duration_s, errors=errors,
-                            latency=latency, outcomes=outcomes, alpha=alpha, promote=promote)
+                            latency=latency, outcomes=outcomes, alpha=alpha, promote=promote, planned_n=planned_n,
+                            holdback=holdback, holdback_intervals=holdback_intervals,
+                            feedback_window_s=feedback_window_s, window_intervals=window_intervals)
+
+
+def _integer(raw: Mapping[Any, Any], key: str, path: str, default: int, minimum: int, problems: list[str]) -> int:
+    v = raw.get(key)
+    if v is None:
+        return default
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= minimum):
+        problems.append(f"{path}.{key}: expected an integer >= {minimum}, got {_show(v)}")
+        return default
+    return int(v)
 
 
 _DEFAULT_GUARDRAILS = {"errors": {"max_ratio": 1.5}}
@@ -463,7 +510,7 @@ def _parse_guardrails(raw: object, p: str, problems: list[str]) -> tuple[ErrorGu
     if not isinstance(raw, Mapping):
         problems.append(f"{p}: expected a mapping with errors and/or latency, got {type(raw).__name__}")
         return None, None
-    _unknown(raw, ("errors", "latency"), p, problems)
+    _unknown(raw, ("errors", "latency", "window_intervals"), p, problems)
     errors = latency = None
     ratio_ok, ratio_text = (lambda v: v >= 1), "a number >= 1"
     e = raw.get("errors")
@@ -506,7 +553,7 @@ def _parse_outcomes(raw: object, p: str, problems: list[str]) -> tuple[OutcomeSp
                             f"got {type(o).__name__}")
             continue
         before = len(problems)
-        _unknown(o, ("metric", "kind", "goal"), at, problems)
+        _unknown(o, ("metric", "kind", "goal", "margin"), at, problems)
         metric, kind, goal = o.get("metric"), o.get("kind"), o.get("goal", "increase")
         if not (isinstance(metric, str) and _METRIC_RE.fullmatch(metric)):
             problems.append(f"{at}.metric: expected a name matching [A-Za-z_][A-Za-z0-9_.-]*, got {_show(metric)}")
@@ -516,8 +563,9 @@ def _parse_outcomes(raw: object, p: str, problems: list[str]) -> tuple[OutcomeSp
             problems.append(f"{at}.kind: expected 'binary' or 'continuous', got {_show(kind)}")
         if goal not in ("increase", "decrease"):
             problems.append(f"{at}.goal: expected 'increase' or 'decrease', got {_show(goal)}")
+        margin = _number(o, "margin", at, 0, lambda v: v >= 0, "a number >= 0 (in the metric's units)", problems)
         if len(problems) == before:
-            out.append(OutcomeSpec(str(metric), str(kind), str(goal)))
+            out.append(OutcomeSpec(str(metric), str(kind), str(goal), margin))
     return tuple(out)
 
 

@@ -34,7 +34,7 @@ def test_duplicates_are_idempotent_and_unknown_ids_change_nothing():
     assert again.to_json() == {"matched": 0, "unknown": 1, "duplicate": 2}
     assert log.join("bert", items(("a", "click", 1))).unknown == 1  # another model's request
     assert log.drain("mlp")["candidate"]["click"].n == 1
-    assert log.totals == {"matched": 1, "unknown": 2, "duplicate": 2}
+    assert log.totals == {"matched": 1, "unknown": 2, "duplicate": 2, "late": 0, "evicted_early": 0}
 
 
 def test_first_record_wins_and_unrouted_requests_are_matched_but_not_counted():
@@ -90,3 +90,63 @@ def test_bad_feedback_names_the_item_and_field(body, message):
     with pytest.raises(FeedbackError) as info:
         parse_feedback(body, OUTCOMES)
     assert message in str(info.value)
+
+
+# --- issue 29: kept by age, late per arm, per generation and per key ---------------------
+
+
+def test_ids_are_kept_by_age_and_late_feedback_is_counted_per_arm_not_joined():
+    log = DecisionLog(window_s=100)  # grace: 25 s
+    log.record("old", "mlp", 2, "candidate", 0.0, generation=1)
+    log.record("ctl", "mlp", 1, "control", 0.0, generation=1)
+    for i in range(1000):  # many ids do not push the old ones out: only age does
+        log.record(f"r{i}", "mlp", 1, "control", 50.0 + i * 0.01, generation=2)
+    assert log.served("old") is not None
+    r = log.join("mlp", items(("old", "click", 1), ("r1", "click", 1)), now=110.0)
+    assert r.to_json() == {"matched": 1, "unknown": 0, "duplicate": 0, "late": 1}
+    drained = log.drain_generations("mlp")
+    assert drained[1]["candidate"].late == 1 and drained[1]["candidate"].outcomes == {}
+    assert drained[2]["control"].outcomes["click"].n == 1
+    assert log.late_by_arm == {("mlp", "candidate"): 1}
+    log.record("new", "mlp", 1, "control", 126.0)  # 126 - 100 - 25 > 0: the first two are gone
+    assert log.served("old") is None and log.served("ctl") is None and log.served("r0") is not None
+    assert log.join("mlp", items(("ctl", "click", 1))).to_json() == {"matched": 0, "unknown": 1, "duplicate": 0}
+
+
+def test_capacity_still_bounds_memory_and_counts_early_evictions():
+    log = DecisionLog(capacity=2, window_s=100)
+    for i in range(4):
+        log.record(f"r{i}", "mlp", 1, "control", float(i))
+    assert len(log) == 2 and log.totals["evicted_early"] == 2
+
+
+def test_per_key_sums_are_the_increments_of_each_keys_totals():
+    log = DecisionLog()
+    values = {"u1": [1, 0, 1], "u2": [0], "u3": [1, 1]}
+    n = 0
+    for key, vs in values.items():
+        for v in vs:
+            log.record(f"q{n}", "mlp", 2, "candidate", 1.0, generation=3, unit=key)
+            log.join("mlp", items((f"q{n}", "click", v)))
+            n += 1
+    got = log.drain_generations("mlp")[3]["candidate"].unit_outcomes["click"]
+    xs = [len(v) for v in values.values()]
+    ys = [sum(v) for v in values.values()]
+    from experiments.stats import UnitSums
+    assert got == UnitSums.of(xs, ys)
+    assert log.drain("mlp") == {}  # drained once, whichever drain
+
+
+def test_an_entry_costs_about_250_bytes():
+    import sys
+    import tracemalloc
+
+    tracemalloc.start()
+    log = DecisionLog()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(20_000):
+        log.record(f"{i:08x}-0000-4000-8000-000000000000", "mlp", 1, "control", i * 0.01, generation=1)
+    per = (tracemalloc.get_traced_memory()[0] - before) / 20_000
+    tracemalloc.stop()
+    print(f"decision log: {per:.0f} bytes per entry (python {sys.version_info[:2]})")
+    assert 100 < per < 400

@@ -121,3 +121,81 @@ def test_srm_mixture_is_two_sided():
     fair = stats.srm_update(base, 9500, 500, 0.05)
     assert stats.log_evidence(over) > math.log(1000) and stats.log_evidence(under) > math.log(1000)
     assert stats.log_evidence(fair) < 0
+
+
+# --- issue 29 -------------------------------------------------------------------------------
+
+
+def test_rho2_factor_and_tau2_at_the_planned_size():
+    assert stats.rho2_factor(0.05) == pytest.approx(7.94, abs=0.005)  # -2 ln a + ln(1 - 2 ln a)
+    assert stats.tau2_at(0.25, 0.05, 1000) == pytest.approx(stats.rho2_factor(0.05) * 0.25 * 2 / 1000)
+
+
+def test_unit_sums_delta_method_matches_per_key_arithmetic():
+    rng = np.random.default_rng(3)
+    x = rng.integers(1, 30, 400).astype(float)
+    y = rng.binomial(x.astype(int), 0.2).astype(float)
+    u = stats.UnitSums.of(x, y)
+    r = y.sum() / x.sum()
+    want = ((y - r * x) ** 2).sum() / x.sum() ** 2 * 400 / 399
+    assert u.ratio == pytest.approx(r) and u.ratio_var() == pytest.approx(want, rel=1e-10)
+    # increments: sums of per-key updates equal the sums of the final per-key values
+    half = stats.UnitSums.of(x // 2, y // 2)
+    inc = stats.UnitSums(0, *(float(v) for v in (
+        (x - x // 2).sum(), (x * x - (x // 2) ** 2).sum(), (y - y // 2).sum(), (y * y - (y // 2) ** 2).sum(),
+        (x * y - (x // 2) * (y // 2)).sum())))
+    assert dataclasses_close(half.merge(inc), u)
+
+
+def dataclasses_close(a, b):
+    return all(math.isclose(getattr(a, f), getattr(b, f), rel_tol=1e-12) for f in ("x", "xx", "y", "yy", "xy"))
+
+
+def test_one_stratum_is_the_plain_difference_and_strata_combine_by_precision():
+    a, b = Moments(400, 0.10, 0.10 * 0.90 * 399), Moments(400, 0.20, 0.20 * 0.80 * 399)
+    one = stats.stratified_difference([stats.stratum_from_moments(a, b, False)], 0.05, 400)
+    var = 0.09 / 400 + 0.16 / 400
+    tau2 = stats.tau2_at((0.09 + 0.16) / 2, 0.05, 400)  # tuned at planned_n (the legacy difference() is not)
+    assert one.estimate == pytest.approx(0.1) and one.low == pytest.approx(0.1 - stats.cs_halfwidth(var, tau2, 0.05))
+    # the interval is tightest near planned_n: the half-width over sqrt(var) is smallest there
+    ratio = {n: stats.cs_halfwidth(2 * 0.25 / n, stats.tau2_at(0.25, 0.05, 1000), 0.05) / math.sqrt(2 * 0.25 / n)
+             for n in (250, 1000, 4000)}
+    assert ratio[1000] < ratio[250] and ratio[1000] < ratio[4000]
+    s1, s2 = stats.Stratum(0.1, 0.01, 100, 100), stats.Stratum(0.3, 0.04, 25, 25)
+    d = stats.stratified_difference([s1, s2], 0.05, 100)
+    assert d.estimate == pytest.approx((0.1 / 0.01 + 0.3 / 0.04) / (1 / 0.01 + 1 / 0.04))
+
+
+def test_restart_mixture_weights_and_evidence():
+    la, j = stats.restarted(stats.fresh((0.5, 1.0)), 0)
+    assert j == 1 and la == pytest.approx((math.log(0.5), math.log(0.5)))
+    assert stats.restart_evidence(la, j) == pytest.approx(0.0)  # nothing observed: E = 1/2 + 1/2
+    la2, j2 = stats.restarted(la, j)  # second component: weight 1/6
+    assert math.exp(stats.restart_evidence(la2, j2)) == pytest.approx(0.5 + 1 / 6 + 1 / 3)
+    up = tuple(v + math.log(100) for v in la2)  # every started component x100
+    assert math.exp(stats.restart_evidence(up, j2)) == pytest.approx((0.5 + 1 / 6) * 100 + 1 / 3)
+
+
+def test_two_sample_latency_pieces():
+    edges = [1.0, 2.0, 4.0, 8.0]  # buckets (0,1] (1,2] (2,4] (4,8] (8,inf)
+    assert stats.quantile_edge(edges, [0, 600, 400, 0, 0], 0.5) == 2.0
+    assert stats.quantile_edge(edges, [0, 0, 0, 0, 10], 0.5) is None
+    assert stats.above(edges, [0, 0, 10, 5, 3], 4.0) == 8
+    assert stats.above(edges, [0, 0, 10, 5, 3], 2.0 * math.sqrt(2)) == pytest.approx(8 + 5)  # half of (2,4] in log
+    assert stats.above(edges, [0, 0, 10, 5, 3], 100.0) == 0  # beyond the last edge: nothing counted
+
+
+def test_ratio_update_is_the_conditional_binomial_and_scale_divides_counts():
+    plain = stats.ratio_update(stats.fresh(stats.RATIO_SHIFTS), stats.RATIO_SHIFTS, 1.5, (95, 9500), (10, 500))
+    assert plain == pytest.approx(stats.mixture_update(stats.fresh(stats.RATIO_SHIFTS), stats.RATIO_SHIFTS, 10, 105,
+                                                       750 / 10250))
+    half = stats.ratio_update(stats.fresh(stats.RATIO_SHIFTS), stats.RATIO_SHIFTS, 1.5, (95, 9500), (10, 500), 2.0)
+    assert half == pytest.approx(tuple(v / 2 for v in plain))
+
+
+def test_dispersion_is_one_for_poisson_keys_and_large_for_clustered_ones():
+    rng = np.random.default_rng(4)
+    x = rng.integers(1, 50, 2000).astype(float)
+    assert stats.dispersion(stats.UnitSums.of(x, rng.binomial(x.astype(int), 0.02))) == pytest.approx(1.0, abs=0.15)
+    p = np.clip(0.02 * rng.gamma(0.3, 1 / 0.3, 2000), 0, 1)
+    assert stats.dispersion(stats.UnitSums.of(x, rng.binomial(x.astype(int), p))) > 2

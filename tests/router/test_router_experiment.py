@@ -100,7 +100,7 @@ BAD = [
     (_e(min_requests=2.5), "experiment.min_requests: expected an integer >= 0, got 2.5"),
     (_e(min_duration_s=float("nan")), "experiment.min_duration_s: expected a number of seconds >= 0, got nan"),
     (_e(guardrails=[]), "experiment.guardrails: expected a mapping with errors and/or latency, got list"),
-    (_e(guardrails={"cpu": {}}), "experiment.guardrails: unknown key 'cpu' (expected: errors, latency)"),
+    (_e(guardrails={"cpu": {}}), "experiment.guardrails: unknown key 'cpu' (expected: errors, latency, window_intervals)"),
     (_e(guardrails={"errors": {}}), "experiment.guardrails.errors.max_ratio: required (a number >= 1)"),
     (_e(guardrails={"errors": {"max_ratio": 0.5}}), "experiment.guardrails.errors.max_ratio: expected a number >= 1, got 0.5"),
     (_e(guardrails={"latency": {"quantile": 1, "max_ratio": 2}}),
@@ -193,3 +193,37 @@ def test_quoted_yaml_names_come_back_as_plain_strings(tmp_path):
     exp = config.experiment
     assert all(type(k) is str for k in config.labels) and all(type(k) is str for k in config.weights)
     assert type(exp.control) is str and type(exp.candidate) is str and type(exp.outcomes[0].metric) is str
+
+
+def test_issue_29_optional_fields_default_validate_and_round_trip():
+    plain = RouteConfig.from_json(DOC).experiment
+    assert (plain.planned_n, plain.holdback, plain.holdback_intervals, plain.feedback_window_s,
+            plain.window_intervals) == (5000, 5, 10, 3600, 10)
+    assert plain.outcomes[0].margin == 0
+    block = {**BLOCK, "planned_n": 20000, "holdback": 10, "holdback_intervals": 4, "feedback_window_s": 600,
+             "guardrails": {**BLOCK["guardrails"], "window_intervals": 6},
+             "outcomes": [{"metric": "click", "kind": "binary", "goal": "increase", "margin": 0.01}]}
+    config = RouteConfig.from_json({**DOC, "experiment": block})
+    exp = config.experiment
+    assert (exp.planned_n, exp.holdback, exp.holdback_intervals, exp.feedback_window_s, exp.window_intervals) == (
+        20000, 10, 4, 600, 6)
+    assert exp.outcomes[0] == OutcomeSpec("click", "binary", "increase", 0.01)
+    assert config.to_json()["experiment"] == block
+    assert RouteConfig.from_json(config.to_json()) == config
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"planned_n": 1}, "experiment.planned_n: expected an integer >= 2, got 1"),
+    ({"planned_n": 2.5}, "experiment.planned_n: expected an integer >= 2, got 2.5"),
+    ({"holdback": 0}, "experiment.holdback: expected a percentage in (0, 50), got 0"),
+    ({"holdback": 60}, "experiment.holdback: expected a percentage in (0, 50), got 60"),
+    ({"holdback_intervals": 0}, "experiment.holdback_intervals: expected an integer >= 1, got 0"),
+    ({"feedback_window_s": -1}, "experiment.feedback_window_s: expected a number of seconds in (0, 604800]"),
+    ({"guardrails": {"window_intervals": True}}, "experiment.guardrails.window_intervals: expected an integer >= 1"),
+    ({"outcomes": [{"metric": "m", "kind": "binary", "margin": -0.1}]},
+     "experiment.outcomes[0].margin: expected a number >= 0 (in the metric's units), got -0.1"),
+])
+def test_issue_29_fields_name_the_fault(extra, message):
+    with pytest.raises(RoutingError) as info:
+        RouteConfig.from_json({**DOC, "experiment": {**BLOCK, **extra}})
+    assert message in info.value.message
