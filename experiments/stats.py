@@ -31,7 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats as st
+
+from experiments.special import beta_ppf, chi2_sf, norm_cdf
 
 ERROR_SHIFTS = tuple(math.log(r) for r in (1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0))
 LATENCY_SHIFTS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
@@ -122,7 +123,7 @@ def planned_size(effect: float, sd: float, alpha: float, n0: int, power: float =
     def power_at(n: int) -> float:
         h, h0 = 2.0 / n, 2.0 / n0
         bound = math.sqrt((1.0 + h / h0) * (math.log(1.0 + h0 / h) + 2.0 * math.log(1.0 / alpha)))
-        return float(st.norm.cdf(abs(effect) / (sd * math.sqrt(h)) - bound))
+        return float(norm_cdf(abs(effect) / (sd * math.sqrt(h)) - bound))
 
     hi = 2
     while power_at(hi) < power:
@@ -171,7 +172,7 @@ def error_update_vs_history(log_lrs: Sequence[float], max_ratio: float, history:
     (e, n), (eb, nb) = history, cand
     if n <= 0 or nb <= 0:
         return tuple(log_lrs)
-    upper = 1.0 if e >= n else float(st.beta.ppf(0.95, e + 1, n - e))
+    upper = 1.0 if e >= n else beta_ppf(0.95, e + 1, n - e)
     return mixture_update(log_lrs, ERROR_SHIFTS, eb, nb, min(max_ratio * upper, 1.0))
 
 
@@ -214,4 +215,4 @@ def srm_chi2(observed: Sequence[float], expected: Sequence[float]) -> tuple[floa
     if keep.sum() < 2:
         return 0.0, 1.0
     stat = float((((o - e) ** 2)[keep] / e[keep]).sum())
-    return stat, float(st.chi2.sf(stat, int(keep.sum()) - 1))
+    return stat, chi2_sf(stat, int(keep.sum()) - 1)
