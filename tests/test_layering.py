@@ -46,8 +46,13 @@ def test_splitserve_is_the_face_on_top():
     for rel, imps in modules("splitserve"):
         bad = {i for i in imps if i.split(".")[0] == "runtime" and i not in ("runtime", "runtime.cli.main")}
         assert not bad, f"{rel} imports {bad}: splitserve/ uses only runtime's version and cli"
-        bad = {i for i in imps if i.split(".")[0] in {"torch"} | WEB}
-        assert not bad, f"{rel} imports {bad}: the client needs no torch or server frameworks"
+        bad = {i for i in imps if i.split(".")[0] in WEB}
+        assert not bad, f"{rel} imports {bad}: the client needs no server frameworks"
+        top = ast.parse((ROOT / rel).read_text()).body
+        bad = {a.name for n in top if isinstance(n, ast.Import) for a in n.names} \
+            | {n.module for n in top if isinstance(n, ast.ImportFrom) and n.module}
+        assert "torch" not in {i.split(".")[0] for i in bad}, \
+            f"{rel} imports torch at import time: only Result.torch() may, when called"
 
 
 def test_router_does_not_import_experiments():
