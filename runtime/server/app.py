@@ -70,7 +70,8 @@ class _Uvicorn(uvicorn.Server):
 
 
 def build_app(core: Core) -> FastAPI:
-    app = FastAPI(title="splitserve", version="0.1.0",
+    from runtime import __version__
+    app = FastAPI(title="splitserve", version=__version__,
                   description="KServe v2, TF Serving REST and routing control for PyTorch models")
 
     @app.exception_handler(RequestValidationError)
