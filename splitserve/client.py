@@ -271,8 +271,8 @@ class Client:
             elif sticky and sticky.get("parameter"):
                 params[sticky["parameter"]] = str(key)
             else:
-                raise InvalidArgument(f"model '{model}' has no sticky routing (no 'sticky' in "
-                                      "its routing), so a key would not pin anything")
+                raise ValueError(f"model '{model}' has no sticky routing (no 'sticky' in "
+                                 "its routing), so a key would not pin anything")
         body, hlen = _encode(inputs, params)
         if outputs is not None:
             doc = json.loads(body[:hlen])

@@ -87,6 +87,11 @@ def test_errors_are_typed_with_the_servers_one_line(srv):
     with pytest.raises(splitserve.ConnectionFailed):
         closed.routing("mlp")
     assert not closed.ready() and c.ready()
+    # a key for a model whose routing has no sticky: said, not silently ignored
+    admin = splitserve.Client(srv.http, token=TOKEN)
+    admin.put_routing("mlp", {k: v for k, v in ROUTING.items() if k != "sticky"})
+    with pytest.raises(ValueError, match="no sticky routing"):
+        admin.predict("mlp", {"input": X}, key="alice")
 
 
 def test_routing_experiment_actions_and_feedback(srv):
