@@ -207,9 +207,13 @@ class Builder:
             for src in sources:
                 self._copy(frm, src, dest, many=len(sources) > 1)
         elif word == "RUN":
+            cmd = self.mapped(rest)
+            for path in re.findall(r"(?<![\w.$])/[\w./-]+", cmd):
+                assert path.startswith(str(self.fs)) or path == "/dev/null", \
+                    f"RUN names {path}: not a mapped container path (WORKDIR/COPY), so it would touch this machine"
             env = {**{k: v for k, v in os.environ.items() if k.startswith("PIP_")},
                    **self.args, **self.env, "HOME": str(self.fs / "root")}
-            proc = subprocess.run(["/bin/sh", "-c", self.mapped(rest)], cwd=self.host(self.workdir),
+            proc = subprocess.run(["/bin/sh", "-c", cmd], cwd=self.host(self.workdir),
                                   env=env, capture_output=True, text=True, timeout=900)
             assert proc.returncode == 0, f"RUN {rest[:80]}... failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
         elif word == "USER":
@@ -233,6 +237,13 @@ class Builder:
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(origin, target)
+
+
+def test_a_run_step_never_touches_this_machine(tmp_path):
+    b = Builder(tmp_path / "context", tmp_path / "fs", tmp_path / "python")
+    with pytest.raises(AssertionError, match="RUN names /usr/local/lib: not a mapped"):
+        b.run("RUN", "rm -rf /usr/local/lib")
+    assert str(tmp_path / "fs" / "opt" / "splitserve") in b.mapped("python -m venv /opt/splitserve")
 
 
 @pytest.mark.slow
