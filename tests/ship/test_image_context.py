@@ -246,9 +246,9 @@ def test_a_run_step_never_touches_this_machine(tmp_path):
     assert str(tmp_path / "fs" / "opt" / "splitserve") in b.mapped("python -m venv /opt/splitserve")
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1800)
-def test_the_image_builds_from_its_context_and_serves():
+@pytest.fixture(scope="module")
+def image():
+    """The Dockerfile executed from its build context, once for this module's tests."""
     scratch = Path(tempfile.mkdtemp(prefix="splitserve-image-"))
     try:
         os.chmod(scratch, 0o755)  # USER 10001 reads the venv and the models in here
@@ -260,31 +260,72 @@ def test_the_image_builds_from_its_context_and_serves():
         b = Builder(context, fs, shim)
         for word, rest in DOCKERFILE:
             b.run(word, rest)
-        assert b.user and not b.user.startswith("0") and b.entrypoint and b.cmd
-
-        venv = b.host("/opt/splitserve")
-        got = subprocess.run([str(venv / "bin" / "python"), "-c",
-                              "import torch, splitserve, runtime; print(torch.version.cuda, "
-                              "splitserve.__version__, runtime.__file__)"],
-                             cwd=fs, capture_output=True, text=True, env={"PATH": b.env["PATH"]})
-        cuda, version, where = got.stdout.split()
-        assert cuda == "None", "the default image must carry CPU torch"
-        assert where.startswith(str(venv)), "splitserve must run from the image's venv, not the checkout"
-
-        cmd = b.entrypoint + b.cmd + ["--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0"]
-        cmd[0] = shutil.which(cmd[0], path=b.env["PATH"])
-        if os.geteuid() == 0 and shutil.which("setpriv"):
-            uid, _, gid = b.user.partition(":")
-            cmd = ["setpriv", f"--reuid={uid}", f"--regid={gid or uid}", "--clear-groups", *cmd]
-        env = {k: None for k in os.environ if k.startswith(("PYTHON", "VIRTUAL_ENV", "SPLITSERVE"))}
-        srv = ChildProcess(cmd, name="image", cwd=fs, env={**env, **b.env})
-        try:
-            srv.wait_ready(300)
-            assert "models=mlp:1,2" in srv.log_text(), srv.log_text(20)
-            probe = [c.replace("127.0.0.1:8000", f"127.0.0.1:{srv.http_port}") for c in b.healthcheck]
-            probe[0] = shutil.which(probe[0], path=b.env["PATH"])
-            assert subprocess.run(probe, env=b.env, timeout=30).returncode == 0, "HEALTHCHECK failed"
-        finally:
-            srv.stop(30)
+        yield b
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _serve(b: Builder, as_user: bool) -> ChildProcess:
+    """The image's ENTRYPOINT + CMD on loopback ports 0 (as USER's uid when we are root)."""
+    cmd = b.entrypoint + b.cmd + ["--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0"]
+    cmd[0] = shutil.which(cmd[0], path=b.env["PATH"])
+    if as_user and os.geteuid() == 0 and shutil.which("setpriv"):
+        uid, _, gid = b.user.partition(":")
+        cmd = ["setpriv", f"--reuid={uid}", f"--regid={gid or uid}", "--clear-groups", *cmd]
+    env = {k: None for k in os.environ if k.startswith(("PYTHON", "VIRTUAL_ENV", "SPLITSERVE"))}
+    srv = ChildProcess(cmd, name="image", cwd=b.fs, env={**env, **b.env})
+    srv.wait_ready(300)
+    return srv
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_the_image_builds_from_its_context_and_serves(image):
+    b = image
+    assert b.user and not b.user.startswith("0") and b.entrypoint and b.cmd
+    venv = b.host("/opt/splitserve")
+    got = subprocess.run([str(venv / "bin" / "python"), "-c",
+                          "import torch, splitserve, runtime; print(torch.version.cuda, "
+                          "splitserve.__version__, runtime.__file__)"],
+                         cwd=b.fs, capture_output=True, text=True, env={"PATH": b.env["PATH"]})
+    cuda, version, where = got.stdout.split()
+    assert cuda == "None", "the default image must carry CPU torch"
+    assert where.startswith(str(venv)), "splitserve must run from the image's venv, not the checkout"
+
+    srv = _serve(b, as_user=True)
+    try:
+        assert "models=mlp:1,2" in srv.log_text(), srv.log_text(20)
+        probe = [c.replace("127.0.0.1:8000", f"127.0.0.1:{srv.http_port}") for c in b.healthcheck]
+        probe[0] = shutil.which(probe[0], path=b.env["PATH"])
+        assert subprocess.run(probe, env=b.env, timeout=30).returncode == 0, "HEALTHCHECK failed"
+    finally:
+        srv.stop(30)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_second_command_installing_tritonclient_leaves_it_serving_grpc(image):
+    """Install order does not matter: `pip install tritonclient[grpc]` (the newest, which
+    pins protobuf<7) after splitserve breaks no requirement of splitserve's packages, and
+    the server still serves gRPC to that client."""
+    b = image
+    venv = b.host("/opt/splitserve")
+    env = {**{k: v for k, v in os.environ.items() if k.startswith("PIP_")},
+           "PATH": b.env["PATH"], "HOME": str(b.fs / "root")}
+    got = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "tritonclient[grpc]"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert got.returncode == 0, got.stderr[-2000:]
+    check = subprocess.run([str(venv / "bin" / "pip"), "check"], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert check.returncode == 0, f"broken requirements after the second command:\n{check.stdout}"
+    srv = _serve(b, as_user=False)
+    try:
+        code = ("import sys, numpy as np, tritonclient.grpc as g; c = g.InferenceServerClient(sys.argv[1]); "
+                "assert c.is_server_ready(); i = g.InferInput('input', [1, 64], 'FP32'); "
+                "i.set_data_from_numpy(np.zeros((1, 64), np.float32)); "
+                "print(c.infer('mlp', [i]).as_numpy('output').shape)")
+        out = subprocess.run([str(venv / "bin" / "python"), "-c", code, srv.grpc_target], cwd=b.fs,
+                             env={"PATH": b.env["PATH"]}, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == "(1, 8)", out.stderr[-2000:]
+    finally:
+        srv.stop(30)
