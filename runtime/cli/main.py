@@ -80,6 +80,8 @@ def _workers(s: str) -> int | str:
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="splitserve", description="Serve versioned PyTorch models "
                 "with A/B splits over KServe v2 (REST, gRPC) and TF Serving REST.")
+    from runtime import __version__
+    p.add_argument("--version", action="version", version=f"splitserve {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a model repository",
                        description="Watch a model repository and serve its versions. A flag "
