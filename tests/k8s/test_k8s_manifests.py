@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.unit  # starts no server process, binds no socket
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kubernetes"
 OVERLAYS = ["base", "overlays/pvc", "overlays/gpu", "overlays/shared-routing"]

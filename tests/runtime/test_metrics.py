@@ -18,6 +18,8 @@ from runtime.metrics.prometheus import BATCH_BOUNDS
 from runtime.types import VersionState
 from runtime.views import LifecycleEvent, ModelView, Snapshot, VersionView
 
+pytestmark = pytest.mark.unit  # starts no server process, binds no socket
+
 
 class Clock:
     def __init__(self, t: float = 1000.0):

@@ -17,6 +17,8 @@ from runtime.metrics.merge import SnapshotDir, merge_states
 from runtime.types import VersionState
 from runtime.views import ModelView, Snapshot, VersionView
 
+pytestmark = pytest.mark.unit  # starts no server process, binds no socket
+
 
 class Clock:
     def __init__(self, t: float = 1000.0):
