@@ -3,10 +3,10 @@ into one, and the difference of two (a window of the A/B summary).
 
 Each worker (or replica) exports its counters with `export_state(store)`; a reader
 merges its own live state with the others' snapshots and answers from the merge
-(`reading(store)`), so any worker gives the same totals. Counts, sums and histograms add; `last` takes the latest;
-the recent-window ring keeps, per slot, the newest second any input holds and adds only
-the inputs that hold that second (older seconds have left the window anyway); the largest
-shadow difference takes the max. `merge_states` and `subtract_states` are pure functions
+(`reading(store)`), so any worker gives the same totals. Counts, sums and histograms
+add; `last` takes the latest; the recent-window ring keeps, per slot, the newest second
+any input holds and adds only the inputs that hold that second (older seconds have left
+the window anyway); the largest shadow difference takes the max. `merge_states` and `subtract_states` are pure functions
 of plain dicts (JSON), so the same function merges the snapshots of Kubernetes replicas.
 No torch, no I/O.
 
@@ -29,7 +29,6 @@ from runtime.metrics.store import WINDOW_S, Cell, Series, ShadowStats, Store
 log = logging.getLogger("splitserve.metrics")
 
 FORMAT = 1  # of export_state(); a reader refuses any other
-STATE_FORMAT = FORMAT
 
 
 def _add_pairs(acc: dict[int, int], pairs) -> None:
@@ -112,7 +111,7 @@ def merge_states(states: Iterable[dict]) -> dict:
         # Keep the newest second per ring slot, as one process's ring would.
         slots: dict[int, int] = {}
         for sec in acc["window"]:
-            j = sec % 60
+            j = sec % WINDOW_S
             if sec > slots.get(j, -1):
                 slots[j] = sec
         window = [[sec, acc["window"][sec][0], acc["window"][sec][1], _pairs(acc["window"][sec][2])]
