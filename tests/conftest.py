@@ -23,10 +23,11 @@ from runtime.types import VersionState  # noqa: E402
 
 MLP_YAML = (ROOT / "model_repository" / "mlp" / "model.yaml").read_text()
 
-# ---- the unit tier (`pytest -m unit`): no server process, no socket ---------------------
+# ---- the unit tier (`pytest -m unit`): no server process, no socket, not slow -----------
 # Folders that test a pure library (router/ and experiments/ import nothing of runtime,
-# protocol/ holds the codecs: wire <-> types) cannot start a server; elsewhere a module
-# (`pytestmark`) or a test says `unit` itself.
+# protocol/ holds the codecs: wire <-> types) cannot start a server: their tests are unit
+# unless marked slow (minutes of simulation); elsewhere a module (`pytestmark`) or a test
+# says `unit` itself.
 UNIT_FOLDERS = {"router", "experiments", "protocol"}
 
 
@@ -34,7 +35,8 @@ def pytest_collection_modifyitems(items):
     here = Path(__file__).parent
     for item in items:
         folder = item.path.parent
-        if folder.parent == here and folder.name in UNIT_FOLDERS:
+        if folder.parent == here and folder.name in UNIT_FOLDERS \
+                and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.unit)
 
 
