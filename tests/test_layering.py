@@ -3,6 +3,10 @@
 import ast
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit  # starts no server process, binds no socket
+
 ROOT = Path(__file__).resolve().parent.parent
 
 WEB = {"fastapi", "starlette", "uvicorn", "grpc", "grpc_health", "grpc_reflection"}

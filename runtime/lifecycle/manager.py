@@ -244,9 +244,12 @@ class Manager:
                  referenced: Callable[[str], frozenset[int]] = lambda m: frozenset(),
                  on_event: Callable[[LifecycleEvent], None] = lambda e: None,
                  on_batch: Callable[[str, int, int, float], None] | None = None,
-                 shadow_max_waiting: int = 16):
+                 shadow_max_waiting: int = 16,
+                 load: Callable[[VersionFolder, ModelSpec], LoadedModel] | None = None):
         self.root = root
         self.settings = settings
+        # folder -> loaded and warm model, on a load thread (LoadError: the reason it FAILED)
+        self.load = load if load is not None else load_and_warm
         self.referenced = referenced  # versions the routes name: they stay aspired
         self.on_event = on_event  # lifecycle events (metrics)
         self.on_batch = on_batch  # (model, version, rows, seconds) per executed batch
@@ -483,9 +486,7 @@ class Manager:
 
     # ---- load / unload -------------------------------------------------------------
     def _load_and_warm(self, h: Harness) -> LoadedModel:
-        lm = load_version(h.folder.path, h.folder.format or "model.pt2", h.spec)
-        if h.spec.warmup:
-            warmup(lm, h.folder.path)
+        lm = self.load(h.folder, h.spec)
         h.batch_calibration = calibrate_loaded(lm, h.spec)  # before AVAILABLE, not after
         return lm
 
@@ -690,6 +691,14 @@ class Manager:
             for h in list(e.harnesses):
                 if h.state is S.AVAILABLE:
                     await self._unload(e, h, "shutdown")
+
+
+def load_and_warm(folder: VersionFolder, spec: ModelSpec) -> LoadedModel:
+    """The real loader (the manager's default): the version's model file, then warmup."""
+    lm = load_version(folder.path, folder.format or "model.pt2", spec)
+    if spec.warmup:
+        warmup(lm, folder.path)
+    return lm
 
 
 def one_line(text: str, limit: int = 300) -> str:

@@ -123,9 +123,9 @@ class Server:
     def build_app(self):
         return build_app(self.core)
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, core: Core | None = None):
         self.settings = settings
-        self.core = Core(settings)
+        self.core = core if core is not None else Core(settings)
         self.http_port: int | None = None
         self.grpc_port: int | None = None
         self._uv: _Uvicorn | None = None

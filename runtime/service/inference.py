@@ -108,7 +108,7 @@ class InferenceService:
     """
 
     def __init__(self, manager: Manager, router: Router, limits: LimitSettings,
-                 metrics=None, shadow_max_inflight: int = 64):
+                 metrics=None, shadow_max_inflight: int = 64, on_finished=None):
         self.manager = manager
         self.router = router
         self.limits = limits
@@ -121,7 +121,7 @@ class InferenceService:
         self._running: set[asyncio.Task] = set()  # requests in flight, for abort at stop
         self.aborting = False
         # (model, version, how, ok, latency_s, request_id, routing_key) per finished primary request
-        self.on_finished = None
+        self.on_finished = on_finished
 
     async def infer(self, req: InferRequest) -> InferResponse:
         t0 = time.perf_counter()

@@ -25,6 +25,7 @@ import grpc
 
 from runtime.metrics.merge import SnapshotDir
 from runtime.server.app import Server, build_app
+from runtime.service.core import Core
 
 log = logging.getLogger("splitserve.worker")
 
@@ -94,12 +95,13 @@ class WorkerServer(Server):
     reuse_port = True
 
     def __init__(self, settings, worker: int, run_dir: Path, replacement: bool = False):
-        super().__init__(settings)
+        snapshots = SnapshotDir(run_dir, worker)
+        super().__init__(settings, Core(settings, metrics_peers=snapshots.peers))
+        self.snapshots = snapshots
         self.worker = worker
         self.load_first = replacement
         self.grpc_initial_metadata = ((WORKER_HEADER, str(worker)),)  # the h2 transport sends it itself
         self.grpc_interceptors = (WorkerInterceptor(self.grpc_initial_metadata),)
-        self.snapshots = SnapshotDir(run_dir, worker)
         self._writer: asyncio.Task | None = None
         self._mark = None
 
@@ -122,7 +124,6 @@ class WorkerServer(Server):
                 log.warning("event=metrics_snapshot_failed error=%r", e)
 
     async def start(self) -> None:
-        self.core.metrics.peers = self.snapshots.peers
         self.core.experiments.share(self.snapshots.path, self.worker)  # one decider among us
         await super().start()
         self.write_snapshot(force=True)

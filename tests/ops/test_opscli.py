@@ -193,6 +193,7 @@ def test_publish_wait_times_out_and_bad_url_copies_nothing(live, capsys, version
     assert e.value.code == 2 and "positive number of seconds" in capsys.readouterr().err
 
 
+@pytest.mark.unit  # no server, no socket: the rest of this module serves
 def test_publish_refusals(tmp_path, capsys, version_cache):
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -223,6 +224,7 @@ def test_experiment_without_experiments_support(live, capsys):
         assert rc == 0 and out.startswith("experiment mlp: state "), (out, err)
 
 
+@pytest.mark.unit  # no server, no socket: the rest of this module serves
 def test_unreachable_server_and_bad_url(capsys):
     rc, out, err = run(capsys, "status", "--url", "http://127.0.0.1:1")
     assert rc == 1 and "cannot reach http://127.0.0.1:1" in err and err.count("\n") == 1
@@ -242,6 +244,7 @@ def test_real_process_entry_point(live):
         assert h.returncode == 0 and h.stdout.startswith(f"usage: splitserve {sub}"), h.stderr
 
 
+@pytest.mark.unit  # no server, no socket: the rest of this module serves
 def test_experiment_report_lines():
     """The shape GET /v1/models/{m}/experiment answers (experiments/report.py on its branch)."""
     from runtime.cli.ops import format_experiment

@@ -8,6 +8,8 @@ from runtime.repository.modelspec import SpecError, parse_spec, read_spec
 from runtime.lifecycle.policy import select_versions
 from runtime.repository.scan import is_version_name, root_ignored, safetensors_problem, scan_model
 
+pytestmark = pytest.mark.unit  # starts no server process, binds no socket
+
 SRC = "mlp/model.yaml"
 
 
