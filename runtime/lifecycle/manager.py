@@ -313,6 +313,15 @@ class Manager:
         for fn in self._subscribers:
             fn(self._snapshot, changed)
 
+    def unknown(self, model: str) -> errors.ServingError:
+        """The error for a model the manager does not serve: UNAVAILABLE (retry) when its
+        folder is in the repository but not read yet (the first scan after the port
+        opened, a folder just published), else NOT_FOUND. Clients retry 503, not 404."""
+        entry = self.models.get(model)
+        if (entry is None or not entry.disabled) and is_model_name(model) and (self.root / model).is_dir():
+            return errors.unavailable(f"model '{model}' is in the repository but not loaded yet; retry")
+        return errors.not_found(f"unknown model '{model}'")
+
     def require(self, model: str) -> ModelView:
         """The model's view, or NOT_FOUND."""
         v = self._snapshot.models.get(model)
@@ -650,7 +659,7 @@ class Manager:
         """Pin an AVAILABLE version for one request (loop only): `with acquire(...) as h`."""
         entry = self.models.get(model)
         if entry is None or not entry.visible():
-            raise errors.not_found(f"unknown model '{model}'")
+            raise self.unknown(model)
         h = entry.serving.get(version)
         if h is None or h.state is not S.AVAILABLE:
             known = {s.version: s for s in entry.statuses()}
