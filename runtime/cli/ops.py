@@ -110,6 +110,8 @@ def cmd_status(args: argparse.Namespace, out=None) -> int:
     for name in names:
         summary = api.call("GET", _model_path(name) + "/metrics")
         versions = summary.get("versions", [])
+        if summary.get("model_config_error"):  # serving the last good file, or none
+            notes.append(f"  {name} model.yaml: {' '.join(str(summary['model_config_error']).split())}")
         if not versions:
             unloaded = [r for r in index if r["name"] == name]
             why = unloaded[0].get("reason", "") if unloaded else ""

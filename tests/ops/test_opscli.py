@@ -99,6 +99,12 @@ def test_status_shows_failed_reason(make_repo, serve, capsys):
     assert rc == 0, err
     assert any(line.split()[:3] == ["mlp", "2", "FAILED"] for line in out.splitlines())
     assert "mlp v2 FAILED: weights do not fit the architecture" in out
+    # An invalid model.yaml shows too (the versions keep serving on the last good one).
+    (repo / "mlp" / "model.yaml").write_text("max_batchsize: 3\n")
+    assert srv.wait_for(lambda: srv.core.manager.view().model("mlp").spec_error is not None, 30)
+    rc, out, err = run(capsys, "status", "--url", srv.http)
+    assert ("  mlp model.yaml: serving the last good model.yaml; the file now has an error: unknown field "
+            "'max_batchsize' in mlp/model.yaml; did you mean 'max_batch_size'?") in out.splitlines(), out
 
 
 def test_route_changes_what_is_named_and_keeps_the_rest(live, capsys):
