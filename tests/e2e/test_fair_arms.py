@@ -20,7 +20,7 @@ import numpy as np
 import orjson
 
 import make_example_models as mk
-from conftest import MLP_YAML, wait_until
+from conftest import wait_until
 
 RUN_BUDGET_S = 55.0
 LOAD_S = 5.0  # per run, after the experiment's start decision: 10 intervals

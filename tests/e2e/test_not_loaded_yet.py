@@ -8,7 +8,7 @@ import shutil
 
 import httpx
 
-from conftest import MLP_YAML, wait_until
+from conftest import MLP_YAML
 import make_example_models as mk
 
 BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]}
