@@ -215,6 +215,7 @@ def _summary(src: Store, model: str, window: dict, experiment: dict) -> dict:
             "mean_batch_size": _r4(_ratio(sum(k * b[0] for k, b in ex.items()), ex_n)),
             "memory_bytes": src.memory(model, v),
             "device": life.device if life is not None else None,
+            "execution": st.execution if st is not None else None,
             "device_memory_allocated_bytes": _cuda_allocated(life.device if life else None),
             "load_failures": life.failures if life is not None else 0,
             "shadow": _shadow_summary(shadow_by_v.get(v)),

@@ -73,6 +73,8 @@ class Core:
         self._http_bound: tuple[str, int] | None = None
         self.started = False
         self.stopping = False
+        # Readiness beyond this process (a worker: every worker of the server is ready)
+        self.ready_gate: Callable[[], bool] | None = None
 
     def _on_view(self, snapshot, changed: str | None) -> None:
         names = [changed] if changed is not None else sorted(set(snapshot.models) | set(self._available))
@@ -186,7 +188,7 @@ class Core:
         return await self.manager.settle_all(timeout)
 
     def ready(self) -> bool:
-        return self.started and not self.stopping
+        return self.started and not self.stopping and (self.ready_gate is None or self.ready_gate())
 
     async def stop(self) -> None:
         self.stopping = True

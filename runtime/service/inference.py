@@ -142,7 +142,8 @@ class InferenceService:
             code = _ROUTE_ERR.get(e.kind, Code.INVALID_ARGUMENT)
             msg = e.message
             if self.manager.view().model(req.model) is None:  # the router knows routes, not models
-                code, msg = Code.NOT_FOUND, f"unknown model '{req.model}'"
+                unknown = self.manager.unknown(req.model)
+                code, msg = unknown.code, unknown.message
             self._record(req, None, "unrouted", code.value, t0)
             raise ServingError(code, msg, request_id=req.id) from None
         try:
