@@ -74,7 +74,7 @@ def versions_execution(srv) -> tuple[dict, dict]:
 
 
 def test_both_versions_share_one_path_shown_in_metadata_and_summary(make_repo, serve, tmp_path):
-    yaml = MLP_YAML + "\nversion_policy: {specific: [1, 2]}\n"
+    yaml = MLP_YAML.replace("version_policy: {latest: 1}", "version_policy: {specific: [1, 2]}")
     repo = make_repo({"mlp": {1: "st1", 2: "st2"}}, yaml={"mlp": yaml})
     srv = serve(repo, inline_forward_us=1e9)  # any measured forward qualifies
     assert srv.wait_for(lambda: len(srv.available("mlp")) == 2, 60)
@@ -86,7 +86,7 @@ def test_both_versions_share_one_path_shown_in_metadata_and_summary(make_repo, s
 
 
 def test_a_version_measured_over_the_limit_moves_its_twin_too(make_repo, serve):
-    yaml = MLP_YAML + "\nversion_policy: {specific: [1]}\n"
+    yaml = MLP_YAML.replace("version_policy: {latest: 1}", "version_policy: {specific: [1]}")
     repo = make_repo({"mlp": {1: "st1", 2: "st2"}}, yaml={"mlp": yaml})
     srv = serve(repo, inline_forward_us=1e9)
     assert srv.wait_for(lambda: srv.available("mlp") == [1], 60)
@@ -97,7 +97,7 @@ def test_a_version_measured_over_the_limit_moves_its_twin_too(make_repo, serve):
         h1.runner.forward_s = 1e-9
         srv.core.manager.settings.inline_forward_us = 1.0
     srv.on_loop(only_v1_fast)
-    (repo / "mlp" / "model.yaml").write_text(MLP_YAML + "\nversion_policy: {specific: [1, 2]}\n")
+    (repo / "mlp" / "model.yaml").write_text(MLP_YAML.replace("version_policy: {latest: 1}", "version_policy: {specific: [1, 2]}"))
     assert srv.wait_for(lambda: srv.available("mlp") == [1, 2], 60)
     assert h1.runner.execution == "executor"
     assert versions_execution(srv)[0] == {"1": "executor", "2": "executor"}

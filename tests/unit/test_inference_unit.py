@@ -71,6 +71,9 @@ class FakeManager:
     def view(self) -> Snapshot:
         return Snapshot(1, {"m": ModelView("m")})
 
+    def unknown(self, model):
+        return errors.not_found(f"unknown model '{model}'")  # no folder on disk here
+
     def acquire(self, model, version):
         if model != "m":
             raise errors.not_found(f"unknown model '{model}'")
