@@ -12,6 +12,7 @@ import math
 import sys
 from collections import deque
 
+from experiments.report import empty
 from runtime import errors
 from runtime.histogram import quantile
 from runtime.metrics.merge import copy, export_state, merge_states, reading, subtract_states
@@ -23,7 +24,6 @@ ROUTING_MARKS = 16
 SINCE_EXPECTED = "'routing', 'start' or a unix time in seconds"
 CLIENT_CODES = ("INVALID_ARGUMENT", "TOO_LARGE", "NOT_FOUND", "CLIENT_TIMEOUT")
 PRIMARY_EXCLUDED = ("shadow",)
-NO_EXPERIMENT = {"state": "none", "decisions": []}
 
 
 def _ms(counts: list[int]) -> dict[str, float | None]:
@@ -148,9 +148,8 @@ class Summary:
                 "seconds": round(max(0.0, now - at), 3)}, base
 
     def _experiment_report(self, model: str) -> dict:
-        if self.store.experiments is None:
-            return dict(NO_EXPERIMENT)
-        return dict(self.store.experiments().reports.get(model, NO_EXPERIMENT))
+        got = None if self.store.experiments is None else self.store.experiments().reports.get(model)
+        return empty() if got is None else dict(got)  # every key in every state, as GET .../experiment
 
 
 def _summary(src: Store, model: str, window: dict, experiment: dict) -> dict:
