@@ -843,9 +843,21 @@ class H2Connection(asyncio.Protocol):
                          + message.encode("utf-8", "replace")[:256]))
 
     def _abort(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        self._close_transport()
         self.closed = True
+
+    def _close_transport(self) -> None:
+        """Close after what is queued is flushed; a peer that does not read would keep
+        that open forever, so a second later it is cut."""
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.close()
+            if not self._lost:
+                self.loop.call_later(1.0, self._cut)
+
+    def _cut(self) -> None:
+        if not self._lost and self.transport is not None:
+            self.transport.abort()
 
     # ---- shutdown -----------------------------------------------------------------------
     def go_away(self) -> None:
@@ -862,8 +874,8 @@ class H2Connection(asyncio.Protocol):
             return
         if self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
-        if not self.closed and self.transport is not None:
-            self.transport.close()
+        if not self.closed:
+            self._close_transport()
 
     async def wait_idle(self) -> None:
         if not self._streams or self.closed:
