@@ -384,6 +384,8 @@ class H2Connection(asyncio.Protocol):
         self._drain = None
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return  # what a closed connection still sends is dropped, not kept
         buf = self._buf
         buf += data
         try:
@@ -845,6 +847,8 @@ class H2Connection(asyncio.Protocol):
     def _abort(self) -> None:
         self._close_transport()
         self.closed = True
+        self._buf = bytearray()  # up to a read's worth of frames nobody will parse
+        self._hcache.clear()
 
     def _close_transport(self) -> None:
         """Close after what is queued is flushed; a peer that does not read would keep
