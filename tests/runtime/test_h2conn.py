@@ -256,3 +256,27 @@ def test_a_peer_that_does_not_read_stops_being_read():
         conn.resume_writing()
         return t.reading, len([f for f in t.frames() if f[0] == h2conn.PING])
     assert _live(body) == (True, 3)
+
+
+def test_a_burst_of_streams_is_parsed_a_slice_per_loop_turn():
+    """100 requests in one read: STREAMS_PER_PASS of them now, the rest on later turns
+    of the loop (other connections run in between), none lost."""
+    async def run():
+        streams = []
+        conn = H2Connection(lambda s, end: streams.append(s), limits=GrpcLimits())
+        t = FakeTransport()
+        conn.connection_made(t)
+        enc = hpack.Encoder()
+        block = [(":method", "POST"), (":path", "/a/b"), ("content-type", "application/grpc")]
+        burst = b"".join(frame(h2conn.HEADERS, 0x5, 1 + 2 * i, enc.encode(block)) for i in range(100))
+        conn.data_received(h2conn.PREFACE + frame(h2conn.SETTINGS, 0, 0) + burst)
+        first, paused = len(streams), not t.reading
+        turns = 0
+        while len(streams) < 100 and turns < 10:
+            await asyncio.sleep(0)
+            turns += 1
+        conn.connection_lost(None)
+        return first, paused, len(streams), turns, t.reading
+    first, paused, total, turns, reading = asyncio.run(run())
+    assert first == h2conn.STREAMS_PER_PASS and paused
+    assert total == 100 and turns == 3 and reading

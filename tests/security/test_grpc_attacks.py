@@ -25,9 +25,11 @@ import zlib
 import hpack
 import pytest
 
+from tests.security import h2attack
 from tests.security.h2attack import (
     CONTINUATION, DATA, END_HEADERS, END_STREAM, ENHANCE_YOUR_CALM, HEADERS, INFER, LIVE,
-    NO_ERROR, PING, PREFACE, PRIORITY, RST_STREAM, SETTINGS, ServerUnderAttack, Watch, Wire,
+    NO_ERROR, PING, PREFACE, PRIORITY, RST_STREAM, SETTINGS, WINDOW_UPDATE, ServerUnderAttack,
+    Watch, Wire,
     frame, infer_request, message, write_config)
 
 from conftest import MLP_YAML
@@ -211,11 +213,14 @@ def test_cheap_frame_floods_end_in_enhance_your_calm(both, kind):
     """(both) CVE-2019-9518 shapes, the answers read: on h2 each kind has a per-connection
     budget over a sliding window; past it, GOAWAY ENHANCE_YOUR_CALM and close. grpcio
     sends GOAWAY for PINGs (and closes later), closes (another code) on empty frames, and lets PRIORITY and
-    stray RST_STREAM through: there only the watchers' promises are checked."""
+    stray RST_STREAM through: there the normal client and the probe are checked, and RSS
+    growth past the bound is an expected failure (+17 to +90 MB measured in 2 s)."""
     expect = GRPCIO_CHEAP[kind] if both.transport == "grpcio" else "calm"
     with Watch(both, f"{kind}_flood_{both.transport}") as watch:
         seens = _repeat(both, _cheap(kind))
-        watch.check(**_closed(seens))
+        r = watch.check(rss=expect != "survives", **_closed(seens))
+    if expect == "survives" and r["rss_growth_mb"] >= h2attack.RSS_GROWTH_MB:
+        pytest.xfail(f"grpcio does not bound a {kind} flood: RSS +{r['rss_growth_mb']} MB in {ATTACK_S} s")
     if expect == "calm":
         _assert_calm(seens, kind)
     elif expect == "goaway":  # grpcio: GOAWAY too_many_pings, closed after its own grace
@@ -245,6 +250,9 @@ def test_requests_whose_answers_are_never_read_pause_reading(h2):
     `window_s`."""
     from grpc_reflection.v1alpha import reflection_pb2
     w = Wire(h2.grpc_port, rcvbuf=4096)
+    # every window wide open: nothing but the server's own write buffer holds its answers
+    w.send(frame(SETTINGS, 0, 0, struct.pack(">HI", 4, (1 << 31) - 1))
+           + frame(WINDOW_UPDATE, 0, 0, ((1 << 31) - 1 - 65_535).to_bytes(4, "big")))
     msg = message(reflection_pb2.ServerReflectionRequest(
         file_containing_symbol="inference.GRPCInferenceService").SerializeToString())
     path = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
@@ -283,6 +291,7 @@ def test_requests_whose_answers_are_never_read_pause_reading(h2):
                     closed_after_s=w.seen.closed_after)
     assert sent < len(batch), "the server never stopped reading"
     assert w.seen.closed_after is not None, "a client that never reads was never cut"
+    assert w.seen.closed_after < blocked + LIMITS["window_s"] + 2, (blocked, w.seen.closed_after)
     w.close()
 
 

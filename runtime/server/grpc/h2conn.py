@@ -43,6 +43,7 @@ log = logging.getLogger("splitserve.grpc")
 _SETTING = struct.Struct(">HI")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+STREAMS_PER_PASS = 32  # new streams parsed per loop turn: a burst on one connection waits its turn
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, \
     CONTINUATION = range(10)
 END_STREAM = ACK = 0x1
@@ -300,6 +301,8 @@ class H2Connection(asyncio.Protocol):
         # backpressure and housekeeping
         self._write_paused = False
         self._paused_at = 0.0
+        self._opened = 0          # streams opened in this pass over the read buffer
+        self._yielding = False    # parsing handed back to the loop until the next turn
         self._drain: asyncio.Future | None = None
         now = self.loop.time()
         self._made = self._idle_since = now
@@ -370,13 +373,35 @@ class H2Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._write_paused = False
         self._wake_drain()
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and not self._yielding:
             try:
                 self.transport.resume_reading()
             except RuntimeError:  # already closing
                 return
             if self._buf:
                 self.data_received(b"")
+
+    def _yield(self) -> None:
+        """STREAMS_PER_PASS streams opened from one read: stop here, let the loop run
+        everything else that is ready (other connections, the health probe), go on next
+        turn. A client's burst of thousands of requests costs others one slice, not all."""
+        self._yielding = True
+        try:
+            self.transport.pause_reading()
+        except RuntimeError:
+            return
+        self.loop.call_soon(self._go_on)
+
+    def _go_on(self) -> None:
+        self._yielding = False
+        if self.closed or self._write_paused or self.transport is None:
+            return
+        try:
+            self.transport.resume_reading()
+        except RuntimeError:
+            return
+        if self._buf:
+            self.data_received(b"")
 
     def _wake_drain(self) -> None:
         if self._drain is not None and not self._drain.done():
@@ -399,9 +424,10 @@ class H2Connection(asyncio.Protocol):
                 del buf[:len(PREFACE)]
                 self._preface = True
             off, n = 0, len(buf)
+            self._opened = 0
             while n - off >= 9:
-                if self._write_paused:
-                    break  # the rest waits in _buf; resume_writing parses it
+                if self._write_paused or self._yielding:
+                    break  # the rest waits in _buf; resume_writing / _go_on parse it
                 length = int.from_bytes(buf[off:off + 3], "big")
                 kind = buf[off + 3]
                 if length > MAX_FRAME:
@@ -419,6 +445,8 @@ class H2Connection(asyncio.Protocol):
                 self._frame(kind, flags, sid, payload)
                 if self.closed:
                     return
+                if self._opened >= STREAMS_PER_PASS:
+                    self._yield()
             if off:
                 del buf[:off]
         except ConnectionError_ as e:
@@ -615,6 +643,7 @@ class H2Connection(asyncio.Protocol):
             self.write(frame(RST_STREAM, 0, sid, REFUSED_STREAM.to_bytes(4, "big")))
             return
         self._active = True
+        self._opened += 1
         s = Stream(self, sid, self._peer_initial)
         s.headers = headers
         s.closed_remote = end
