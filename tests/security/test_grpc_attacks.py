@@ -30,7 +30,7 @@ from tests.security.h2attack import (
     CONTINUATION, DATA, END_HEADERS, END_STREAM, ENHANCE_YOUR_CALM, HEADERS, INFER, LIVE,
     NO_ERROR, PING, PREFACE, PRIORITY, RST_STREAM, SETTINGS, WINDOW_UPDATE, ServerUnderAttack,
     Watch, Wire,
-    frame, infer_request, message, write_config)
+    frame, message, write_config)
 
 from conftest import MLP_YAML
 import make_example_models as mk

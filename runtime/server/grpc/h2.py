@@ -504,8 +504,14 @@ class _Refused(asyncio.Protocol):
     """A connection over `max_connections`: SETTINGS, GOAWAY (last stream 0: nothing was
     processed, a client may retry elsewhere), closed; nothing it sends is read."""
 
+    _last = [0.0, 0]  # last WARNING, refused since: one line per 10 s, not per connection
+
     def connection_made(self, transport) -> None:
-        log.debug("event=h2_connection_refused reason=max_connections")
+        now, last = time.monotonic(), self._last
+        last[1] += 1
+        if now - last[0] >= 10.0:
+            log.warning("event=h2_connection_refused reason=max_connections refused_since_last=%d", last[1])
+            last[0], last[1] = now, 0
         transport.write(h2conn.frame(h2conn.SETTINGS, 0, 0) + h2conn.frame(
             h2conn.GOAWAY, 0, 0, bytes(4) + h2conn.NO_ERROR.to_bytes(4, "big") + b"max_connections"))
         transport.close()

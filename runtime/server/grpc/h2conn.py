@@ -20,11 +20,12 @@ Hostile clients (issue 25; every bound is `server.grpc_limits`, `GrpcLimits`): f
 cost us more than the sender (PING, SETTINGS, PRIORITY, empty or unknown frames, resets
 received or provoked) spend per-connection budgets over a sliding window, and an empty
 budget is GOAWAY ENHANCE_YOUR_CALM; reading pauses while our write buffer is over
-`write_buffer_bytes`, so replies a client never reads cannot pile up; a header block is
-refused by its length before HPACK sees it; both receive windows are enforced and
+`write_buffer_bytes`, so replies a client never reads cannot pile up, and at most
+STREAMS_PER_PASS new streams are parsed per loop turn (a burst waits its turn); a header
+block is refused by its length before HPACK sees it; both receive windows are enforced and
 reopen only as the application consumes; one timer per connection closes it when the
-preface, a request body, or the peer's reading is late, when it has been idle, or (with
-a graceful GOAWAY first) when it reaches its maximum age.
+preface, a request body, or the peer's reading is late, when it has been idle, or (with a
+graceful GOAWAY first) when it reaches its maximum age.
 """
 
 from __future__ import annotations
