@@ -145,3 +145,16 @@ def test_grpc_limits_are_named_bounded_and_strict():
         assert msg.startswith(key) and "\n" not in msg, msg
     changes = compare_settings(Settings(), s)
     assert [(c.key, c.how) for c in changes] == [("server.grpc_limits", "restart")]
+
+
+def test_grpcio_takes_the_grpc_limits_it_has_options_for():
+    from types import SimpleNamespace
+
+    from runtime.server.grpc.servicers import options
+    s = Settings.model_validate({"server": {"grpc_limits": {"max_streams": 7, "idle_s": 9,
+                                                            "max_age_s": 0}}})
+    opts = dict(options(SimpleNamespace(settings=s), False))
+    assert opts["grpc.max_concurrent_streams"] == 7 and opts["grpc.max_connection_idle_ms"] == 9000
+    assert opts["grpc.http2.max_ping_strikes"] == 2 and "grpc.max_connection_age_ms" not in opts
+    opts = dict(options(SimpleNamespace(settings=Settings()), False))
+    assert opts["grpc.max_connection_age_ms"] == 3_600_000
