@@ -85,7 +85,9 @@ class Wire:
         self.buf = bytearray()
         self.seen = Seen()
         self.t0 = time.monotonic()
-        self._pending: dict[int, list] = {}
+        self.conn_window = 65_535  # what the server lets us send (its windows)
+        self.initial_window = 65_535
+        self.windows: dict[int, int] = {}
         if preface:
             self.sock.sendall(PREFACE + frame(SETTINGS, 0, 0))
 
@@ -151,6 +153,20 @@ class Wire:
                 seen.ping_acks += 1
             elif kind == SETTINGS and flags & 0x1:
                 seen.settings_acks += 1
+            elif kind == SETTINGS:
+                for i in range(0, len(p) - 5, 6):
+                    key, value = int.from_bytes(p[i:i + 2], "big"), int.from_bytes(p[i + 2:i + 6], "big")
+                    if key == 4:
+                        for k in self.windows:
+                            self.windows[k] += value - self.initial_window
+                        self.initial_window = value
+                self.send(frame(SETTINGS, 0x1, 0))
+            elif kind == WINDOW_UPDATE:
+                inc = int.from_bytes(p, "big") & 0x7FFFFFFF
+                if sid == 0:
+                    self.conn_window += inc
+                else:
+                    self.windows[sid] = self.windows.get(sid, self.initial_window) + inc
             elif kind == RST_STREAM:
                 seen.resets[sid] = int.from_bytes(p, "big")
             elif kind in (HEADERS, CONTINUATION) and decode:
@@ -158,6 +174,25 @@ class Wire:
                 if flags & END_STREAM or "grpc-status" in h:
                     seen.trailers[sid] = h
         del buf[:off]
+
+    def send_data(self, sid: int, body: bytes, done=lambda seen: False, deadline: float = 10.0) -> None:
+        """DATA frames within the server's windows (waiting for its WINDOW_UPDATEs), the
+        last with END_STREAM; stops early once done(seen) holds (say, the stream was
+        answered)."""
+        end = time.monotonic() + deadline
+        off = 0
+        while off < len(body) and not done(self.seen) and time.monotonic() < end:
+            avail = min(self.conn_window, self.windows.setdefault(sid, self.initial_window), 16_384)
+            if avail <= 0:
+                self.pump(until=lambda s: done(s) or min(self.conn_window, self.windows[sid]) > 0,
+                          deadline=max(0.01, end - time.monotonic()))
+                continue
+            part = body[off:off + avail]
+            off += len(part)
+            self.conn_window -= len(part)
+            self.windows[sid] -= len(part)
+            if not self.send(frame(DATA, END_STREAM if off >= len(body) else 0, sid, part)):
+                return
 
     def close(self) -> None:
         self.sock.close()
