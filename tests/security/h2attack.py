@@ -88,6 +88,7 @@ class Wire:
         self.conn_window = 65_535  # what the server lets us send (its windows)
         self.initial_window = 65_535
         self.windows: dict[int, int] = {}
+        self.ack_settings = False
         if preface:
             self.sock.sendall(PREFACE + frame(SETTINGS, 0, 0))
 
@@ -160,7 +161,8 @@ class Wire:
                         for k in self.windows:
                             self.windows[k] += value - self.initial_window
                         self.initial_window = value
-                self.send(frame(SETTINGS, 0x1, 0))
+                if self.ack_settings:  # off by default: a flood's reader thread must not write
+                    self.send(frame(SETTINGS, 0x1, 0))
             elif kind == WINDOW_UPDATE:
                 inc = int.from_bytes(p, "big") & 0x7FFFFFFF
                 if sid == 0:

@@ -154,6 +154,7 @@ def test_gzip_bomb_is_refused_at_the_bound(both, bomb):
     RESOURCE_EXHAUSTED each time, and the server never holds more than
     `limits.max_body_bytes` of it."""
     w = Wire(both.grpc_port)
+    w.ack_settings = True  # one thread here: a well-behaved client but for the bomb
     body = message(bomb, compressed=True)
     with Watch(both, f"gzip_bomb_{both.transport}") as watch:
         t0 = time.monotonic()
