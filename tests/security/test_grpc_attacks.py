@@ -9,7 +9,8 @@ The server runs with short timeouts (preface 1 s, idle 2 s, body 1 s, window 2 s
 slow-client cases finish in seconds; every other bound is the shipped default.
 `h2` is splitserve's own transport (the default); the tests marked `both` run against
 grpcio (`--grpc-transport grpcio`) too; the rest cover bounds only our transport has
-(grpcio's are its own and partly absent: rapid reset is unmitigated in grpc.aio).
+(grpcio's are its own and partly absent: rapid reset is unmitigated in grpc.aio, and a
+PRIORITY flood grows its RSS without bound: an expected failure there).
 Set SPLITSERVE_SECURITY_REPORT=path to get one JSON line per attack.
 """
 
