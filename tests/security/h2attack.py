@@ -241,14 +241,20 @@ class Watch:
         return self
 
     MIN_S = 1.0  # watched at least this long, however soon the attack was over
+    MIN_CALLS = 5  # ... and until the normal client made this many calls (a busy machine
+    MAX_S = 30.0  # starts it late), but never longer than this
 
     def __exit__(self, *exc):
         self.finish()
         self.channel.close()
 
     def finish(self) -> None:
-        """Watch until MIN_S has passed, then stop the watchers (idempotent)."""
+        """Watch until MIN_S has passed and the normal client made MIN_CALLS calls (or
+        MAX_S passed), then stop the watchers (idempotent)."""
         self.stop.wait(max(0.0, self.t0 + self.MIN_S - time.monotonic()))
+        while (not self.stop.is_set() and len(self.latencies) + len(self.failures) < self.MIN_CALLS
+               and time.monotonic() < self.t0 + self.MAX_S):
+            self.stop.wait(0.05)
         self.stop.set()
         for t in self.threads:
             t.join(10)
