@@ -13,7 +13,7 @@ import pytest
 
 from runtime.decider.fleet import Fleet, fit_states, parse_push
 from runtime.decider.lease_k8s import Lease
-from runtime.decider.workers import zero_counts
+from runtime.decider.counts import zero_counts
 from runtime.routing.k8s_api import KubeClient
 
 
@@ -28,7 +28,7 @@ def counts(n: int, errors: int = 0) -> list:
 
 
 def requests(cur: dict, base: dict) -> dict[int, int]:
-    return {v: c[0] - base.get(str(v), zero_counts())[0] for v, c in cur.items()}
+    return {int(str(v).partition("@")[0]): c[0] - base.get(str(v), zero_counts())[0] for v, c in cur.items()}
 
 
 def test_the_holder_judges_each_pods_increments_once_and_a_new_holder_carries_on():
@@ -49,12 +49,18 @@ def test_the_holder_judges_each_pods_increments_once_and_a_new_holder_carries_on
 
 
 def test_a_push_is_validated_whole():
-    ok = {"identity": "pod-b-1", "models": {"mlp": {"1": counts(1)}}, "records": [["r1", "mlp", 1, "control"]]}
-    assert parse_push(ok) == ("pod-b-1", ok["models"], [("r1", "mlp", 1, "control")])
+    ok = {"identity": "pod-b-1", "models": {"mlp": {"1": counts(1), "2@0.25": counts(2)}},
+          "records": [["r1", "mlp", 1, "control"], ["r2", "mlp", 2, "candidate", 0.25, "user-1"]],
+          "keys": {"mlp": {"f1": {"user-1": [2, 1, 0.25, 1, 1700000000.5]}}}}
+    assert parse_push(ok) == ("pod-b-1", ok["models"], [("r1", "mlp", 1, "control", None, None),
+                                                        ("r2", "mlp", 2, "candidate", 0.25, "user-1")], ok["keys"])
     for bad, says in ((dict(ok, identity=""), "identity"), (dict(ok, models=[]), "models"),
                       (dict(ok, models={"mlp": {"x": counts(1)}}), "models.mlp.x"),
                       (dict(ok, models={"mlp": {"1": [1, 2]}}), "models.mlp.1"),
-                      (dict(ok, records=[["r1", "mlp", "1", None]]), "records")):
+                      (dict(ok, models={"mlp": {"1@x": counts(1)}}), "models.mlp.1@x"),
+                      (dict(ok, records=[["r1", "mlp", "1", None]]), "records"),
+                      (dict(ok, records=[["r1", "mlp", 1, None, "0.5", None]]), "records"),
+                      (dict(ok, keys={"mlp": {"f1": {"u": [1, 0, 0.5, 1]}}}), "keys")):
         with pytest.raises(ValueError, match=says):
             parse_push(bad)
 
