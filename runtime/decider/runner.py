@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import ArmObservation, ExperimentError, ExperimentState, Observation, act, judge
-from experiments.engine import GenerationObservation, candidate_share, fingerprint
+from experiments.engine import GenerationObservation, candidate_share, fingerprint, routing_history
 from experiments.feedback import ArmFeedback, DecisionLog, FeedbackError, parse_feedback
 from experiments.stats import UnitSums
 from experiments.report import report
@@ -174,10 +174,11 @@ class ExperimentRunner:
         if state is None:
             return 0
         route = self.router.get_config(model)
-        history = [(g.generation, g.share) for g in state.gens] + self._written.get(model, [])
+        current, had = routing_history(state)
+        history = [*had, *self._written.get(model, [])]
         if route.experiment is not None:
-            history.append((state.generation, candidate_share(route)))
-        return generation_of(history, share, state.generation)
+            history.append((current, candidate_share(route)))
+        return generation_of(history, share, current)
 
     # ---- several workers ------------------------------------------------------------------
     def share(self, run_dir: Path, worker: int) -> None:
@@ -509,10 +510,10 @@ class ExperimentRunner:
         feedback joined meanwhile (ArmObservation, GenerationObservation)."""
         arms = self._arms[model]
         state = self.states.get(model)
-        current = state.generation if state is not None else 0
+        current, had = routing_history(state) if state is not None else (0, ())
         now_share = candidate_share(route)
         gens: dict[int, dict] = {}
-        shares: dict[int, float] = {g.generation: g.share for g in state.gens} if state is not None else {}
+        shares: dict[int, float] = dict(had)
         shares.update(self._written.get(model, []))
         shares[current] = now_share
 
@@ -560,7 +561,7 @@ class ExperimentRunner:
             return  # judged while a renewal failed for a whole duration: the next holder decides
         if j.route is not None:
             if j.route.experiment is not None and j.state is not None:  # the share of each generation we wrote
-                self._written.setdefault(model, []).append((j.state.generation, candidate_share(j.route)))
+                self._written.setdefault(model, []).append((routing_history(j.state)[0], candidate_share(j.route)))
                 del self._written[model][:-64]
             await self.control.put_routing(model, j.route.to_json())
         changed = j.state is not None and j.state != self.states.get(model)
