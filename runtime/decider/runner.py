@@ -512,14 +512,17 @@ class ExperimentRunner:
         state = self.states.get(model)
         current, had = routing_history(state) if state is not None else (0, ())
         now_share = candidate_share(route)
-        gens: dict[int, dict] = {}
         shares: dict[int, float] = dict(had)
         shares.update(self._written.get(model, []))
         shares[current] = now_share
+        # one slice per (generation, share): a share no generation had (a hand-edited split)
+        # is judged at its own share, in the current generation
+        gens: dict[tuple[int, float], dict] = {}
 
-        def slot(gen: int, arm: int) -> dict:
-            return gens.setdefault(gen, {}).setdefault(arm, {"requests": 0, "errors": 0, "units": 0,
-                                                             "latency": [0] * NB})
+        def slot(gen: int, arm: int, share: float | None = None) -> dict:
+            at = (gen, shares.get(gen, now_share) if share is None else share)
+            return gens.setdefault(at, {}).setdefault(arm, {"requests": 0, "errors": 0, "units": 0,
+                                                            "latency": [0] * NB})
         for tag, t in totals.items():
             version, share = parse_tag(tag)
             i = 0 if version == arms[0] else 1 if version == arms[1] else -1
@@ -527,11 +530,7 @@ class ExperimentRunner:
             if i < 0 or t[0] == b[0]:
                 continue
             gen = self._generation(model, share)
-            if share is not None:
-                shares.setdefault(gen, share)
-                if gen == current and abs(share - now_share) > 1e-9:
-                    shares[gen] = share  # (a split this decider never wrote: judged at its own share)
-            a = slot(gen, i)
+            a = slot(gen, i, share)
             a["requests"] += t[0] - b[0]
             a["errors"] += t[1] - b[1]
             a["units"] += t[2] - b[2]
@@ -544,15 +543,16 @@ class ExperimentRunner:
             for arm_name, fb in by_arm.items():
                 slot(current if gen is None else gen, ("control", "candidate").index(arm_name))["feedback"] = fb
         out = []
-        for gen in sorted(gens):
+        for gen, share in sorted(gens):
             pair = []
             for i in (0, 1):
-                a = gens[gen].get(i) or slot(gen, i)
+                a = gens[(gen, share)].get(i) or slot(gen, i, share)
                 fb: ArmFeedback = a.get("feedback") or ArmFeedback({}, {}, 0)
+                home = abs(share - shares.get(gen, now_share)) < 1e-9  # per-key sums go once, with its share
                 pair.append(ArmObservation(a["requests"], a["errors"], a["units"], tuple(a["latency"]), fb.outcomes,
-                                           unit_errors.get((gen, i)) if keys is not None else None,
+                                           unit_errors.get((gen, i)) if keys is not None and home else None,
                                            fb.unit_outcomes, fb.late))
-            out.append(GenerationObservation(gen, shares.get(gen, now_share), pair[0], pair[1]))
+            out.append(GenerationObservation(gen, share, pair[0], pair[1]))
         return Observation(edges=_EDGES, generations=tuple(out))
 
     async def _apply(self, model: str, j) -> None:
@@ -561,8 +561,12 @@ class ExperimentRunner:
             return  # judged while a renewal failed for a whole duration: the next holder decides
         if j.route is not None:
             if j.route.experiment is not None and j.state is not None:  # the share of each generation we wrote
-                self._written.setdefault(model, []).append((routing_history(j.state)[0], candidate_share(j.route)))
-                del self._written[model][:-64]
+                gen, was = routing_history(j.state)[0], self.router.get_config(model)
+                written = self._written.setdefault(model, [])
+                if was.experiment is not None and all(g != gen - 1 for g, _ in written):
+                    written.append((gen - 1, candidate_share(was)))  # the routing it replaces
+                written.append((gen, candidate_share(j.route)))
+                del written[:-64]
             await self.control.put_routing(model, j.route.to_json())
         changed = j.state is not None and j.state != self.states.get(model)
         if j.state is not None:
