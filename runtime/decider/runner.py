@@ -1,9 +1,11 @@
 """ExperimentRunner: experiments/ inside the server, one per Core, on the event loop.
 
-Owns what the pure engine cannot: the per-model counters of the interval in progress
-(fed by `on_finished`, called once per finished primary request; shadow copies never
-come here), the decision log that joins feedback to the version that served, the engine
-state of every model (persisted as strict JSON beside the routing config, so latches and
+Owns what the pure engine cannot: the counters (fed by `on_finished`, called once per
+finished primary request with the routing config that placed it; shadow copies never come
+here), kept per version and candidate share, and per sticky key, in tallies
+(runtime/decider/counts.py, tally.py) and judged per routing generation; a decision log
+per model, kept by its `feedback_window_s`, that joins feedback to the version, arm and
+generation that served; the engine state of every model (persisted as strict JSON beside the routing config, so latches and
 steps survive a restart), and the loop that judges each experiment every `interval_s`.
 A routing change goes through `Control.put_routing`: validated, persisted atomically and
 applied in one write. One process decides: alone, this one; with `--workers N`
@@ -48,6 +50,7 @@ from runtime.views import ExperimentsView
 log = logging.getLogger("splitserve.experiments")
 
 ROUTED = ("split", "sticky")  # only requests the split placed are evidence
+MAX_KEYS = 1_000_000  # sticky keys per process's key tally (~100 bytes each in the file, ~150 in memory)
 _CODES = {"not_found": Code.NOT_FOUND, "conflict": Code.CONFLICT}
 _EDGES = tuple(EDGES)
 
@@ -70,7 +73,9 @@ class ExperimentRunner:
         self._slots: dict[tuple, int] = {}  # (model, version, share) -> the arms tally's slot
         self._tags: dict[str, tuple[RouteConfig, tuple | None]] = {}  # model -> (route, its tag)
         self._written: dict[str, list[tuple[int, float]]] = {}  # model -> (generation, share) we wrote
+        self._gen_memo: dict[str, tuple] = {}  # model -> (state, route, writes, {share: generation})
         self.cohorts = Cohorts(seen_capacity)
+        self._keys_full = False
         self._primed: set[str] = set()  # models whose cohorts this decider took over
         self._base: dict[str, dict] = {}  # the totals (all workers) at each model's last judgment
         self.peers: Peers | None = None  # set by share(): several workers
@@ -87,11 +92,6 @@ class ExperimentRunner:
         self._due: dict[str, float] = {}
         self._task: asyncio.Task | None = None
         self._counts: dict[tuple[str, str, str], int] = {}  # (kind, model, key): published counters
-
-    @property
-    def log(self) -> DecisionLog:
-        """The decision log of the only experiment (tests; see `logs`)."""
-        return next(iter(self.logs.values())) if len(self.logs) == 1 else DecisionLog(1)
 
     def _log(self, model: str) -> DecisionLog:
         """The model's decision log, kept by its experiment's feedback_window_s."""
@@ -159,6 +159,12 @@ class ExperimentRunner:
         name = f"k\t{model}\t{spec}\t{key}"
         k = self.key_tally.find(name)
         if k is None:  # where this worker first placed the key (the decider keeps the earliest)
+            if len(self.key_tally) >= MAX_KEYS:  # bounded: a key beyond is in the arm counts only
+                if not self._keys_full:
+                    self._keys_full = True
+                    log.warning("event=experiment_keys_full model=%s keys=%d reason='sticky keys beyond this are "
+                                "counted as requests, not as units'", model, MAX_KEYS)
+                return
             k = self.key_tally.slot(name, KEY_WIDTH)
             self.key_tally.set(k, 2, share)
             self.key_tally.set(k, 3, i)
@@ -169,16 +175,24 @@ class ExperimentRunner:
 
     def _generation(self, model: str, share: float | None) -> int:
         """The routing generation of a request placed at candidate `share`: the newest one
-        this experiment routed at that share (see counts.generation_of)."""
+        this experiment routed at that share (see counts.generation_of); memoized until the
+        state, the routing or our writes change."""
         state = self.states.get(model)
         if state is None:
             return 0
         route = self.router.get_config(model)
-        current, had = routing_history(state)
-        history = [*had, *self._written.get(model, [])]
-        if route.experiment is not None:
-            history.append((current, candidate_share(route)))
-        return generation_of(history, share, current)
+        written = self._written.get(model, [])
+        memo = self._gen_memo.get(model)
+        if memo is None or memo[0] is not state or memo[1] is not route or memo[2] != len(written):
+            memo = self._gen_memo[model] = (state, route, len(written), {})
+        got = memo[3].get(share)
+        if got is None:
+            current, had = routing_history(state)
+            history = [*had, *written]
+            if route.experiment is not None:
+                history.append((current, candidate_share(route)))
+            got = memo[3][share] = generation_of(history, share, current)
+        return got
 
     # ---- several workers ------------------------------------------------------------------
     def share(self, run_dir: Path, worker: int) -> None:

@@ -155,3 +155,29 @@ def test_requests_count_under_the_split_that_placed_them_and_keys_once_in_their_
     assert all(len(c[3]) == ARM_WIDTH - 3 for c in arms.values())
     (spec, keys), = keys_of(runner.key_tally.entries())["mlp"].items()
     assert spec == runner.states["mlp"].spec and keys["u0-2"][:4] == [2, 0, 0.1, 1] and keys["u7"][:4] == [1, 0, 0.5, 0]
+
+
+def test_feedback_after_feedback_window_s_is_late_per_arm_and_shown():
+    doc = {**DOC, "experiment": {**DOC["experiment"], "feedback_window_s": 10,
+                                 "outcomes": [{"metric": "click", "kind": "binary", "goal": "increase"}]}}
+    router = Router(parse_config_text(json.dumps({"models": {"mlp": doc}}), "x.yaml"))
+    clock = [1000.0]
+    runner = ExperimentRunner(router, Control(router), None, clock=lambda: clock[0], tick_s=3600)
+
+    async def main() -> dict:
+        await runner.tick()  # the start
+        runner.on_finished("mlp", 2, "sticky", True, 0.001, "old", "u1")
+        clock[0] += 9
+        runner.on_finished("mlp", 1, "sticky", True, 0.001, "new", "u2")
+        clock[0] += 2  # "old" is 11 s old: past the window; "new" 2 s
+        got = await runner.feedback("mlp", {"items": [{"request_id": r, "metric": "click", "value": 1}
+                                                      for r in ("old", "new")]})
+        await runner.tick()
+        return got
+
+    got = asyncio.run(main())
+    assert got == {"matched": 1, "unknown": 0, "duplicate": 0, "late": 1}
+    view = runner.view("mlp")
+    assert (view["control"]["late"], view["candidate"]["late"]) == (0, 1)
+    assert view["outcomes"][0]["control"]["n"] == 1 and view["outcomes"][0]["candidate"]["n"] == 0
+    assert view["unit"] == "key" and view["feedback_window_s"] == 10
