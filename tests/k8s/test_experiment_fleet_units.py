@@ -98,3 +98,24 @@ def test_silent_identities_are_forgotten_once_judged(monkeypatch):
     cur, base = f.judged_totals("mlp", {})
     assert set(f.baseline) == {"pod-b-1", "pod-c-1"} and set(f.pushed) == {"pod-b-1"}
     assert requests(cur, base) == {1: 0}
+
+
+def test_a_key_served_by_two_pods_is_one_unit_at_the_holder_and_pushes_are_idempotent():
+    """Pods push cumulative per-key totals (only the changed ones); the holder sums a key over
+    pods, and the cohort is where it was first placed (the earliest time wins)."""
+    from runtime.decider.counts import Cohorts, merge_keys
+    holder, b = fleet("pod-a-1"), fleet("pod-b-1")
+    pod_b = {"mlp": {"f1": {"u1": [2, 1, 0.5, 1, 20.0], "u2": [1, 0, 0.5, 0, 21.0]}}}
+    changed = b.changed_keys(pod_b)
+    assert changed == pod_b
+    holder.received("pod-b-1", {"mlp": {}}, changed)
+    holder.received("pod-b-1", {"mlp": {}}, changed)  # a resent push: the same totals
+    b.acked(0, changed)
+    assert b.changed_keys(pod_b) == {}
+    pod_b["mlp"]["f1"]["u2"] = [3, 0, 0.5, 0, 21.0]
+    assert b.changed_keys(pod_b) == {"mlp": {"f1": {"u2": [3, 0, 0.5, 0, 21.0]}}}
+    own = {"mlp": {"f1": {"u1": [1, 0, 0.1, 0, 10.0]}}}  # the holder's pod placed u1 first
+    totals = merge_keys({}, [own, *holder.pushed_keys()])["mlp"]["f1"]
+    assert totals == {"u1": [3, 1, 0.1, 0, 10.0], "u2": [1, 0, 0.5, 0, 21.0]}
+    got = Cohorts().judge("mlp", "f1", totals, lambda s: {0.1: 0, 0.5: 1}[s])
+    assert {k: (n, s.x, s.y) for k, (n, s) in got.items()} == {(0, 0): (1, 3, 1), (1, 0): (1, 1, 0)}
