@@ -58,6 +58,7 @@ log = logging.getLogger("splitserve.experiments")
 PUSH_S = 0.5  # a follower's counters and records reach the holder at least this often
 PUSH_RECORDS = 20_000  # records per push (a push body stays well under MAX_PUSH_BYTES)
 PUSH_KEYS = 20_000  # changed sticky keys per push (the rest go with the next ones)
+PUSH_KEY_BYTES = 1 << 20  # and about this much of them (records take up to ~2 MiB more)
 KEYS_PUSH_S = 2.0  # sticky keys' totals reach the holder at least this often
 MAX_PUSH_BYTES = 4 << 20
 OUTBOX = 200_000  # records not yet acknowledged by the holder; the oldest are dropped beyond
@@ -270,14 +271,15 @@ class Fleet:
     def changed_keys(self, pod: dict) -> dict:
         """This pod's keys whose totals the holder does not have yet (at most PUSH_KEYS)."""
         out: dict = {}
-        n = 0
+        n = size = 0
         for model, specs in pod.items():
             for spec, keys in specs.items():
                 for key, v in keys.items():
                     if self.keys_acked.get((model, spec, key)) != v:
                         out.setdefault(model, {}).setdefault(spec, {})[key] = v
                         n += 1
-                        if n >= PUSH_KEYS:
+                        size += len(key) + 80
+                        if n >= PUSH_KEYS or size >= PUSH_KEY_BYTES:  # the body stays under MAX_PUSH_BYTES
                             return out
         return out
 
