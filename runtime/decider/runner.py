@@ -84,6 +84,7 @@ class ExperimentRunner:
         self._fleet_mark: str | None = None  # the Lease's states text we show (a follower)
         self._pushed_at = 0.0
         self._keys_pushed_at = 0.0
+        self._keys_every = PUSH_S  # sticky keys go with every push while reading them is cheap
         self._pushed_holder: str | None = None  # the Lease holder our outbox went to
         self._push_failing = False
         self._lease_task: asyncio.Task | None = None
@@ -438,15 +439,15 @@ class ExperimentRunner:
             if self.peers is not None and not self._lease_keeps_file:
                 await self._save_states()
         if f.lease.version is not None and time.monotonic() - self._pushed_at >= PUSH_S:
-            await self._push()  # (once the Lease was read: before, no holder is known)
-        if f.lease.version is not None and time.monotonic() - self._keys_pushed_at >= KEYS_PUSH_S:
-            await self._push(keys=True)
+            # (once the Lease was read: before, no holder is known)
+            await self._push(keys=time.monotonic() - self._keys_pushed_at >= self._keys_every)
         return False
 
     async def _push(self, keys: bool = False) -> None:
         """This pod's cumulative counts and new decision records, to the Lease holder; with
         `keys`, also the sticky keys whose totals changed since the holder last acknowledged
-        them (read from every worker's tally in a thread: O(keys), so every KEYS_PUSH_S)."""
+        them (read from every worker's tally in a thread, O(keys): at most 5 % of the time, so
+        with every push while that is cheap, at least every KEYS_PUSH_S)."""
         self._pushed_at = time.monotonic()
         holder = self.fleet.lease.holder
         if holder != self._pushed_holder:  # a new holder has none of our records yet: all of them
@@ -459,8 +460,9 @@ class ExperimentRunner:
         models = {m: self._all_totals(m) for m in self._arms}
         changed = None
         if keys:
-            self._keys_pushed_at = time.monotonic()
+            self._keys_pushed_at, t0 = self._pushed_at, time.monotonic()  # (due with the next push)
             changed = self.fleet.changed_keys(await asyncio.to_thread(self._pod_keys))
+            self._keys_every = min(KEYS_PUSH_S, max(PUSH_S, 20 * (time.monotonic() - t0)))
         call, n = self.fleet.push_call(models, changed)
         try:
             answer = await self.fleet.forward(call, wait_s=0)  # the next push is PUSH_S away anyway
