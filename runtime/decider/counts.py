@@ -33,10 +33,6 @@ KEY_WIDTH = 5
 COHORT_CAPACITY = 1_000_000
 
 
-def arm_tag(version: int, share: float) -> str:
-    return f"{version}@{share!r}"
-
-
 def parse_tag(tag: str) -> tuple[int, float | None]:
     """(version, share) of an arms tag; share None for a bare version (a pod before issue 29)."""
     v, _, s = str(tag).partition("@")
@@ -118,8 +114,9 @@ def generation_of(history: Iterable[tuple[int, float]], share: float | None, cur
 
 
 class Cohorts:
-    """Per model and sticky key: [generation, arm, requests, errors] judged so far (see the
-    module docstring). Loop-only."""
+    """Per model and sticky key: [generation, arm, requests, errors judged so far, counted
+    as a unit yet] (see the module docstring). The cohort is fixed by whichever the decider
+    sees first: the key's first decision record (`home`) or its tallies (`judge`). Loop-only."""
 
     def __init__(self, capacity: int = COHORT_CAPACITY):
         self.capacity = capacity
@@ -142,7 +139,20 @@ class Cohorts:
         keys = self._of(model, spec)
         for key, (x, y, share, arm, _) in totals.items():
             if key not in keys and len(keys) < self.capacity:
-                keys[key] = [gen_of(share), int(arm), x, y]
+                keys[key] = [gen_of(share), int(arm), x, y, True]
+
+    def home(self, model: str, spec: str, key: str, gen: int, arm: int) -> tuple[int, int]:
+        """The key's cohort (generation, arm); a key not seen yet gets (gen, arm), where this
+        request placed it. Feedback joins to the cohort, so a key is one unit in one stratum."""
+        if self._spec.get(model, spec) != spec:  # placed under another experiment's routing
+            return gen, arm
+        keys = self._of(model, spec)
+        rec = keys.get(key)
+        if rec is None:
+            if len(keys) >= self.capacity:
+                return gen, arm
+            rec = keys[key] = [gen, arm, 0.0, 0.0, False]
+        return rec[0], rec[1]
 
     def judge(self, model: str, spec: str, totals: Mapping[str, list], gen_of: Callable[[float], int]
               ) -> dict[tuple[int, int], tuple[int, UnitSums]]:
@@ -152,12 +162,13 @@ class Cohorts:
         acc: dict[tuple[int, int], list] = {}
         for key, (x, y, share, arm, _) in totals.items():
             rec = keys.get(key)
-            new = rec is None
-            if new:
+            if rec is None:
                 if len(keys) >= self.capacity:
                     self.dropped += 1
                     continue
-                rec = keys[key] = [gen_of(share), int(arm), 0.0, 0.0]
+                rec = keys[key] = [gen_of(share), int(arm), 0.0, 0.0, False]
+            new = not rec[4]
+            rec[4] = True
             a, b = rec[2], rec[3]
             dx, dy = x - a, y - b
             if not new and dx <= 0 and dy <= 0:

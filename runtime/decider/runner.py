@@ -5,8 +5,8 @@ finished primary request with the routing config that placed it; shadow copies n
 here), kept per version and candidate share, and per sticky key, in tallies
 (runtime/decider/counts.py, tally.py) and judged per routing generation; a decision log
 per model, kept by its `feedback_window_s`, that joins feedback to the version, arm and
-generation that served; the engine state of every model (persisted as strict JSON beside the routing config, so latches and
-steps survive a restart), and the loop that judges each experiment every `interval_s`.
+generation that served; the engine state of every model (persisted as strict JSON
+beside the routing config, so latches and steps survive a restart), and the loop that judges each experiment every `interval_s`.
 A routing change goes through `Control.put_routing`: validated, persisted atomically and
 applied in one write. One process decides: alone, this one; with `--workers N`
 (`share()`), the worker holding the decider lock judges everyone's counts and joins
@@ -40,7 +40,7 @@ from router.configfile import atomic_write
 from runtime import errors
 from runtime.errors import Code, ServingError
 from runtime.decider.fleet import KEYS_PUSH_S, NOT_DECIDER, PUSH_S, Fleet, parse_push
-from runtime.decider.counts import (ARM_WIDTH, KEY_WIDTH, Cohorts, add_counts, arm_tag, arms_of, generation_of,
+from runtime.decider.counts import (ARM_WIDTH, KEY_WIDTH, Cohorts, add_counts, arms_of, generation_of,
                                     keys_of, merge_keys, parse_tag, zero_counts)
 from runtime.decider.tally import Tally
 from runtime.decider.workers import Peers, Unanswered
@@ -136,8 +136,7 @@ class ExperimentRunner:
         if request_id is not None and ok:
             arm = ("control", "candidate")[i] if routed else None
             unit = key if routed else None
-            self._log(model).record(request_id, model, version, arm, self.clock(),
-                                    generation=self._generation(model, share) if routed else None, unit=unit)
+            self._record(request_id, model, version, arm, share, unit, self.clock(), spec)
             if self.peers is not None:  # on disk before the answer leaves: any worker can join it
                 self.peers.append_record(request_id, model, version, arm, share, unit)
             if self.fleet is not None and self._local:  # for the Lease holder, at the next push
@@ -249,9 +248,17 @@ class ExperimentRunner:
                     self.fleet.outbox.append((rid, model, version, arm, share, unit))
 
     def _record(self, rid: str, model: str, version: int, arm: str | None, share: float | None,
-                unit: str | None, now: float) -> None:
-        """Another process's decision record, in our log under the generation of its share."""
+                unit: str | None, now: float, spec: str | None = None) -> None:
+        """A decision record, in the model's log under the generation of its share; a sticky
+        key's under its cohort (generation and arm where it was first placed: intention to
+        treat), so its feedback is one unit in one stratum whichever worker served it."""
         gen = None if arm is None else self._generation(model, share)
+        if arm is not None and unit is not None:
+            if spec is None:
+                spec = (self._tag(model, None) or (None, None, None))[1]
+            if spec is not None:
+                g, i = self.cohorts.home(model, spec, unit, gen, ("control", "candidate").index(arm))
+                gen, arm = g, ("control", "candidate")[i]
         self._log(model).record(rid, model, version, arm, now, generation=gen, unit=unit if arm else None)
 
     def _follow(self) -> None:

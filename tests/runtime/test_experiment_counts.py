@@ -147,7 +147,9 @@ def test_requests_count_under_the_split_that_placed_them_and_keys_once_in_their_
     assert gens[0].unit_errors[1].units == 5 and gens[0].unit_errors[1].x == 6
     assert gens[0].unit_errors[1].xx == 4 + 1 + 1 + 1 + 1 and gens[0].unit_errors[1].y == 1
     assert runner.logs["mlp"].served("late-1") is None  # a failed answer is never joined
-    assert runner.logs["mlp"].served("b1").generation == 1
+    # decision records of a key go under its cohort (feedback: one unit, one stratum)
+    b1, b2 = runner.logs["mlp"].served("b1"), runner.logs["mlp"].served("b2")
+    assert (b1.generation, b1.arm, b2.generation, b2.arm) == (0, "candidate", 1, "control")
     assert runner.logs["mlp"].window_s == 3600
     arms = arms_of(runner.tally.entries())["mlp"]  # cumulative, per version and the share placed at
     assert {t: c[:3] for t, c in arms.items()} == {"1@0.1": [4, 0, 0], "2@0.1": [5, 1, 0], "2@0.5": [1, 0, 0],
