@@ -1,10 +1,12 @@
 """Structured logging: one line per event, key=value (default) or JSON.
 
-Messages are written as `event=name key=value ...`; a value that is not a plain token is
-written repr-quoted (`reason='load did not finish'`, `config={'labels': {...}}`). One
-parser (`parse`) reads that back for both formatters: the JSON formatter turns it into
-fields, the kv formatter uses it to keep a message with a newline on one line. Successful
-requests are logged only by the access log (runtime/server/rest/access_log.py).
+Messages are written as `log.info("event=name key=%s other=%d", a, b)`. Each `key=%X`
+placeholder is a field whose value is the argument itself (`fields`): the JSON formatter
+writes it as it is (a path with a space, `a b=c`, a newline: one field, unchanged), the
+kv formatter quotes it when it is not a plain token. Values written into the format
+string itself (`event=name`, `hint='...'`) and messages with other placeholders are read
+back by one parser (`parse`), as before. Successful requests are logged only by the
+access log (runtime/server/rest/access_log.py).
 """
 
 from __future__ import annotations
@@ -143,6 +145,66 @@ def _jsonable(v: object) -> object:
     return str(v)
 
 
+_SPEC = r"%[#0\- +]*(?:\d+)?(?:\.\d+)?([diouxXeEfFgGcrsa])"
+_FIELD = re.compile(r"(?:(?<=\s)|^)([A-Za-z_][A-Za-z0-9_.\-]*)=" + _SPEC + r"(?=\s|$)")
+_ANY_SPEC = re.compile(r"%%|" + _SPEC)
+_MARK = "\x00{}\x00"  # stands in for a placeholder while the format string is parsed
+
+
+def _arg_value(conv: str, spec: str, arg: object) -> tuple[object, str]:
+    """(the field's value, how kv writes it) for one `key=%X` argument."""
+    if conv == "r":
+        shown = repr(arg)
+        if isinstance(arg, (str, int, float, bool, dict, list, tuple)) or arg is None:
+            return arg, shown
+        return shown, shown
+    if conv in "sa":
+        if arg is None or isinstance(arg, (str, bool, int, float, dict, list, tuple)):
+            return arg, value(arg) if isinstance(arg, str) else value(str(arg))
+        return str(arg), value(str(arg))
+    text = spec % arg
+    if conv in "diouxXc":
+        return (int(arg) if conv in "diu" else text), text
+    try:
+        return float(text), text
+    except ValueError:
+        return text, text
+
+
+def fields(record: logging.LogRecord) -> tuple[list[tuple[str, object, str]], str] | None:
+    """(key, value, kv text) per field from the format string and its arguments, and the
+    words that are not fields; None when the message is not in that form (then `parse`
+    reads the rendered message)."""
+    msg, args = record.msg, record.args
+    if not isinstance(msg, str) or not args or not isinstance(args, tuple):
+        return None
+    found = list(_FIELD.finditer(msg))
+    if len(found) != len(args) or sum(1 for m in _ANY_SPEC.finditer(msg) if m.group(0) != "%%") != len(args):
+        return None
+    values: list[tuple[object, str]] = []
+    out, last = [], 0
+    for i, (m, arg) in enumerate(zip(found, args)):
+        conv = m.group(2)
+        spec = m.group(0)[len(m.group(1)) + 1:]
+        try:
+            values.append(_arg_value(conv, spec, arg))
+        except (TypeError, ValueError):
+            return None
+        out.append(msg[last:m.start()].replace("%%", "%"))
+        out.append(f"{m.group(1)}={_MARK.format(i)}")
+        last = m.end()
+    out.append(msg[last:].replace("%%", "%"))
+    pairs, text = parse("".join(out))
+    result = []
+    for k, v, raw in pairs:
+        if raw.startswith("\x00") and raw.endswith("\x00") and raw[1:-1].isdigit():
+            val, shown = values[int(raw[1:-1])]
+            result.append((k, val, shown))
+        else:
+            result.append((k, v, raw))
+    return result, text
+
+
 def one_line(msg: str) -> str:
     """The message unchanged if it is one clean line, else re-written so that it is."""
     if not _UNSAFE.search(msg):
@@ -160,8 +222,14 @@ class KvFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        line = (f"ts={ts}.{int(record.msecs):03d}Z level={record.levelname} logger={record.name} "
-                f"{one_line(record.getMessage())}")
+        got = fields(record)
+        if got is None:
+            body = one_line(record.getMessage())
+        else:
+            pairs, text = got
+            body = " ".join([f"{k}={shown if not _UNSAFE.search(shown) else value(repr(shown))}"
+                             for k, _v, shown in pairs] + ([f"msg={value(text)}"] if text else []))
+        line = f"ts={ts}.{int(record.msecs):03d}Z level={record.levelname} logger={record.name} {body}"
         if record.exc_info:
             line += f" exc={value(self.formatException(record.exc_info))}"
         if record.stack_info:
@@ -175,7 +243,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, object] = {"ts": round(record.created, 3), "level": record.levelname.lower(),
                                   "logger": record.name}
-        pairs, text = parse(record.getMessage())
+        pairs, text = fields(record) or parse(record.getMessage())
         for k, v, _raw in pairs:
             while k in doc:  # a field never overwrites ts/level/logger or an earlier field
                 k += "_"

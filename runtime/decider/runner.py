@@ -403,6 +403,8 @@ class ExperimentRunner:
         for model, route in self.router.configs().items():
             if route.experiment is None:
                 continue
+            if self._waits_for_arms(model, route):
+                continue
             due = self._due.get(model)
             if due is None:
                 self._due[model] = due = now if model not in self.states else now + route.experiment.interval_s
@@ -412,6 +414,17 @@ class ExperimentRunner:
                 judged = True
         if judged and self.fleet is not None:  # the judged baseline, exact for the next holder
             await self._save_states()
+
+    def _waits_for_arms(self, model: str, route: RouteConfig) -> bool:
+        """An experiment starts once both arms serve: started while the canary still
+        loads, its first interval had no canary requests and held ("no requests on
+        canary") with traffic flowing. Only the start waits; a running one judges on."""
+        state = self.states.get(model)
+        if state is not None and state.spec == fingerprint(route):
+            return False
+        avail = self.router.available(model)  # None: not told (no manager behind this router)
+        arms = (route.target_of(route.experiment.control), route.target_of(route.experiment.candidate))
+        return avail is not None and not all(v in avail for v in arms)
 
     # ---- several replicas ------------------------------------------------------------------
     async def _lease_loop(self) -> None:
@@ -509,7 +522,7 @@ class ExperimentRunner:
             self._base[model] = {t: c for t, c in totals.items()}
         keys = None
         state = self.states.get(model)
-        if route.sticky is not None and state is not None:
+        if state is not None:  # (keys arrive only with sticky routing; their file is empty otherwise)
             pods = [await asyncio.to_thread(self._pod_keys)]
             if self.fleet is not None:
                 pods.extend(self.fleet.pushed_keys())
@@ -573,7 +586,7 @@ class ExperimentRunner:
                 fb: ArmFeedback = a.get("feedback") or ArmFeedback({}, {}, 0)
                 home = abs(share - shares.get(gen, now_share)) < 1e-9  # per-key sums go once, with its share
                 pair.append(ArmObservation(a["requests"], a["errors"], a["units"], tuple(a["latency"]), fb.outcomes,
-                                           unit_errors.get((gen, i)) if keys is not None and home else None,
+                                           unit_errors.get((gen, i)) if route.sticky is not None and home else None,
                                            fb.unit_outcomes, fb.late))
             out.append(GenerationObservation(gen, share, pair[0], pair[1]))
         return Observation(edges=_EDGES, generations=tuple(out))
@@ -701,10 +714,14 @@ class ExperimentRunner:
         return ExperimentsView({m: self.view(m) for m in sorted(models)}, dict(self._counts))
 
 
+ROLLBACK_REASONS = ("errors", "latency", "srm", "manual")
+
+
 def rollback_reason(d) -> str:
-    """`manual` for a person's rollback, else the guardrail that alarmed (`errors`, `latency`)."""
+    """`manual` for a person's rollback, else the guardrail that alarmed: the first word
+    of the engine's reason (`errors: ...`, `latency p99: ...`), `other` if none of ours."""
     if d.by != "auto":
         return "manual"
-    head = d.reason.split(":", 1)[0].strip()
-    return head if head.isidentifier() else "other"
+    words = d.reason.split(":", 1)[0].split()
+    return words[0] if words and words[0] in ROLLBACK_REASONS else "other"
 

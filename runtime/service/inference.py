@@ -108,7 +108,7 @@ class InferenceService:
     """
 
     def __init__(self, manager: Manager, router: Router, limits: LimitSettings,
-                 metrics=None, shadow_max_inflight: int = 64):
+                 metrics=None, shadow_max_inflight: int = 64, on_finished=None):
         self.manager = manager
         self.router = router
         self.limits = limits
@@ -123,7 +123,7 @@ class InferenceService:
         # (model, version, how, ok, latency_s, request_id, routing_key, route) per finished primary
         # request; route: the RouteConfig the router placed it by (a split that changes while the
         # request runs does not move it: experiments count it under the split that placed it)
-        self.on_finished = None
+        self.on_finished = on_finished
 
     async def infer(self, req: InferRequest) -> InferResponse:
         t0 = time.perf_counter()
@@ -144,7 +144,8 @@ class InferenceService:
             code = _ROUTE_ERR.get(e.kind, Code.INVALID_ARGUMENT)
             msg = e.message
             if self.manager.view().model(req.model) is None:  # the router knows routes, not models
-                code, msg = Code.NOT_FOUND, f"unknown model '{req.model}'"
+                unknown = self.manager.unknown(req.model)
+                code, msg = unknown.code, unknown.message
             self._record(req, None, "unrouted", code.value, t0)
             raise ServingError(code, msg, request_id=req.id) from None
         route = self.router.get_config(req.model)  # the config of the table pick used (no await between)

@@ -9,8 +9,11 @@ import asyncio
 import hpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
+import pytest
 
 from runtime.server.grpc.h2conn import H2Connection, encode_headers
+
+pytestmark = pytest.mark.unit  # starts no server process, binds no socket
 
 NAMES = [":path", ":authority", "content-type", "te", "x-user-id", "grpc-timeout", "x-a", "x-b"]
 header = st.tuples(st.sampled_from(NAMES), st.text("abcdefgh/0123456789", min_size=0, max_size=40))

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from runtime.logs import JsonFormatter, KvFormatter, kv, one_line, parse, set_level, setup_logging
 
+pytestmark = pytest.mark.unit  # starts no server process, binds no socket
+
 
 def record(msg, *args, exc_info=None, name="splitserve.test", level=logging.INFO):
     return logging.LogRecord(name, level, __file__, 1, msg, args, exc_info)
@@ -118,3 +120,49 @@ def test_levels_are_checked():
         assert root.level == logging.DEBUG and isinstance(root.handlers[0].formatter, JsonFormatter)
     finally:
         root.handlers[:], root.level, root.propagate = saved
+
+
+# ---- fields as fields (issue 27): a `key=%X` argument is the field's value ---------------
+from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+
+from runtime.logs import JsonFormatter as _Json, KvFormatter as _Kv, parse as _parse  # noqa: E402
+
+
+def _record(msg, *args):
+    return logging.LogRecord("splitserve.test", logging.INFO, __file__, 1, msg, args, None)
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.text(), st.text())
+def test_any_string_value_round_trips_through_the_json_log(a, b):
+    line = _Json().format(_record("event=probe repository=%s reason=%r", a, b))
+    assert "\n" not in line.replace("\\n", "")
+    doc = json.loads(line)
+    assert doc["repository"] == a and doc["reason"] == b and doc["event"] == "probe"
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.text())
+def test_any_string_value_is_one_kv_field(a):
+    line = _Kv().format(_record("event=probe path=%s n=%d", a, 3))
+    assert "\n" not in line and "\r" not in line
+    pairs, words = _parse(line)
+    got = {k: v for k, v, _ in pairs}
+    assert got["n"] == 3 and got["event"] == "probe" and not words
+    v = got["path"]
+    # quoted values read back exactly; a bare token may read back typed (1, 2.5, True)
+    assert v == a or (not isinstance(v, str) and str(v).lower() in a.lower() + str(_parse(f"x={a}")[0][0][1]).lower())
+
+
+def test_a_path_with_a_space_is_one_json_field_not_two():
+    line = _Json().format(_record("event=starting pid=%d repository=%s config=%s", 7, "/srv/my models", None))
+    assert json.loads(line) == {**json.loads(line), "event": "starting", "pid": 7,
+                                "repository": "/srv/my models", "config": None}
+    assert "msg" not in json.loads(line)
+    kv = _Kv().format(_record("event=starting repository=%s", "/srv/my models"))
+    assert kv.endswith("repository='/srv/my models'")
+
+
+def test_a_value_with_key_equals_inside_stays_one_field():
+    doc = json.loads(_Json().format(_record("event=x value=%s", "a b=c")))
+    assert doc["value"] == "a b=c" and "b" not in doc

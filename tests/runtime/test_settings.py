@@ -6,6 +6,8 @@ import pytest
 
 from runtime.config.settings import FileSettings, Settings, SettingChange, compare_settings, describe
 
+pytestmark = pytest.mark.unit  # starts no server process, binds no socket
+
 
 def S(**sections) -> Settings:
     return Settings.model_validate(sections)
