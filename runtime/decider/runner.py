@@ -6,7 +6,8 @@ here), kept per version and candidate share, and per sticky key, in tallies
 (runtime/decider/counts.py, tally.py) and judged per routing generation; a decision log
 per model, kept by its `feedback_window_s`, that joins feedback to the version, arm and
 generation that served; the engine state of every model (persisted as strict JSON
-beside the routing config, so latches and steps survive a restart), and the loop that judges each experiment every `interval_s`.
+beside the routing config, so latches and steps survive a restart), and the loop that
+judges each experiment every `interval_s`.
 A routing change goes through `Control.put_routing`: validated, persisted atomically and
 applied in one write. One process decides: alone, this one; with `--workers N`
 (`share()`), the worker holding the decider lock judges everyone's counts and joins
