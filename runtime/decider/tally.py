@@ -122,13 +122,18 @@ def parse(data: bytes) -> dict[str, list[float]]:
     used = min(_USED.unpack_from(data, 8)[0], len(data))
     out: dict[str, list[float]] = {}
     at = HEADER
+    head = _HEAD.unpack_from
+    shapes: dict[int, struct.Struct] = {}
     while at + 8 <= used:
-        n, width = _HEAD.unpack_from(data, at)
-        values_at, size = _entry_size(n, width)
+        n, width = head(data, at)
+        values_at = (8 + n + 7) & ~7
+        size = values_at + 8 * width
         if at + size > used:
             break
-        key = data[at + 8:at + 8 + n].decode("utf-8", "surrogateescape")
-        out[key] = list(struct.unpack_from(f"={width}d", data, at + values_at))
+        shape = shapes.get(width)
+        if shape is None:
+            shape = shapes[width] = struct.Struct(f"={width}d")
+        out[data[at + 8:at + 8 + n].decode("utf-8", "surrogateescape")] = list(shape.unpack_from(data, at + values_at))
         at += size
     return out
 
