@@ -269,6 +269,12 @@ def tests_sharing_alpha(exp: ExperimentConfig) -> int:
     return max(1, len(exp.outcomes) + (exp.errors is not None) + (exp.latency is not None))
 
 
+def routing_history(state: ExperimentState) -> tuple[int, tuple[tuple[int, float], ...]]:
+    """(the routing generation now written, (generation, share) of each one with counts):
+    what a runtime maps the share a request was routed at onto."""
+    return state.generation, tuple((g.generation, g.share) for g in state.gens)
+
+
 def unit_of(route: RouteConfig) -> str:
     return "key" if route.sticky is not None else "request"
 

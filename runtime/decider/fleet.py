@@ -15,11 +15,17 @@ across the servers sharing one writable routing config file.
   (The file lease keeps the same annotations in a record file beside the config, the
   states in the config's `.experiments.json`.)
 - Counts and records: each follower pushes, every PUSH_S and before forwarding feedback,
-  its pod's cumulative per-arm counters and the decision records new since its last
-  acknowledged push to `POST /v1/experiments/peers` at the holder's URL (token-protected,
-  JSON). The holder keeps per-identity latest totals and judges the sum over identities
-  of (totals - baseline), so a new holder carries on exactly and a dead pod's judged
-  counts are never judged twice.
+  its pod's cumulative per-arm counters (per version and routing share) and the decision
+  records (with their share and sticky key) new since its last acknowledged push to
+  `POST /v1/experiments/peers` at the holder's URL (token-protected, JSON). The holder
+  keeps per-identity latest totals and judges the sum over identities of (totals -
+  baseline), so a new holder carries on exactly and a dead pod's judged counts are never
+  judged twice. A push also carries the sticky keys whose pod totals
+  changed since the holder acknowledged them (`keys`: model -> fingerprint -> key ->
+  [requests, errors, share, arm, time], cumulative, so a resent push changes nothing; read
+  with every push while that takes under 5 % of the time, at least every KEYS_PUSH_S); the
+  holder keeps each pod's (~150 bytes per key and pod) and sums them per key
+  (runtime/decider/counts.py). A new holder takes the key totals it finds as judged.
 - Feedback and actions at a follower go to the same endpoint, as the calls the workers
   send over their socket; a receiver that does not hold the Lease answers 503 ("not the
   experiment decider; retry"), it never forwards again.
@@ -45,13 +51,16 @@ from runtime import errors
 from runtime.errors import Code, ServingError
 from runtime.decider.lease_file import FileLease
 from runtime.decider.lease_k8s import Lease
-from runtime.decider.workers import add_counts
+from runtime.decider.counts import KEY_WIDTH, add_counts
 from runtime.routing.k8s_api import KubeError
 
 log = logging.getLogger("splitserve.experiments")
 
 PUSH_S = 0.5  # a follower's counters and records reach the holder at least this often
 PUSH_RECORDS = 20_000  # records per push (a push body stays well under MAX_PUSH_BYTES)
+PUSH_KEYS = 20_000  # changed sticky keys per push (the rest go with the next ones)
+PUSH_KEY_BYTES = 1 << 20  # and about this much of them (records take up to ~2 MiB more)
+KEYS_PUSH_S = 30.0  # sticky keys' totals reach the holder at least this often (with every push while cheap)
 MAX_PUSH_BYTES = 4 << 20
 OUTBOX = 200_000  # records not yet acknowledged by the holder; the oldest are dropped beyond
 FEEDBACK_WAIT_S = 2.0  # the holder waits this long for every live pod's next push
@@ -100,9 +109,10 @@ def fit_states(states: dict[str, dict], budget: int | None) -> str:
     return text
 
 
-def parse_push(call: dict) -> tuple[str, dict, list[tuple[str, str, int, str | None]]]:
-    """identity, {model: {version: counts}}, records of a pushed call; ValueError when malformed."""
+def parse_push(call: dict) -> tuple[str, dict, list[tuple], dict]:
+    """identity, {model: {tag: counts}}, records, keys of a pushed call; ValueError when malformed."""
     ident, models, records = call.get("identity"), call.get("models"), call.get("records", [])
+    keys = call.get("keys") or {}
     if not isinstance(ident, str) or not 0 < len(ident) <= 256:
         raise ValueError("identity: expected a string of 1 to 256 characters")
     if not isinstance(models, dict) or not isinstance(records, list):
@@ -111,16 +121,37 @@ def parse_push(call: dict) -> tuple[str, dict, list[tuple[str, str, int, str | N
         if not isinstance(counts, dict):
             raise ValueError(f"models.{m}: expected an object of version -> counts")
         for v, c in counts.items():
-            if not (str(v).isdigit() and isinstance(c, list) and len(c) == 4 and isinstance(c[3], list)
-                    and all(isinstance(x, int) for x in (*c[:3], *c[3]))):
-                raise ValueError(f"models.{m}.{v}: expected [requests, errors, units, [histogram]]")
+            version, _, share = str(v).partition("@")
+            if not (version.isdigit() and _is_share(share) and isinstance(c, list) and len(c) == 4
+                    and isinstance(c[3], list) and all(isinstance(x, int) for x in (*c[:3], *c[3]))):
+                raise ValueError(f"models.{m}.{v}: expected version@share: [requests, errors, units, [histogram]]")
     out = []
     for r in records:
-        if not (isinstance(r, list) and len(r) == 4 and isinstance(r[0], str) and isinstance(r[1], str)
-                and isinstance(r[2], int) and (r[3] is None or isinstance(r[3], str))):
-            raise ValueError("records: expected [request_id, model, version, arm or null] items")
-        out.append((r[0], r[1], r[2], r[3]))
-    return ident, models, out
+        if not (isinstance(r, list) and len(r) in (4, 6) and isinstance(r[0], str) and isinstance(r[1], str)
+                and isinstance(r[2], int) and (r[3] is None or isinstance(r[3], str))
+                and (len(r) == 4 or ((r[4] is None or _number(r[4])) and (r[5] is None or isinstance(r[5], str))))):
+            raise ValueError("records: expected [request_id, model, version, arm or null, share or null, "
+                             "key or null] items")
+        out.append((r[0], r[1], r[2], r[3], *(r[4:6] if len(r) == 6 else (None, None))))
+    if not isinstance(keys, dict) or not all(
+            isinstance(specs, dict) and all(isinstance(ks, dict) and all(
+                isinstance(k, str) and isinstance(v, list) and len(v) == KEY_WIDTH and all(map(_number, v))
+                for k, v in ks.items()) for ks in specs.values()) for specs in keys.values()):
+        raise ValueError("keys: expected {model: {fingerprint: {key: [requests, errors, share, arm, time]}}}")
+    return ident, models, out, keys
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_share(text: str) -> bool:
+    if not text:
+        return True
+    try:
+        return 0.0 <= float(text) <= 1.0
+    except ValueError:
+        return False
 
 
 class Fleet:
@@ -132,7 +163,9 @@ class Fleet:
         self.lease, self.token = lease, token
         self.identity = lease.identity
         self.advertise_url = advertise_url
-        self.pushed: dict[str, dict] = {}  # identity -> {model: {version: counts}} (holder)
+        self.pushed: dict[str, dict] = {}  # identity -> {model: {tag: counts}} (holder)
+        self.keys: dict[str, dict] = {}  # identity -> {model: {fingerprint: {key: totals}}} (holder)
+        self.keys_acked: dict[tuple[str, str, str], list] = {}  # (model, spec, key) -> totals the holder has
         self.pushed_at: dict[str, float] = {}  # identity -> monotonic time of its last push
         self.baseline: dict[str, dict] = {}  # identity -> {model: {version: counts}} judged
         self.outbox: collections.deque = collections.deque(maxlen=OUTBOX)
@@ -201,7 +234,7 @@ class Fleet:
             self.baseline = json.loads(self._baseline_text)
         except ValueError:
             self.baseline = {}
-        self.pushed, self.pushed_at = {}, {}
+        self.pushed, self.pushed_at, self.keys = {}, {}, {}
         return self.states()
 
     def states(self) -> dict[str, dict]:
@@ -225,12 +258,33 @@ class Fleet:
         self._states_text = fit_states(states, None if budget is None else budget - len(self._baseline_text) - 1024)
 
     # ---- counts, judged -----------------------------------------------------------------
-    def received(self, identity: str, models: dict) -> None:
+    def received(self, identity: str, models: dict, keys: dict | None = None) -> None:
         self.pushed[identity] = models
+        if keys:
+            merge_keys_replace(self.keys.setdefault(identity, {}), keys)
         self.pushed_at[identity] = time.monotonic()
         self._pushed_event.set()
 
-    def judged_totals(self, model: str, own: dict[int, list]) -> tuple[dict[int, list], dict]:
+    def pushed_keys(self) -> list[dict]:
+        """Every other pod's per-key totals (merge with counts.merge_keys)."""
+        return [k for i, k in self.keys.items() if i != self.identity]
+
+    def changed_keys(self, pod: dict) -> dict:
+        """This pod's keys whose totals the holder does not have yet (at most PUSH_KEYS)."""
+        out: dict = {}
+        n = size = 0
+        for model, specs in pod.items():
+            for spec, keys in specs.items():
+                for key, v in keys.items():
+                    if self.keys_acked.get((model, spec, key)) != v:
+                        out.setdefault(model, {}).setdefault(spec, {})[key] = v
+                        n += 1
+                        size += len(key) + 80
+                        if n >= PUSH_KEYS or size >= PUSH_KEY_BYTES:  # the body stays under MAX_PUSH_BYTES
+                            return out
+        return out
+
+    def judged_totals(self, model: str, own: dict[str, list]) -> tuple[dict[str, list], dict]:
         """(sum of every identity's totals, sum of their baselines) for `model`; the
         baselines become those totals (the caller judges the difference now)."""
         docs = {self.identity: {str(v): c for v, c in own.items()}}
@@ -255,6 +309,7 @@ class Fleet:
             if all(judged.get(m) == c for m, c in self.pushed.get(ident, {}).items() if m in judged):
                 self.baseline.pop(ident, None)
                 self.pushed.pop(ident, None)
+                self.keys.pop(ident, None)
                 self.pushed_at.pop(ident, None)
 
     def release(self) -> None:
@@ -282,13 +337,20 @@ class Fleet:
     def decider_url(self) -> str | None:
         return self.lease.annotations().get(A_URL) or None
 
-    def push_call(self, models: dict) -> tuple[dict, int]:
+    def push_call(self, models: dict, keys: dict | None = None) -> tuple[dict, int]:
         records = [list(r) for r in list(self.outbox)[:PUSH_RECORDS]]
-        return {"op": "push", "identity": self.identity, "models": models, "records": records}, len(records)
+        call = {"op": "push", "identity": self.identity, "models": models, "records": records}
+        if keys:
+            call["keys"] = keys
+        return call, len(records)
 
-    def acked(self, n: int) -> None:
+    def acked(self, n: int, keys: dict | None = None) -> None:
         for _ in range(min(n, len(self.outbox))):
             self.outbox.popleft()
+        for model, specs in (keys or {}).items():
+            for spec, ks in specs.items():
+                for key, v in ks.items():
+                    self.keys_acked[(model, spec, key)] = v
 
     async def forward(self, call: dict, wait_s: float = FORWARD_WAIT_S) -> dict | None:
         """`call` applied at the holder: its answer ({"ok": ...}), or ServingError. While
@@ -343,6 +405,13 @@ class Fleet:
             return r.status, json.loads(data)
         except ValueError:
             return r.status, data[:200].decode("utf-8", "replace")
+
+
+def merge_keys_replace(into: dict, keys: dict) -> None:
+    """A pod's pushed key totals replace what it pushed before (they are cumulative)."""
+    for model, specs in keys.items():
+        for spec, ks in specs.items():
+            into.setdefault(model, {}).setdefault(spec, {}).update(ks)
 
 
 def make_fleet(settings, source) -> Fleet | None:

@@ -5,13 +5,16 @@ supervisor's private run folder, so that exactly one process decides on everyone
   when its holder dies (kill -9 included), so another live worker takes it at its next
   tick. (Worker 0 by index would leave no decider while worker 0 waits out a restart
   backoff, and two for a moment if an old incarnation still drains.)
-- Counters: each worker writes its cumulative routed-request counts per (model, version)
-  to `x<K>-<pid>.json` when they changed; a dead incarnation's last file stays. The
+- Counters: each worker counts its routed requests into two memory-mapped tallies,
+  `a<K>-<pid>.tally` (per model, version and routing share) and `k<K>-<pid>.tally` (per
+  sticky key), before the response is sent (runtime/decider/tally.py, counts.py), so a
+  worker killed with -9 loses none it acknowledged; a dead incarnation's files stay. The
   decider sums every file and judges the difference from the totals it judged last
   (`baseline.json`, so a new decider carries on where the old one stopped).
 - Decision records: each served request of an experiment's model is appended at once
   (one O_APPEND write, before the response is sent) to `d<K>-<pid>-<seq>.log` as
-  `request_id TAB model TAB version TAB arm`; a new segment every SEGMENT lines, the one
+  `request_id TAB model TAB version TAB arm TAB share TAB key` (the candidate share it was
+  routed at; `=` and the sticky key, escaped, or -); a new segment every SEGMENT lines, the one
   before the last deleted (bounded disk). The decider reads every file into its one
   DecisionLog, so it alone joins feedback and matched/unknown/duplicate stay exact.
 - Forwarding: the decider listens on `decider.sock`; another worker sends it a feedback
@@ -31,8 +34,8 @@ import re
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
-from runtime.histogram import NB
-from runtime.files import read_peer_files, write_json_atomic
+from runtime.decider import tally
+from runtime.files import write_json_atomic
 
 log = logging.getLogger("splitserve.experiments")
 
@@ -42,19 +45,21 @@ FORWARD_TIMEOUT_S = 10.0
 _RECORDS = re.compile(r"^d(\d+)-(\d+)-(\d+)\.log$")
 
 
-def zero_counts() -> list:
-    return [0, 0, 0, [0] * NB]  # requests, errors, units, latency histogram of successes
+def _escape(key: str) -> str:
+    return key.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
-def add_counts(acc: dict[int, list], counts: dict) -> None:
-    """Add one counters document's {version: counts} (JSON: string keys) into acc."""
-    for v, (n, e, u, lat) in counts.items():
-        a = acc.setdefault(int(v), zero_counts())
-        a[0] += n
-        a[1] += e
-        a[2] += u
-        for i, c in enumerate(lat):
-            a[3][i] += c
+def _unescape(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            out.append({"t": "\t", "n": "\n", "r": "\r"}.get(text[i + 1], text[i + 1]))
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
 
 
 class Unanswered(Exception):
@@ -68,7 +73,6 @@ class Peers:
         self.dir = Path(run_dir)
         self.worker = worker
         self.pid = os.getpid()
-        self.counters_name = f"x{worker}-{self.pid}.json"
         self._lock_fd = os.open(self.dir / "decider.lock", os.O_RDWR | os.O_CREAT, 0o600)
         self.leader = False
         self._server: asyncio.AbstractServer | None = None
@@ -138,14 +142,14 @@ class Peers:
             self._fd = -1
 
     # ---- counters -----------------------------------------------------------------
-    def write_counters(self, doc: dict) -> None:
-        write_json_atomic(self.dir / self.counters_name, doc)
+    def tally_path(self, kind: str) -> Path:
+        """This worker's tally file: kind "a" (arms) or "k" (sticky keys)."""
+        return self.dir / f"{kind}{self.worker}-{self.pid}.tally"
 
-    def peer_counters(self) -> list[dict]:
-        """Every other counters file (live workers' latest, dead incarnations' last)."""
-        return [doc for doc in read_peer_files(self.dir, "x*.json", self.counters_name,
-                                               "experiment_counters")
-                if isinstance(doc.get("models"), dict)]
+    def peer_tallies(self, kind: str) -> list[dict[str, list[float]]]:
+        """Every other worker's tally of `kind` (live workers' now, dead incarnations' last)."""
+        own = self.tally_path(kind).name
+        return [tally.read(p) for p in sorted(self.dir.glob(f"{kind}*.tally")) if p.name != own]
 
     def read_baseline(self) -> dict:
         try:
@@ -161,7 +165,8 @@ class Peers:
     def _segment(self, seq: int) -> Path:
         return self.dir / f"d{self.worker}-{self.pid}-{seq}.log"
 
-    def append_record(self, request_id: str, model: str, version: int, arm: str | None) -> None:
+    def append_record(self, request_id: str, model: str, version: int, arm: str | None,
+                      share: float | None = None, key: str | None = None) -> None:
         if "\t" in request_id or "\n" in request_id:
             return  # never joinable (feedback ids are printable), and it would break the line
         if self._fd < 0 or self._lines >= SEGMENT:
@@ -172,10 +177,12 @@ class Peers:
                     self._segment(self._seq - 2).unlink()
             self._fd = os.open(self._segment(self._seq), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             self._lines = 0
-        os.write(self._fd, f"{request_id}\t{model}\t{version}\t{arm or '-'}\n".encode())
+        unit = "-" if key is None else "=" + _escape(key)
+        os.write(self._fd, f"{request_id}\t{model}\t{version}\t{arm or '-'}\t{share!r}\t{unit}\n"
+                 .encode("utf-8", "surrogateescape"))
         self._lines += 1
 
-    def new_records(self) -> Iterator[tuple[str, str, int, str | None]]:
+    def new_records(self) -> Iterator[tuple[str, str, int, str | None, float | None, str | None]]:
         """Records the other workers appended since the last call (complete lines only)."""
         names = {}
         for p in self.dir.glob("d*.log"):
@@ -193,7 +200,11 @@ class Peers:
                 continue
             end = data.rfind(b"\n") + 1
             self._offsets[name] = at + end
-            for line in data[:end].decode("utf-8", "replace").splitlines():
+            for line in data[:end].decode("utf-8", "surrogateescape").split("\n"):
                 parts = line.split("\t")
-                if len(parts) == 4 and parts[2].isdigit():
-                    yield parts[0], parts[1], int(parts[2]), None if parts[3] == "-" else parts[3]
+                if len(parts) in (4, 6) and parts[2].isdigit():
+                    share = key = None
+                    if len(parts) == 6:
+                        share = None if parts[4] == "None" else float(parts[4])
+                        key = _unescape(parts[5][1:]) if parts[5].startswith("=") else None
+                    yield parts[0], parts[1], int(parts[2]), None if parts[3] == "-" else parts[3], share, key

@@ -120,7 +120,9 @@ class InferenceService:
         self._shadow_tasks: set[asyncio.Task] = set()
         self._running: set[asyncio.Task] = set()  # requests in flight, for abort at stop
         self.aborting = False
-        # (model, version, how, ok, latency_s, request_id, routing_key) per finished primary request
+        # (model, version, how, ok, latency_s, request_id, routing_key, route) per finished primary
+        # request; route: the RouteConfig the router placed it by (a split that changes while the
+        # request runs does not move it: experiments count it under the split that placed it)
         self.on_finished = on_finished
 
     async def infer(self, req: InferRequest) -> InferResponse:
@@ -146,10 +148,11 @@ class InferenceService:
                 code, msg = unknown.code, unknown.message
             self._record(req, None, "unrouted", code.value, t0)
             raise ServingError(code, msg, request_id=req.id) from None
+        route = self.router.get_config(req.model)  # the config of the table pick used (no await between)
         try:
             handle = self.manager.acquire(req.model, decision.version)
         except ServingError as e:
-            self._record(req, None, decision.how, e.code.value, t0)
+            self._record(req, None, decision.how, e.code.value, t0, route)
             e.request_id = req.id
             raise
         self.inflight += 1
@@ -164,15 +167,15 @@ class InferenceService:
             if not self.aborting:
                 raise
             task.uncancel()
-            self._record(req, version, decision.how, Code.UNAVAILABLE.value, t0)
+            self._record(req, version, decision.how, Code.UNAVAILABLE.value, t0, route)
             raise ServingError(Code.UNAVAILABLE, "server is shutting down: the request did not "
                                "finish within the drain timeout", version, req.id) from None
         except _ClientError as c:
-            self._record(req, None, decision.how, c.error.code.value, t0)
+            self._record(req, None, decision.how, c.error.code.value, t0, route)
             c.error.version, c.error.request_id = version, req.id
             raise c.error from None
         except ServingError as e:
-            self._record(req, version, decision.how, e.code.value, t0)
+            self._record(req, version, decision.how, e.code.value, t0, route)
             e.version, e.request_id = version, req.id
             raise
         finally:
@@ -184,7 +187,7 @@ class InferenceService:
             self.metrics.record_request(req.model, version, decision.how, req.protocol, "OK",
                                         latency, result.queue_s, result.compute_s, batch)
         if self.on_finished is not None:
-            self.on_finished(req.model, version, decision.how, True, latency, req.id, req.routing_key)
+            self.on_finished(req.model, version, decision.how, True, latency, req.id, req.routing_key, route)
         if decision.shadow is not None and decision.shadow != version:
             self._shadow(req, decision.shadow, resp)
         return resp
@@ -247,7 +250,7 @@ class InferenceService:
             tensors.append(Tensor(name, dt, tuple(arr.shape), arr))
         return InferResponse(req.model, handle.version, tensors, req.id, how)
 
-    def _record(self, req: InferRequest, version, how: str, code: str, t0: float) -> None:
+    def _record(self, req: InferRequest, version, how: str, code: str, t0: float, route=None) -> None:
         if code in (Code.INTERNAL.value, Code.DEADLINE_EXCEEDED.value):
             log.warning("event=request_failed model=%s version=%s request_id=%s code=%s",
                         req.model, version, req.id, code)
@@ -255,7 +258,8 @@ class InferenceService:
             self.metrics.record_request(req.model, version, how, req.protocol, code,
                                         time.perf_counter() - t0, 0.0, 0.0, 0)
         if self.on_finished is not None and version is not None:
-            self.on_finished(req.model, version, how, False, time.perf_counter() - t0, req.id, req.routing_key)
+            self.on_finished(req.model, version, how, False, time.perf_counter() - t0, req.id, req.routing_key,
+                             route)
 
     # ---- shadow traffic: bounded, lower priority, never awaited by the caller --------
     def _shadow(self, req: InferRequest, version: int, primary: InferResponse) -> None:

@@ -93,7 +93,7 @@ def test_a_failing_canary_is_rolled_back_and_the_latch_survives_a_restart(repo, 
             i += 20
         view = experiment(srv)
         assert view["state"] == "rolled_back", view
-        assert view["latch"].startswith("errors: canary had ") and ">= 20" in view["latch"]
+        assert view["latch"].startswith("errors: canary had ") and ">= 40 (alpha 0.05 shared by 2 tests)" in view["latch"]
         assert view["decisions"][-1]["action"] == "rollback"
         routing = httpx.get(f"{srv.http}/v1/models/mlp/routing", timeout=10).json()
         assert routing["weights"] == {"stable": 100, "canary": 0} and routing["experiment"]["control"] == "stable"

@@ -13,7 +13,7 @@ import pytest
 
 from runtime.decider.fleet import Fleet, fit_states, parse_push
 from runtime.decider.lease_k8s import Lease
-from runtime.decider.workers import zero_counts
+from runtime.decider.counts import zero_counts
 from runtime.routing.k8s_api import KubeClient
 
 pytestmark = pytest.mark.unit  # starts no server process, binds no socket
@@ -30,7 +30,7 @@ def counts(n: int, errors: int = 0) -> list:
 
 
 def requests(cur: dict, base: dict) -> dict[int, int]:
-    return {v: c[0] - base.get(str(v), zero_counts())[0] for v, c in cur.items()}
+    return {int(str(v).partition("@")[0]): c[0] - base.get(str(v), zero_counts())[0] for v, c in cur.items()}
 
 
 def test_the_holder_judges_each_pods_increments_once_and_a_new_holder_carries_on():
@@ -51,12 +51,18 @@ def test_the_holder_judges_each_pods_increments_once_and_a_new_holder_carries_on
 
 
 def test_a_push_is_validated_whole():
-    ok = {"identity": "pod-b-1", "models": {"mlp": {"1": counts(1)}}, "records": [["r1", "mlp", 1, "control"]]}
-    assert parse_push(ok) == ("pod-b-1", ok["models"], [("r1", "mlp", 1, "control")])
+    ok = {"identity": "pod-b-1", "models": {"mlp": {"1": counts(1), "2@0.25": counts(2)}},
+          "records": [["r1", "mlp", 1, "control"], ["r2", "mlp", 2, "candidate", 0.25, "user-1"]],
+          "keys": {"mlp": {"f1": {"user-1": [2, 1, 0.25, 1, 1700000000.5]}}}}
+    assert parse_push(ok) == ("pod-b-1", ok["models"], [("r1", "mlp", 1, "control", None, None),
+                                                        ("r2", "mlp", 2, "candidate", 0.25, "user-1")], ok["keys"])
     for bad, says in ((dict(ok, identity=""), "identity"), (dict(ok, models=[]), "models"),
                       (dict(ok, models={"mlp": {"x": counts(1)}}), "models.mlp.x"),
                       (dict(ok, models={"mlp": {"1": [1, 2]}}), "models.mlp.1"),
-                      (dict(ok, records=[["r1", "mlp", "1", None]]), "records")):
+                      (dict(ok, models={"mlp": {"1@x": counts(1)}}), "models.mlp.1@x"),
+                      (dict(ok, records=[["r1", "mlp", "1", None]]), "records"),
+                      (dict(ok, records=[["r1", "mlp", 1, None, "0.5", None]]), "records"),
+                      (dict(ok, keys={"mlp": {"f1": {"u": [1, 0, 0.5, 1]}}}), "keys")):
         with pytest.raises(ValueError, match=says):
             parse_push(bad)
 
@@ -94,3 +100,24 @@ def test_silent_identities_are_forgotten_once_judged(monkeypatch):
     cur, base = f.judged_totals("mlp", {})
     assert set(f.baseline) == {"pod-b-1", "pod-c-1"} and set(f.pushed) == {"pod-b-1"}
     assert requests(cur, base) == {1: 0}
+
+
+def test_a_key_served_by_two_pods_is_one_unit_at_the_holder_and_pushes_are_idempotent():
+    """Pods push cumulative per-key totals (only the changed ones); the holder sums a key over
+    pods, and the cohort is where it was first placed (the earliest time wins)."""
+    from runtime.decider.counts import Cohorts, merge_keys
+    holder, b = fleet("pod-a-1"), fleet("pod-b-1")
+    pod_b = {"mlp": {"f1": {"u1": [2, 1, 0.5, 1, 20.0], "u2": [1, 0, 0.5, 0, 21.0]}}}
+    changed = b.changed_keys(pod_b)
+    assert changed == pod_b
+    holder.received("pod-b-1", {"mlp": {}}, changed)
+    holder.received("pod-b-1", {"mlp": {}}, changed)  # a resent push: the same totals
+    b.acked(0, changed)
+    assert b.changed_keys(pod_b) == {}
+    pod_b["mlp"]["f1"]["u2"] = [3, 0, 0.5, 0, 21.0]
+    assert b.changed_keys(pod_b) == {"mlp": {"f1": {"u2": [3, 0, 0.5, 0, 21.0]}}}
+    own = {"mlp": {"f1": {"u1": [1, 0, 0.1, 0, 10.0]}}}  # the holder's pod placed u1 first
+    totals = merge_keys({}, [own, *holder.pushed_keys()])["mlp"]["f1"]
+    assert totals == {"u1": [3, 1, 0.1, 0, 10.0], "u2": [1, 0, 0.5, 0, 21.0]}
+    got = Cohorts().judge("mlp", "f1", totals, lambda s: {0.1: 0, 0.5: 1}[s])
+    assert {k: (n, s.x, s.y) for k, (n, s) in got.items()} == {(0, 0): (1, 3, 1), (1, 0): (1, 1, 0)}

@@ -127,7 +127,7 @@ def test_requests_before_the_first_judgment_are_not_counted_and_the_view_lists_n
         for _ in range(n):
             runner.on_finished("mlp", version, "split", True, 0.001, f"r{clock[0]}-{version}-{_}", None)
 
-    def judged() -> dict[str, int]:  # the baseline the holder wrote: requests per version
+    def judged() -> dict[str, int]:  # the baseline the holder wrote: requests per version@share routed at
         base = json.loads(json.loads(record.read_text())["annotations"]["splitserve.io/baseline"])
         return {v: c[0] for v, c in base["srv-a"]["mlp"].items()}
 
@@ -145,7 +145,7 @@ def test_requests_before_the_first_judgment_are_not_counted_and_the_view_lists_n
             view = runner.view("mlp")
             assert [d["action"] for d in view["decisions"]] == ["start"]
             assert (view["control"]["requests"], view["candidate"]["requests"]) == (0, 0)
-            assert judged() == {"1": 2}  # judged away, not evidence
+            assert judged() == {"1@0.5": 2}  # judged away, not evidence
             shown = json.loads(cfg.with_name("splitserve.experiments.json").read_text())["models"]["mlp"]
             assert shown["decisions"][0]["action"] == "start" and shown["requests"] == [0, 0]
 
@@ -155,7 +155,7 @@ def test_requests_before_the_first_judgment_are_not_counted_and_the_view_lists_n
             await runner.tick()
             view = runner.view("mlp")
             assert (view["control"]["requests"], view["candidate"]["requests"]) == (3, 4)  # every one since
-            assert judged() == {"1": 5, "2": 4}
+            assert judged() == {"1@0.5": 5, "2@0.5": 4}
         finally:
             await runner.stop()
 

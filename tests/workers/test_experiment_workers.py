@@ -204,3 +204,55 @@ def test_a_failing_canary_is_rolled_back_once_and_a_new_decider_takes_over_after
         assert [a for _, a in decision_lines(srv)].count("rollback") == 2, decision_lines(srv)
     finally:
         srv.stop()
+
+
+def test_sticky_counts_are_exact_per_key_after_a_worker_is_killed_9(repo, tmp_path):
+    """Issue 29 item 9: every key is one unit, counted once across both workers, and a worker
+    killed with -9 right after its last answer loses none of the counts it acknowledged
+    (its memory-mapped tallies and its decision records are in the run folder before the
+    answer leaves; the decider reads a dead incarnation's files too)."""
+    cfg = tmp_path / "splitserve.yaml"
+    cfg.write_text(config_text(min_requests=10_000, interval_s=0.5))  # stays on step 1: 50 %
+    srv = start(repo, cfg, tmp_path)
+    try:
+        assert wait_until(lambda: started(experiment(srv)[1]), 60)
+        (lead, _), = deciders(srv)
+        other = "1" if lead == "0" else "0"
+        pid = int(re.findall(rf"event=worker_started worker={other} pid=(\d+)", srv.log_text())[-1])
+        n = 300
+        served = []
+        for i in range(n):  # one request per key; the second request of 60 keys goes wherever
+            served.append(infer_rest(srv, i))
+            if i % 5 == 0:
+                served.append(infer_rest(srv, i))
+        os.kill(pid, signal.SIGKILL)  # at once: a periodic snapshot would lose the last ones
+        assert all(code == 200 for code, *_ in served), served
+        assert collections.Counter(w for *_, w in served)[other] > 0  # the killed worker answered some
+        by_version = collections.Counter(v for _, v, _, _ in served)
+        srv.wait_line(rf"event=worker_died worker={other} signal=SIGKILL", 30)
+
+        def exact(v):
+            return (v["unit"] == "key" and (v["control"]["requests"], v["candidate"]["requests"])
+                    == (by_version["1"], by_version["2"]) and v["control"]["units"] + v["candidate"]["units"] == n)
+        view = eventually(lambda: experiment(srv)[1] if exact(experiment(srv)[1]) else None, 30)
+        assert view, experiment(srv)
+        # each key in the generation whose split placed it: 50 %, or the 0 % before the start
+        # for a worker that applied the decider's first write late (never an SRM)
+        gens = view["srm"]["generations"]
+        assert sum(sum(g["units"]) for g in gens) == n and {g["share"] for g in gens} <= {0.0, 0.5}, gens
+        assert all(g["units"][1] == 0 for g in gens if g["share"] == 0.0) and not view["srm"]["flagged"]
+
+        # The killed worker's decision records survived too: every answer's feedback joins once,
+        # and the outcome is analysed per key (each key one unit, in the arm it was placed in).
+        items = [{"request_id": rid, "metric": "click", "value": 1 if v == "2" else 0} for _, v, rid, _ in served]
+        answers = [post_feedback(srv, items[k:k + 50]) for k in range(0, len(items), 50)]
+        assert sum(a["matched"] for _, a in answers) == len(items), answers
+
+        def keyed(v):  # (each key in the arm it was first placed in: intention to treat)
+            o = v["outcomes"]
+            return bool(o) and o[0]["unit"] == "key" and o[0]["control"]["units"] + o[0]["candidate"]["units"] == n \
+                and o[0]["control"]["n"] + o[0]["candidate"]["n"] == len(items)
+        view = eventually(lambda: experiment(srv)[1] if keyed(experiment(srv)[1]) else None, 30)
+        assert view, experiment(srv)[1]["outcomes"]
+    finally:
+        srv.stop()
