@@ -62,6 +62,7 @@ class Core:
         self.inference.on_finished = self.experiments.on_finished
         self.metrics.experiments = self.experiments.published
         self._checkpoints: asyncio.Task | None = None
+        self.jobs = None  # the JobService (runtime/jobs), set by the server that wires it
         self.watcher: Watcher | None = None
         self._http_bound: tuple[str, int] | None = None
         self.started = False
