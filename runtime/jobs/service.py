@@ -158,10 +158,10 @@ class JobService:
         return await self.backend.list(model, state, limit, cursor)
 
     async def cancel(self, job_id: str) -> Job:
-        job = await self.backend.cancel(job_id, time.time()) if _plausible(job_id) else None
+        job, done = await self.backend.cancel(job_id, time.time()) if _plausible(job_id) else (None, False)
         if job is None:
             raise errors.not_found(f"no job '{job_id}'")
-        if job.state != "cancelled":
+        if not done:
             raise ServingError(Code.CONFLICT, f"job '{job_id}' is {job.state}: only a queued job "
                                f"can be cancelled")
         log.info("event=job_cancelled id=%s model=%s", job.id, job.model)

@@ -158,14 +158,14 @@ class SqliteBackend:
             return [_job(r) for r in rows], (str(rows[-1][0]) if more else None)
         return await self._call(run)
 
-    async def cancel(self, job_id: str, now: float) -> Job | None:
-        """The job after the attempt; it is cancelled only when it was queued."""
+    async def cancel(self, job_id: str, now: float) -> tuple[Job | None, bool]:
+        """(the job after the attempt, whether this call cancelled it: only a queued job)."""
         def run(db):
-            db.execute("UPDATE jobs SET state='cancelled', finished_at=?, expires_at=?+ttl_s, "
+            n = db.execute("UPDATE jobs SET state='cancelled', finished_at=?, expires_at=?+ttl_s, "
                        "callback_state=CASE WHEN callback_url IS NULL THEN NULL ELSE 'pending' END "
-                       "WHERE id=? AND state='queued'", (now, now, job_id))
+                       "WHERE id=? AND state='queued'", (now, now, job_id)).rowcount
             row = db.execute(_SELECT + " WHERE id=?", (job_id,)).fetchone()
-            return None if row is None else _job(row)
+            return (None if row is None else _job(row)), n == 1
         return await self._call(self._tx, run)
 
     # ---- the worker's side -------------------------------------------------------------

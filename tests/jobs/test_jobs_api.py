@@ -1,0 +1,194 @@
+"""The jobs API on a live in-process server: submit -> run -> result; what is refused at
+submit never enters the queue; a full queue is 429; an idempotency key returns the first
+job; cancel, list and paging; the token guards state changes; signed callbacks retried
+until the receiver takes them; a job outlives the HTTP timeouts; retries then `failed`;
+results expire."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+from jobs_helpers import (BODY, SECRET, LiveServer, Receiver, job_state, settings, wait_states,
+                          wait_until, write_slow_model)
+from runtime.jobs.callbacks import SIGNATURE_HEADER, verify
+
+
+@pytest.fixture
+def live(tmp_path):
+    servers = []
+
+    def start(repo, **kw):
+        token = kw.pop("token", None)
+        limits = kw.pop("limits", {})
+        s = settings(repo, tmp_path / "jobs.sqlite", token=token, **kw)
+        for k, v in limits.items():
+            setattr(s.limits, k, v)
+        srv = LiveServer(s)
+        servers.append(srv)
+        return srv
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def submit(base, model="mlp", body=None, headers=None, **extra):
+    doc = dict(body or BODY)
+    doc.update(extra)
+    return httpx.post(f"{base}/v2/models/{model}/jobs", json=doc, headers=headers, timeout=10)
+
+
+def count_jobs(base, **q) -> int:
+    return len(httpx.get(f"{base}/v1/jobs", params={"limit": 500, **q}, timeout=10).json()["jobs"])
+
+
+def test_job_runs_like_a_request_and_stores_its_result(make_repo, live):
+    srv = live(make_repo({"mlp": {1: "st1"}}))
+    r = submit(srv.http)
+    assert r.status_code == 202, r.text
+    doc = r.json()
+    assert doc["status_url"] == f"/v1/jobs/{doc['id']}" and r.headers["location"] == doc["status_url"]
+    job = wait_states(srv.http, [doc["id"]])[doc["id"]]
+    assert job["state"] == "succeeded" and job["attempts"] == 1 and job["version"] == 1
+    assert job["created_at"] <= job["started_at"] <= job["finished_at"] < job["expires_at"]
+    sync = httpx.post(f"{srv.http}/v2/models/mlp/infer", json=BODY, timeout=10).json()
+    np.testing.assert_allclose(job["result"]["outputs"][0]["data"], sync["outputs"][0]["data"], rtol=1e-5)
+    assert job["result"]["id"] == doc["id"]  # the request id is the job id
+    # counted like a request, under protocol "job", by the version that served it
+    text = httpx.get(f"{srv.http}/metrics", timeout=10).text
+    assert any(ln.startswith("splitserve_requests_total{") and 'protocol="job"' in ln
+               and 'version="1"' in ln and 'code="OK"' in ln for ln in text.splitlines()), text[:2000]
+    assert wait_until(lambda: 'splitserve_jobs{model="mlp",state="succeeded"} 1.0' in
+                      httpx.get(f"{srv.http}/metrics", timeout=10).text, 10)
+
+
+@pytest.mark.parametrize("body, extra, status, says", [
+    ({"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 3], "data": [0] * 6}]}, {}, 400, "shape"),
+    ({"inputs": [{"name": "nope", "datatype": "FP32", "shape": [1, 64], "data": [0] * 64}]}, {}, 400, "unexpected input"),
+    ({"inputs": []}, {}, 400, "inputs"),
+    (None, {"callback_url": "ftp://example.invalid/x"}, 400, "http://"),
+    (None, {"callback_url": "/relative"}, 400, "http://"),
+    (None, {"ttl_s": -1}, 400, "ttl_s"),
+])
+def test_bad_input_is_refused_and_never_queued(make_repo, live, body, extra, status, says):
+    srv = live(make_repo({"mlp": {1: "st1"}}))
+    r = submit(srv.http, body=body, **extra)
+    assert r.status_code == status, r.text
+    msg = r.json()["error"]
+    assert says in msg and "\n" not in msg
+    assert count_jobs(srv.http) == 0
+
+
+def test_malformed_json_and_unknown_model(make_repo, live):
+    srv = live(make_repo({"mlp": {1: "st1"}}))
+    r = httpx.post(f"{srv.http}/v2/models/mlp/jobs", content=b"{nope", timeout=10)
+    assert r.status_code == 400 and "malformed JSON" in r.json()["error"]
+    r = submit(srv.http, model="ghost")
+    assert r.status_code == 404 and "ghost" in r.json()["error"]
+    assert count_jobs(srv.http) == 0
+    assert httpx.get(f"{srv.http}/v1/jobs/0123abcd", timeout=10).status_code == 404
+
+
+def test_full_queue_idempotency_cancel_and_paging(make_repo, live):
+    # nothing consumes: jobs stay queued
+    srv = live(make_repo({"mlp": {1: "st1"}}), enabled=False, max_queued=3)
+    ids = [submit(srv.http).json()["id"] for _ in range(2)]
+    first = submit(srv.http, headers={"Idempotency-Key": "k-1"})
+    assert first.status_code == 202
+    ids.append(first.json()["id"])
+    full = submit(srv.http)
+    assert full.status_code == 429 and full.headers["retry-after"]
+    assert "jobs.max_queued" in full.json()["error"]
+    again = submit(srv.http, headers={"Idempotency-Key": "k-1"})  # the first job, even when full
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    assert count_jobs(srv.http) == 3
+    # paging: oldest first, bounded
+    p1 = httpx.get(f"{srv.http}/v1/jobs", params={"model": "mlp", "state": "queued", "limit": 2}).json()
+    p2 = httpx.get(f"{srv.http}/v1/jobs", params={"limit": 2, "cursor": p1["next"]}).json()
+    assert [j["id"] for j in p1["jobs"] + p2["jobs"]] == ids and p2["next"] is None
+    assert httpx.get(f"{srv.http}/v1/jobs", params={"limit": 100000}).status_code == 400
+    assert httpx.get(f"{srv.http}/v1/jobs", params={"state": "weird"}).status_code == 400
+    # cancel frees a place; a cancelled job cannot be cancelled again
+    c = httpx.delete(f"{srv.http}/v1/jobs/{ids[0]}")
+    assert c.status_code == 200 and c.json()["state"] == "cancelled"
+    assert httpx.delete(f"{srv.http}/v1/jobs/{ids[0]}").status_code == 409
+    assert submit(srv.http).status_code == 202
+    assert count_jobs(srv.http, state="cancelled") == 1
+
+
+def test_the_token_guards_submit_and_cancel(make_repo, live):
+    srv = live(make_repo({"mlp": {1: "st1"}}), token="tok", enabled=False)
+    assert submit(srv.http).status_code == 401
+    assert count_jobs(srv.http) == 0
+    r = submit(srv.http, headers={"Authorization": "Bearer tok"})
+    assert r.status_code == 202
+    jid = r.json()["id"]
+    assert httpx.delete(f"{srv.http}/v1/jobs/{jid}").status_code == 401
+    assert job_state(srv.http, jid)["state"] == "queued"
+    assert httpx.delete(f"{srv.http}/v1/jobs/{jid}", headers={"Authorization": "Bearer tok"}).status_code == 200
+
+
+def test_long_job_outlives_http_timeouts_and_calls_back_signed_on_the_third_try(tmp_path, live):
+    """A forward of 1.5 s against a request timeout of 1 s: the synchronous call is cut
+    (504), the job completes. Its receiver fails twice; the third POST is taken, signed."""
+    repo = tmp_path / "repo"
+    write_slow_model(repo, delay=1.5)
+    rx = Receiver(fail_first=2)
+    try:
+        srv = live(repo, timeout_s=20, limits={"request_timeout_s": 1.0})
+        assert httpx.post(f"{srv.http}/v2/models/slow/infer", json=BODY, timeout=10).status_code == 504
+        jid = submit(srv.http, model="slow", callback_url=rx.url).json()["id"]
+        job = wait_states(srv.http, [jid], timeout=30)[jid]
+        assert job["state"] == "succeeded"
+        assert wait_until(lambda: job_state(srv.http, jid)["callback"]["state"] == "delivered", 20)
+        posts = rx.posts()
+        assert len(posts) == 3
+        for headers, body in posts:
+            assert verify(SECRET, body, headers.get(SIGNATURE_HEADER.lower()))
+            assert json.loads(body)["id"] == jid and json.loads(body)["state"] == "succeeded"
+        assert [h["x-splitserve-attempt"] for h, _ in posts] == ["1", "2", "3"]
+        cb = job_state(srv.http, jid)["callback"]
+        assert cb["attempts"] == 3 and cb["error"] is None
+        text = httpx.get(f"{srv.http}/metrics", timeout=10).text
+        assert 'splitserve_job_callbacks_total{result="retry"} 2.0' in text
+        assert 'splitserve_job_callbacks_total{result="ok"} 1.0' in text
+    finally:
+        rx.close()
+
+
+def test_callback_out_of_attempts_is_failed_and_visible(make_repo, live):
+    rx = Receiver(fail_first=100)
+    try:
+        srv = live(make_repo({"mlp": {1: "st1"}}), callback_attempts=2)
+        jid = submit(srv.http, callback_url=rx.url).json()["id"]
+        assert wait_until(lambda: (job_state(srv.http, jid).get("callback") or {}).get("state") == "failed", 20)
+        cb = job_state(srv.http, jid)["callback"]
+        assert cb["attempts"] == 2 and cb["error"] == "HTTP 500" and len(rx.posts()) == 2
+        assert 'splitserve_job_callbacks_total{result="failed"} 1.0' in httpx.get(f"{srv.http}/metrics").text
+    finally:
+        rx.close()
+
+
+def test_failing_job_is_retried_then_failed_with_the_last_reason(tmp_path, live):
+    repo = tmp_path / "repo"
+    write_slow_model(repo, delay=0.6)
+    srv = live(repo, timeout_s=0.1, max_attempts=2)
+    jid = submit(srv.http, model="slow").json()["id"]
+    job = wait_states(srv.http, [jid], states=("failed",), timeout=30)[jid]
+    assert job["state"] == "failed" and job["attempts"] == 2 and job["version"] == 1
+    assert job["error"].startswith("attempt 2 of 2: DEADLINE_EXCEEDED")
+    text = httpx.get(f"{srv.http}/metrics").text
+    assert 'splitserve_job_attempts_total{model="slow",outcome="retry"} 1.0' in text
+    assert 'splitserve_job_attempts_total{model="slow",outcome="failed"} 1.0' in text
+
+
+def test_result_expires_after_ttl(make_repo, live):
+    srv = live(make_repo({"mlp": {1: "st1"}}))
+    jid = submit(srv.http, ttl_s=0.5).json()["id"]
+    job = wait_states(srv.http, [jid], states=("succeeded", "expired"))[jid]
+    assert job["state"] in ("succeeded", "expired")
+    assert wait_until(lambda: job_state(srv.http, jid)["state"] == "expired", 15)
+    assert "result" not in job_state(srv.http, jid)
