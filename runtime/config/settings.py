@@ -124,7 +124,8 @@ class JobSettings(_S):
     enabled: bool = True  # this server consumes jobs for its models
     only: bool = False  # `serve --jobs-only`: a worker with health and metrics, no inference API
     path: Path | None = None  # SQLite file; default beside the config (or the repository)
-    url: str | None = Field(default=None, pattern=r"^rediss?://")  # Redis Streams instead
+    # Redis Streams instead: redis://, rediss:// or unix:///path/to/redis.sock
+    url: str | None = Field(default=None, pattern=r"^(rediss?|unix)://")
     max_queued: int = Field(default=10_000, ge=1)  # queued + running; more answers 429
     concurrency: int = Field(default=2, ge=1, le=1024)  # jobs running at once per server
     timeout_s: float = Field(default=3600.0, gt=0)  # one attempt's inference deadline

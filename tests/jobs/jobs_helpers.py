@@ -117,3 +117,45 @@ class Receiver:
 
 def now() -> float:
     return time.time()
+
+
+class RedisServer:
+    """A real redis-server child on a unix socket in a temporary folder: nothing to
+    guess (redis cannot bind port 0 and report it), nothing shared with other tests."""
+
+    def __init__(self, folder: Path):
+        import shutil
+        import subprocess
+        exe = shutil.which("redis-server")
+        if exe is None:
+            import pytest
+            pytest.skip("redis-server is not installed (.ci/run installs Debian's redis-server)")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.sock = folder / "redis.sock"
+        self.url = f"unix://{self.sock}"
+        self.proc = subprocess.Popen([exe, "--port", "0", "--unixsocket", str(self.sock),
+                                      "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
+                                      "--dir", str(folder)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not wait_until(self._up, 20):
+            self.stop()
+            raise RuntimeError("redis-server did not answer PING on its socket")
+
+    def _up(self) -> bool:
+        import redis
+        try:
+            return redis.Redis(unix_socket_path=str(self.sock)).ping()
+        except redis.exceptions.ConnectionError:
+            return False
+
+    def client(self):
+        import redis
+        return redis.Redis(unix_socket_path=str(self.sock))
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait(10)
