@@ -66,6 +66,7 @@ class JobService:
         self.callbacks = CallbackSender(http_client, settings.callback_secret,
                                         settings.callback_timeout_s) if http_client else None
         self.running = 0  # jobs in inference now (counted in inference.inflight too)
+        self.yielded = 0  # times a worker waited for synchronous requests to drain
         self._tasks: list[asyncio.Task] = []
         self._current: dict[asyncio.Task, Job] = {}
         self._wake = asyncio.Event()
@@ -202,6 +203,7 @@ class JobService:
         while True:
             # lower priority than synchronous requests: wait while they are busy
             while self.inference.inflight - self.running >= s.yield_to_sync:
+                self.yielded += 1
                 await asyncio.sleep(0.01)
             try:
                 job = await self.backend.claim(self._models(), self.worker_id, s.lease_s, time.time())

@@ -192,3 +192,30 @@ def test_result_expires_after_ttl(make_repo, live):
     assert job["state"] in ("succeeded", "expired")
     assert wait_until(lambda: job_state(srv.http, jid)["state"] == "expired", 15)
     assert "result" not in job_state(srv.http, jid)
+
+
+def test_jobs_yield_to_synchronous_requests(tmp_path, live):
+    """While `jobs.yield_to_sync` synchronous requests are in flight no job starts; once
+    they are answered the jobs run."""
+    import threading
+    repo = tmp_path / "repo"
+    hold = tmp_path / "hold"
+    hold.touch()
+    write_slow_model(repo, delay=0.0, hold=hold)
+    srv = live(repo, yield_to_sync=1)
+    answers = []
+    t = threading.Thread(target=lambda: answers.append(
+        httpx.post(f"{srv.http}/v2/models/slow/infer", json=BODY, timeout=30).status_code))
+    t.start()
+    try:
+        assert srv.wait_for(lambda: srv.core.inference.inflight == 1, 10)
+        ids = [submit(srv.http, model="slow").json()["id"] for _ in range(2)]
+        seen = srv.on_loop(lambda: srv.core.jobs.yielded)
+        assert srv.wait_for(lambda: srv.core.jobs.yielded >= seen + 20, 10)  # the workers waited
+        assert {job_state(srv.http, i)["state"] for i in ids} == {"queued"}
+    finally:
+        hold.unlink()
+        t.join(30)
+    assert answers == [200]
+    final = wait_states(srv.http, ids, timeout=20)
+    assert all(final[i]["state"] == "succeeded" for i in ids)
