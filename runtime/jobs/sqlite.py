@@ -90,8 +90,20 @@ class SqliteBackend:
             self._db = db
         return self._db
 
+    def _there(self) -> bool:
+        """Whether the store exists: it is created by the first submit, so a server that
+        never gets a job writes no file. Reads of a store not there find nothing."""
+        if self._db is None and not self.path.exists():
+            return False
+        self._open()
+        return True
+
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def _tx_there(self, empty, fn, *args):
+        """A transaction on the store if it exists; `empty` when it does not."""
+        return self._tx(fn, *args) if self._there() else empty
 
     def _tx(self, fn, *args):
         db = self._open()
@@ -105,7 +117,7 @@ class SqliteBackend:
         return out
 
     async def open(self) -> None:
-        await self._call(self._open)
+        await self._call(self._there)
 
     async def close(self) -> None:
         def close():
@@ -137,6 +149,8 @@ class SqliteBackend:
 
     async def get(self, job_id: str) -> Job | None:
         def run():
+            if not self._there():
+                return None
             row = self._open().execute(_SELECT + " WHERE id=?", (job_id,)).fetchone()
             return None if row is None else _job(row)
         return await self._call(run)
@@ -144,6 +158,8 @@ class SqliteBackend:
     async def list(self, model: str | None, state: str | None, limit: int,
                    cursor: str | None) -> tuple[list[Job], str | None]:
         def run():
+            if not self._there():
+                return [], None
             where, args = ["seq > ?"], [int(cursor or 0)]
             if model is not None:
                 where.append("model = ?")
@@ -166,7 +182,7 @@ class SqliteBackend:
                        "WHERE id=? AND state='queued'", (now, now, job_id)).rowcount
             row = db.execute(_SELECT + " WHERE id=?", (job_id,)).fetchone()
             return (None if row is None else _job(row)), n == 1
-        return await self._call(self._tx, run)
+        return await self._call(self._tx_there, (None, False), run)
 
     # ---- the worker's side -------------------------------------------------------------
     async def claim(self, models: list[str], worker: str, lease_s: float, now: float) -> Job | None:
@@ -195,7 +211,7 @@ class SqliteBackend:
             db.execute("UPDATE jobs SET state='running', attempts=?, worker=?, lease_until=?, "
                        "started_at=? WHERE id=?", (job.attempts, worker, now + lease_s, now, job.id))
             return job
-        return await self._call(self._tx, run)
+        return await self._call(self._tx_there, None, run)
 
     _GUARD = " WHERE id=? AND state='running' AND worker=? AND attempts=?"
 
@@ -242,7 +258,7 @@ class SqliteBackend:
                 return None
             db.execute("UPDATE jobs SET callback_lease=? WHERE id=?", (now + lease_s, row[1]))
             return _job(row)
-        return await self._call(self._tx, run)
+        return await self._call(self._tx_there, None, run)
 
     async def callback_done(self, job_id: str, state: str, attempts: int, error: str | None,
                             next_at: float) -> None:
@@ -261,11 +277,13 @@ class SqliteBackend:
                            (now,)).rowcount
             db.execute("DELETE FROM jobs WHERE state='expired' AND expires_at < ?", (now - FORGET_S,))
             return n
-        return await self._call(self._tx, run)
+        return await self._call(self._tx_there, 0, run)
 
     async def stats(self, now: float) -> tuple[dict[tuple[str, str], int], dict[str, float]]:
         """Jobs by (model, state), and the age of each model's oldest queued job."""
         def run():
+            if not self._there():
+                return {}, {}
             db = self._open()
             counts = {(m, s): n for m, s, n in
                       db.execute("SELECT model, state, count(*) FROM jobs GROUP BY model, state")}

@@ -83,3 +83,20 @@ def test_give_back_requeue_with_backoff_and_idempotency(tmp_path):
         assert later.id == j.id and later.attempts == 2 and later.error.endswith("boom")
         await q.close()
     run(go())
+
+
+def test_the_store_is_created_by_the_first_submit_only(tmp_path):
+    """A server that never gets a job writes no file (reads and claims find nothing)."""
+    async def go():
+        q = SqliteBackend(tmp_path / "sub" / "q.sqlite")
+        await q.open()
+        t = time.time()
+        assert await q.claim(["m"], "A", 1, t) is None and await q.get("ab") is None
+        assert await q.list(None, None, 10, None) == ([], None)
+        assert await q.sweep(t) == 0 and await q.stats(t) == ({}, {})
+        assert await q.claim_callback(1, t) is None and await q.cancel("ab", t) == (None, False)
+        assert not (tmp_path / "sub").exists()
+        await q.submit(job(), 10)
+        assert (tmp_path / "sub" / "q.sqlite").is_file()
+        await q.close()
+    run(go())
