@@ -62,7 +62,7 @@ local p, id, model, max = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local idem = ARGV[5]
 if idem ~= '' then
   local first = redis.call('GET', idem)
-  if first then return {0, first} end
+  if first and redis.call('EXISTS', p..'job:'..first) == 1 then return {0, first} end
 end
 if redis.call('SCARD', p..'active') >= max then return {-1, ''} end
 redis.call('HSET', p..'job:'..id, unpack(ARGV, 6))
@@ -302,25 +302,37 @@ class RedisBackend:
 
     # ---- the worker's side -------------------------------------------------------------
     async def claim(self, models: list[str], worker: str, lease_s: float, now: float) -> Job | None:
+        from redis.exceptions import ResponseError
         for model in models:
-            await self._group(model)
-            stream = self.p + "stream:" + model
-            await self._run("PROMOTE", model, now)
-            # a dead consumer's entries first (idle past the lease), then new ones
-            _, claimed, *_ = await self.r.xautoclaim(stream, GROUP, worker, int(lease_s * 1000),
-                                                     "0-0", count=1)
-            entries = claimed or []
-            if not entries:
-                got = await self.r.xreadgroup(GROUP, worker, {stream: ">"}, count=1)
-                entries = got[0][1] if got else []
-            for eid, fields in entries:
-                jid = _s(fields[b"id"]) if fields else None
-                if jid is None:  # deleted under us: nothing to run
-                    await self.r.xack(stream, GROUP, eid)
-                    continue
-                res = _s(await self._run("CLAIM", model, jid, _s(eid), worker, now))
-                if res == "ok":
-                    return await self.get(jid)
+            try:
+                job = await self._claim(model, worker, lease_s, now)
+            except ResponseError as e:
+                if "NOGROUP" in str(e):  # the stream was deleted under us: made again next time
+                    self._groups.discard(model)
+                raise
+            if job is not None:
+                return job
+        return None
+
+    async def _claim(self, model: str, worker: str, lease_s: float, now: float) -> Job | None:
+        await self._group(model)
+        stream = self.p + "stream:" + model
+        await self._run("PROMOTE", model, now)
+        # a dead consumer's entries first (idle past the lease), then new ones
+        _, claimed, *_ = await self.r.xautoclaim(stream, GROUP, worker, int(lease_s * 1000),
+                                                 "0-0", count=1)
+        entries = claimed or []
+        if not entries:
+            got = await self.r.xreadgroup(GROUP, worker, {stream: ">"}, count=1)
+            entries = got[0][1] if got else []
+        for eid, fields in entries:
+            jid = _s(fields[b"id"]) if fields else None
+            if jid is None:  # deleted under us: nothing to run
+                await self.r.xack(stream, GROUP, eid)
+                continue
+            res = _s(await self._run("CLAIM", model, jid, _s(eid), worker, now))
+            if res == "ok":
+                return await self.get(jid)
         return None
 
     async def renew(self, job: Job, worker: str, lease_s: float) -> bool:

@@ -230,7 +230,7 @@ class JobService:
             req = self.decode(job.body, job.model)
             req.headers = job.headers
             req.protocol = "job"
-            req.id = req.id or job.id
+            req.id = job.id  # feedback and logs name the job
             req.timeout_s = s.timeout_s
             resp = await self.inference.infer(req)
             version = resp.version

@@ -219,3 +219,32 @@ def test_jobs_yield_to_synchronous_requests(tmp_path, live):
     assert answers == [200]
     final = wait_states(srv.http, ids, timeout=20)
     assert all(final[i]["state"] == "succeeded" for i in ids)
+
+
+def test_graceful_stop_gives_running_jobs_back_uncounted(tmp_path, live):
+    """SIGTERM-style stop while a job is inside its forward: the job goes back to
+    `queued` with its attempt not counted; the next server runs it (attempt 1)."""
+    import sqlite3
+    import threading
+    repo = tmp_path / "repo"
+    hold = tmp_path / "hold"
+    hold.touch()
+    write_slow_model(repo, delay=0.0, hold=hold)
+    srv = live(repo)
+    jid = submit(srv.http, model="slow").json()["id"]
+    assert wait_until(lambda: job_state(srv.http, jid)["state"] == "running", 20)
+    stopper = threading.Thread(target=srv.stop)
+    stopper.start()
+    db = tmp_path / "jobs.sqlite"
+
+    def row():
+        with sqlite3.connect(db) as c:
+            return c.execute("SELECT state, attempts FROM jobs WHERE id=?", (jid,)).fetchone()
+    try:
+        assert wait_until(lambda: row() == ("queued", 0), 20), row()
+    finally:
+        hold.unlink()  # the forward thread finishes; the stop completes
+        stopper.join(60)
+    again = live(repo)
+    job = wait_states(again.http, [jid], timeout=30)[jid]
+    assert job["state"] == "succeeded" and job["attempts"] == 1
