@@ -109,6 +109,13 @@ def test_full_queue_idempotency_cancel_and_paging(make_repo, live):
     p1 = httpx.get(f"{srv.http}/v1/jobs", params={"model": "mlp", "state": "queued", "limit": 2}).json()
     p2 = httpx.get(f"{srv.http}/v1/jobs", params={"limit": 2, "cursor": p1["next"]}).json()
     assert [j["id"] for j in p1["jobs"] + p2["jobs"]] == ids and p2["next"] is None
+    # the gauges: three queued, the oldest some time ago (refreshed off the scrape)
+    def gauges():
+        text = httpx.get(f"{srv.http}/metrics").text
+        return ('splitserve_jobs{model="mlp",state="queued"} 3.0' in text and
+                'splitserve_jobs_oldest_queued_age_seconds{model="mlp"}' in text)
+    assert wait_until(gauges, 10)
+    assert 'splitserve_job_submits_total{model="mlp",result="full"} 1.0' in httpx.get(f"{srv.http}/metrics").text
     assert httpx.get(f"{srv.http}/v1/jobs", params={"limit": 100000}).status_code == 400
     assert httpx.get(f"{srv.http}/v1/jobs", params={"state": "weird"}).status_code == 400
     # cancel frees a place; a cancelled job cannot be cancelled again
@@ -208,10 +215,11 @@ def test_jobs_yield_to_synchronous_requests(tmp_path, live):
         httpx.post(f"{srv.http}/v2/models/slow/infer", json=BODY, timeout=30).status_code))
     t.start()
     try:
-        assert srv.wait_for(lambda: srv.core.inference.inflight == 1, 10)
+        # read on the loop, polled (the manager's wait_until wakes on its own events only)
+        assert wait_until(lambda: srv.on_loop(lambda: srv.core.inference.inflight) == 1, 10)
         ids = [submit(srv.http, model="slow").json()["id"] for _ in range(2)]
         seen = srv.on_loop(lambda: srv.core.jobs.yielded)
-        assert srv.wait_for(lambda: srv.core.jobs.yielded >= seen + 20, 10)  # the workers waited
+        assert wait_until(lambda: srv.on_loop(lambda: srv.core.jobs.yielded) >= seen + 20, 10)
         assert {job_state(srv.http, i)["state"] for i in ids} == {"queued"}
     finally:
         hold.unlink()
