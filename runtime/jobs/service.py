@@ -71,6 +71,7 @@ class JobService:
         self._current: dict[asyncio.Task, Job] = {}
         self._wake = asyncio.Event()
         self._stopping = False
+        self._store_down = False  # the claim loop logs the first failure and the recovery
         # figures for the collector: in-process counters, and the backend's last snapshot
         self.counts: dict[tuple[str, str], int] = {}
         self.oldest: dict[str, float] = {}
@@ -90,7 +91,7 @@ class JobService:
                 self.submitted[(model, "invalid")] += 1
             raise
         try:
-            stored, created = await self.backend.submit(job, self.settings.max_queued)
+            stored, created = await self._store(self.backend.submit(job, self.settings.max_queued))
         except QueueFull:
             self.submitted[(model, "full")] += 1
             raise ServingError(Code.RESOURCE_EXHAUSTED, f"the job queue is full: "
@@ -145,7 +146,7 @@ class JobService:
 
     # ---- reads -------------------------------------------------------------------------
     async def get(self, job_id: str) -> Job:
-        job = await self.backend.get(job_id) if _plausible(job_id) else None
+        job = await self._store(self.backend.get(job_id)) if _plausible(job_id) else None
         if job is None:
             raise errors.not_found(f"no job '{job_id}' (unknown, or expired and forgotten)")
         return job
@@ -156,10 +157,11 @@ class JobService:
             raise errors.invalid(f"state must be one of {', '.join(STATES)}, got {state!r}")
         if cursor is not None and not cursor.isdigit():
             raise errors.invalid(f"cursor must be the 'next' value of a previous page, got {cursor!r}")
-        return await self.backend.list(model, state, limit, cursor)
+        return await self._store(self.backend.list(model, state, limit, cursor))
 
     async def cancel(self, job_id: str) -> Job:
-        job, done = await self.backend.cancel(job_id, time.time()) if _plausible(job_id) else (None, False)
+        job, done = (await self._store(self.backend.cancel(job_id, time.time()))
+                     if _plausible(job_id) else (None, False))
         if job is None:
             raise errors.not_found(f"no job '{job_id}'")
         if not done:
@@ -168,9 +170,25 @@ class JobService:
         log.info("event=job_cancelled id=%s model=%s", job.id, job.model)
         return job
 
+    async def _store(self, call):
+        """A store call from the API: unreachable or failing is UNAVAILABLE (503), one line."""
+        try:
+            return await call
+        except (QueueFull, ServingError):
+            raise
+        except Exception as e:
+            log.error("event=jobs_store_error backend=%s error=%r", self.backend.name, _line(e))
+            raise ServingError(Code.UNAVAILABLE, f"the jobs store ({self.backend.name}) cannot "
+                               f"be reached: {_line(e)}") from None
+
     # ---- workers -----------------------------------------------------------------------
     async def start(self) -> None:
-        await self.backend.open()
+        """Start the workers. A store that cannot be reached is logged, not fatal: the
+        synchronous path serves on, the jobs API answers 503, workers keep trying."""
+        try:
+            await self.backend.open()
+        except Exception as e:
+            log.error("event=jobs_store_unreachable backend=%s error=%r", self.backend.name, _line(e))
         loop = asyncio.get_running_loop()
         if self.consume:
             self._tasks += [loop.create_task(self._worker(i), name=f"job-worker-{i}")
@@ -207,10 +225,15 @@ class JobService:
                 await asyncio.sleep(0.01)
             try:
                 job = await self.backend.claim(self._models(), self.worker_id, s.lease_s, time.time())
+                if self._store_down:
+                    self._store_down = False
+                    log.info("event=jobs_store_reachable backend=%s", self.backend.name)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # the store is unreachable: retry, never die
-                log.error("event=job_claim_failed backend=%s error=%r", self.backend.name, e)
+            except Exception as e:  # the store is unreachable: retry, never die; log once
+                if not self._store_down:
+                    self._store_down = True
+                    log.error("event=job_claim_failed backend=%s error=%r", self.backend.name, _line(e))
                 job = None
                 await asyncio.sleep(s.poll_s * 5)
             if job is None:
@@ -335,6 +358,10 @@ class JobService:
             except Exception as e:
                 log.error("event=jobs_housekeeping_failed error=%r", e)
             await asyncio.sleep(max(1.0, self.settings.poll_s * 5))
+
+
+def _line(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
 
 
 def _plausible(job_id: str) -> bool:

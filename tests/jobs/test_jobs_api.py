@@ -256,3 +256,13 @@ def test_graceful_stop_gives_running_jobs_back_uncounted(tmp_path, live):
     again = live(repo)
     job = wait_states(again.http, [jid], timeout=30)[jid]
     assert job["state"] == "succeeded" and job["attempts"] == 1
+
+
+def test_unreachable_store_is_503_and_sync_serving_goes_on(make_repo, live, tmp_path):
+    pytest.importorskip("redis")
+    srv = live(make_repo({"mlp": {1: "st1"}}), url=f"unix://{tmp_path}/no-such.sock")
+    assert httpx.post(f"{srv.http}/v2/models/mlp/infer", json=BODY, timeout=10).status_code == 200
+    r = submit(srv.http)
+    assert r.status_code == 503 and "jobs store (redis) cannot be reached" in r.json()["error"]
+    assert "\n" not in r.json()["error"]
+    assert httpx.get(f"{srv.http}/v1/jobs/abcd", timeout=10).status_code == 503
