@@ -177,7 +177,9 @@ class JobService:
         except (QueueFull, ServingError):
             raise
         except Exception as e:
-            log.error("event=jobs_store_error backend=%s error=%r", self.backend.name, _line(e))
+            if not self._store_down:  # once per outage; each answer says it too
+                self._store_down = True
+                log.error("event=jobs_store_error backend=%s error=%r", self.backend.name, _line(e))
             raise ServingError(Code.UNAVAILABLE, f"the jobs store ({self.backend.name}) cannot "
                                f"be reached: {_line(e)}") from None
 
@@ -241,7 +243,13 @@ class JobService:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), s.poll_s)
                 continue
-            await self._run(job)
+            try:
+                await self._run(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the outcome could not be written: the lease runs out
+                log.error("event=job_store_write_failed id=%s error=%r", job.id, _line(e))
+                await asyncio.sleep(s.poll_s * 5)
 
     async def _run(self, job: Job) -> None:
         s = self.settings
@@ -319,8 +327,8 @@ class JobService:
                 job = await self.backend.claim_callback(s.callback_timeout_s * 2, time.time())
             except asyncio.CancelledError:
                 raise
-            except Exception as e:
-                log.error("event=job_callback_claim_failed error=%r", e)
+            except Exception as e:  # logged by the claim loop and housekeeping; not per poll
+                log.debug("event=job_callback_claim_failed error=%r", _line(e))
                 job = None
             if job is None:
                 await asyncio.sleep(s.poll_s)
@@ -356,7 +364,8 @@ class JobService:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                log.error("event=jobs_housekeeping_failed error=%r", e)
+                (log.debug if self._store_down else log.error)(
+                    "event=jobs_housekeeping_failed error=%r", _line(e))
             await asyncio.sleep(max(1.0, self.settings.poll_s * 5))
 
 
