@@ -266,3 +266,24 @@ def test_unreachable_store_is_503_and_sync_serving_goes_on(make_repo, live, tmp_
     assert r.status_code == 503 and "jobs store (redis) cannot be reached" in r.json()["error"]
     assert "\n" not in r.json()["error"]
     assert httpx.get(f"{srv.http}/v1/jobs/abcd", timeout=10).status_code == 503
+
+
+def test_a_job_is_routed_like_a_request_by_its_sticky_key(make_repo, tmp_path):
+    """Sticky routing: a job submitted with a user's header runs on the version that
+    user's synchronous requests get, for every user."""
+    cfg = tmp_path / "splitserve.yaml"
+    cfg.write_text("models:\n  mlp:\n    labels: {stable: 1, canary: 2}\n"
+                   "    weights: {stable: 50, canary: 50}\n    sticky: {header: x-user-id}\n")
+    s = settings(make_repo({"mlp": {1: "st1", 2: "st2"}}), tmp_path / "jobs.sqlite")
+    s.config_path = cfg
+    srv = LiveServer(s)
+    try:
+        users = [f"user-{i}" for i in range(12)]
+        sync = {u: httpx.post(f"{srv.http}/v2/models/mlp/infer", json=BODY, timeout=10,
+                              headers={"x-user-id": u}).headers["x-model-version"] for u in users}
+        assert set(sync.values()) == {"1", "2"}  # both arms drawn among these users
+        ids = {u: submit(srv.http, headers={"x-user-id": u}).json()["id"] for u in users}
+        final = wait_states(srv.http, list(ids.values()), timeout=30)
+        assert {u: str(final[ids[u]]["version"]) for u in users} == sync
+    finally:
+        srv.stop()
