@@ -119,6 +119,12 @@ class RepositorySettings(_S):
     intra_op_threads: int = Field(default=0, ge=0)  # per version executor; 0 = cores - 1
 
 
+class ModelJobSettings(_S):
+    """One model's overrides of the server's jobs.timeout_s and jobs.concurrency."""
+    timeout_s: float | None = Field(default=None, gt=0)
+    concurrency: int | None = Field(default=None, ge=1, le=1024)
+
+
 class JobSettings(_S):
     """Async inference jobs (runtime/jobs): where the queue lives and how workers run it."""
     enabled: bool = True  # this server consumes jobs for its models
@@ -140,6 +146,7 @@ class JobSettings(_S):
     callback_attempts: int = Field(default=5, ge=1, le=50)
     callback_timeout_s: float = Field(default=10.0, gt=0)
     callback_backoff_s: float = Field(default=1.0, ge=0)
+    models: dict[str, ModelJobSettings] = {}  # per model: {mlp: {timeout_s: 60, concurrency: 1}}
 
 
 class Settings(_S):

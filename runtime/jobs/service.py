@@ -66,6 +66,9 @@ class JobService:
         self.callbacks = CallbackSender(http_client, settings.callback_secret,
                                         settings.callback_timeout_s) if http_client else None
         self.running = 0  # jobs in inference now (counted in inference.inflight too)
+        self.running_by_model = Counter()
+        self.claims = 0  # claim attempts (tests wait on it)
+        self._claim_lock = asyncio.Lock()  # a per-model cap is checked and taken at once
         self.yielded = 0  # times a worker waited for synchronous requests to drain
         self._tasks: list[asyncio.Task] = []
         self._current: dict[asyncio.Task, Job] = {}
@@ -215,8 +218,26 @@ class JobService:
         await self.backend.close()
 
     def _models(self) -> list[str]:
+        """The models this server can run a job of now: loaded, under their own cap."""
         snap = self.manager.view()
-        return [m for m in snap.names() if snap.model(m).available]
+        per = self.settings.models
+        return [m for m in snap.names() if snap.model(m).available and
+                (m not in per or per[m].concurrency is None or
+                 self.running_by_model[m] < per[m].concurrency)]
+
+    async def _claim(self) -> Job | None:
+        async with self._claim_lock:
+            self.claims += 1
+            s = self.settings
+            job = await self.backend.claim(self._models(), self.worker_id, s.lease_s, time.time())
+            if job is not None:
+                self.running += 1
+                self.running_by_model[job.model] += 1
+            return job
+
+    def _done(self, job: Job) -> None:
+        self.running -= 1
+        self.running_by_model[job.model] -= 1
 
     async def _worker(self, n: int) -> None:
         s = self.settings
@@ -226,7 +247,7 @@ class JobService:
                 self.yielded += 1
                 await asyncio.sleep(0.01)
             try:
-                job = await self.backend.claim(self._models(), self.worker_id, s.lease_s, time.time())
+                job = await self._claim()
                 if self._store_down:
                     self._store_down = False
                     log.info("event=jobs_store_reachable backend=%s", self.backend.name)
@@ -253,7 +274,6 @@ class JobService:
 
     async def _run(self, job: Job) -> None:
         s = self.settings
-        self.running += 1
         renew = asyncio.get_running_loop().create_task(self._renew(job))
         version, outcome = None, None
         log.info("event=job_started id=%s model=%s attempt=%d", job.id, job.model, job.attempts)
@@ -262,7 +282,8 @@ class JobService:
             req.headers = job.headers
             req.protocol = "job"
             req.id = job.id  # feedback and logs name the job
-            req.timeout_s = s.timeout_s
+            own = s.models.get(job.model)
+            req.timeout_s = own.timeout_s if own is not None and own.timeout_s else s.timeout_s
             resp = await self.inference.infer(req)
             version = resp.version
             result = self.encode(resp)
@@ -273,7 +294,7 @@ class JobService:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.backend.requeue(job, self.worker_id, 0.0, None,
                                                               None, count_attempt=False))
-            self.running -= 1
+            self._done(job)
             raise
         except ServingError as e:
             version = e.version
@@ -283,7 +304,7 @@ class JobService:
             outcome = ("error", None, ServingError(Code.INTERNAL, f"{type(e).__name__}: {e}"))
         finally:
             renew.cancel()
-        self.running -= 1
+        self._done(job)
         state, result, err = outcome
         if state == "succeeded":
             stored = await self.backend.finish(job, self.worker_id, "succeeded", version, result, None)

@@ -47,13 +47,10 @@ def settings(repo: Path, jobs_path: Path, token: str | None = None, **jobs):
     s.server.drain_timeout_s = 5
     s.repository.path = repo
     s.repository.quiet_s = 0.3
-    s.jobs.path = jobs_path
-    s.jobs.poll_s = 0.05
-    s.jobs.backoff_s = 0.05
-    s.jobs.callback_backoff_s = 0.05
-    s.jobs.callback_secret = SECRET
-    for k, v in jobs.items():
-        setattr(s.jobs, k, v)
+    from runtime.config.settings import JobSettings
+    s.jobs = JobSettings.model_validate({  # validated, as the config file's block is
+        "path": jobs_path, "poll_s": 0.05, "backoff_s": 0.05, "callback_backoff_s": 0.05,
+        "callback_secret": SECRET, **jobs})
     return s
 
 

@@ -182,7 +182,8 @@ def test_callback_out_of_attempts_is_failed_and_visible(make_repo, live):
 def test_failing_job_is_retried_then_failed_with_the_last_reason(tmp_path, live):
     repo = tmp_path / "repo"
     write_slow_model(repo, delay=0.6)
-    srv = live(repo, timeout_s=0.1, max_attempts=2)
+    # the model's own timeout (jobs.models.slow.timeout_s) wins over the server's hour
+    srv = live(repo, max_attempts=2, models={"slow": {"timeout_s": 0.1}})
     jid = submit(srv.http, model="slow").json()["id"]
     job = wait_states(srv.http, [jid], states=("failed",), timeout=30)[jid]
     assert job["state"] == "failed" and job["attempts"] == 2 and job["version"] == 1
@@ -287,3 +288,21 @@ def test_a_job_is_routed_like_a_request_by_its_sticky_key(make_repo, tmp_path):
         assert {u: str(final[ids[u]]["version"]) for u in users} == sync
     finally:
         srv.stop()
+
+
+def test_a_models_own_concurrency_caps_its_running_jobs(tmp_path, live):
+    repo = tmp_path / "repo"
+    hold = tmp_path / "hold"
+    hold.touch()
+    write_slow_model(repo, delay=0.0, hold=hold)
+    srv = live(repo, concurrency=3, models={"slow": {"concurrency": 1}})
+    try:
+        ids = [submit(srv.http, model="slow").json()["id"] for _ in range(3)]
+        assert wait_until(lambda: [job_state(srv.http, i)["state"] for i in ids].count("running") == 1, 20)
+        seen = srv.on_loop(lambda: srv.core.jobs.claims)
+        assert wait_until(lambda: srv.on_loop(lambda: srv.core.jobs.claims) >= seen + 10, 10)  # polled on
+        assert sorted(job_state(srv.http, i)["state"] for i in ids) == ["queued", "queued", "running"]
+    finally:
+        hold.unlink()
+    final = wait_states(srv.http, ids, timeout=30)
+    assert all(final[i]["state"] == "succeeded" for i in ids)
