@@ -77,6 +77,7 @@ class InferRequest:
     protocol: str = "internal"  # rest_v2, grpc_v2, rest_tfs: for metrics only
     headers: Any = None  # a read-only mapping; None: no headers
     decode: Any = None  # Callable[[Signature], tuple[list[Tensor], list[str] | None]]
+    timeout_s: float | None = None  # this request's inference deadline; None: limits.request_timeout_s
 
 
 @dataclass(slots=True)

@@ -77,7 +77,7 @@ def test_only_server_package_imports_web_frameworks():
 # ---- the folders: one concept each, imports go down this list only ----------------------
 GROUND = {"types", "views", "errors", "dtypes", "logs", "files", "histogram"}
 LAYERS = ["config", "repository", "execution", "lifecycle", "routing", "metrics", "decider",
-          "service", "protocol", "server", "workers", "cli"]
+          "service", "jobs", "protocol", "server", "workers", "cli"]
 
 
 def _home(name: str) -> str | None:

@@ -128,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
                         "or grpcio (grpc.aio)")
     s.add_argument("--grpc-threads", type=int, default=None, metavar="N",
                    help="ignored (the threaded gRPC server is gone; kept so old command lines start)")
+    s.add_argument("--jobs-only", action="store_true",
+                   help="run a jobs worker: consume the queue (jobs: in the config), serve "
+                        "health, metrics and the jobs API, no inference API and no gRPC")
     from runtime.cli.ops import add_subcommands  # status, route, publish, experiment (stdlib only)
     add_subcommands(sub)
     s.add_argument("--workers", type=_workers, default=1, metavar="N",
@@ -228,6 +231,7 @@ def build_settings(args: argparse.Namespace, env: dict | None = None, notes: lis
                          ("server.grpc_threads", "--grpc-threads", args.grpc_threads),
                          ("server.advertise_url", "--advertise-url", args.advertise_url),
                          ("repository.polling", "--polling", True if args.polling else None),
+                         ("jobs.only", "--jobs-only", True if getattr(args, "jobs_only", False) else None),
                          ("log_level", "--log-level", args.log_level)):
         if v is not None:
             given[key] = (flag, v)

@@ -21,9 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 log = logging.getLogger("splitserve.settings")
 
 # The parts of the config file that are settings (the rest, `models:`, is routing).
-FILE_SECTIONS = ("server", "limits", "repository")
+FILE_SECTIONS = ("server", "limits", "repository", "jobs")
 FILE_KEYS = ("log_level", "shadow_max_inflight")
-SECRET_KEYS = frozenset({"server.token"})  # never logged
+SECRET_KEYS = frozenset({"server.token", "jobs.callback_secret", "jobs.url"})  # never logged
 
 _TOKEN = re.compile(r"[\x21-\x7e]{1,4096}\Z")
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -144,10 +144,41 @@ class RepositorySettings(_S):
     intra_op_threads: int = Field(default=0, ge=0)  # per version executor; 0 = cores - 1
 
 
+class ModelJobSettings(_S):
+    """One model's overrides of the server's jobs.timeout_s and jobs.concurrency."""
+    timeout_s: float | None = Field(default=None, gt=0)
+    concurrency: int | None = Field(default=None, ge=1, le=1024)
+
+
+class JobSettings(_S):
+    """Async inference jobs (runtime/jobs): where the queue lives and how workers run it."""
+    enabled: bool = True  # this server consumes jobs for its models
+    only: bool = False  # `serve --jobs-only`: a worker with health and metrics, no inference API
+    path: Path | None = None  # SQLite file; default beside the config (or the repository)
+    # Redis Streams instead: redis://, rediss:// or unix:///path/to/redis.sock
+    url: str | None = Field(default=None, pattern=r"^(rediss?|unix)://")
+    max_queued: int = Field(default=10_000, ge=1)  # queued + running; more answers 429
+    concurrency: int = Field(default=2, ge=1, le=1024)  # jobs running at once per server
+    timeout_s: float = Field(default=3600.0, gt=0)  # one attempt's inference deadline
+    lease_s: float = Field(default=30.0, ge=0.2)  # a running job's claim; renewed every third
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    backoff_s: float = Field(default=1.0, ge=0)  # before attempt n+1: backoff_s * 2**(n-1)
+    ttl_s: float = Field(default=86_400.0, gt=0)  # a finished job's result is kept this long
+    poll_s: float = Field(default=0.2, gt=0)  # an idle worker looks for work this often
+    # a job starts only while fewer synchronous requests than this are in flight
+    yield_to_sync: int = Field(default=8, ge=1)
+    callback_secret: str | None = None  # HMAC-SHA256 key of the callback signature header
+    callback_attempts: int = Field(default=5, ge=1, le=50)
+    callback_timeout_s: float = Field(default=10.0, gt=0)
+    callback_backoff_s: float = Field(default=1.0, ge=0)
+    models: dict[str, ModelJobSettings] = {}  # per model: {mlp: {timeout_s: 60, concurrency: 1}}
+
+
 class Settings(_S):
     server: ServerSettings = ServerSettings()
     limits: LimitSettings = LimitSettings()
     repository: RepositorySettings = RepositorySettings()
+    jobs: JobSettings = JobSettings()
     config_path: Path | None = None  # routing config (configs/splitserve.yaml)
     config_source: str | None = None  # kubernetes://NAMESPACE/CONFIGMAP instead of a file
     shadow_max_inflight: int = Field(default=64, ge=0)

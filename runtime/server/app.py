@@ -26,12 +26,15 @@ from runtime.server.grpc import h2 as grpc_h2
 from runtime.server.grpc import servicers
 from runtime.server.rest import control as rest_control
 from runtime.server.rest import experiment as rest_experiment
+from runtime.server.rest import jobs as rest_jobs
 from runtime.server.rest import metrics as rest_metrics
 from runtime.server.rest import tfs as rest_tfs
 from runtime.server.rest import ui as rest_ui
 from runtime.server.rest import v2 as rest_v2
 from runtime.server.rest import schemas as rest_schemas
 from runtime.server.banner import serving_line
+from runtime.server.jobs import make_jobs
+from runtime.jobs.metrics import JobsCollector
 from runtime.server.http import error_response, json_response
 from runtime.config.settings import Settings
 
@@ -98,10 +101,16 @@ def build_app(core: Core) -> FastAPI:
         log.debug("traceback", exc_info=exc)
         return json_response({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500)
 
-    # metrics first: its literal /v2/models/stats must win over /v2/models/{model}.
-    for surface in (rest_metrics, rest_v2, rest_tfs, rest_control, rest_experiment, rest_ui):
-        app.include_router(surface.build(core))
-    app.router.routes[:0] = rest_v2.fast_routes(core)
+    if core.settings.jobs.only:  # a jobs worker: health, metrics and jobs, no inference API
+        app.include_router(rest_metrics.build(core))
+        app.include_router(rest_jobs.health(core))
+        app.include_router(rest_jobs.build(core))
+    else:
+        # metrics first: its literal /v2/models/stats must win over /v2/models/{model}.
+        for surface in (rest_metrics, rest_v2, rest_tfs, rest_control, rest_experiment,
+                        rest_jobs, rest_ui):
+            app.include_router(surface.build(core))
+        app.router.routes[:0] = rest_v2.fast_routes(core)
     app.add_middleware(AccessLog, settings=core.settings.server)  # reads its mode per request
     app.add_middleware(CloseWhenStopping, core=core)
     return app
@@ -126,6 +135,8 @@ class Server:
     def __init__(self, settings: Settings, core: Core | None = None):
         self.settings = settings
         self.core = core if core is not None else Core(settings)
+        self.core.jobs = make_jobs(self.core, consume=settings.jobs.enabled)
+        self.core.metrics.registry.register(JobsCollector(self.core.jobs))
         self.http_port: int | None = None
         self.grpc_port: int | None = None
         self._uv: _Uvicorn | None = None
@@ -171,7 +182,9 @@ class Server:
                     self._uv_task.result()
                     raise RuntimeError("HTTP server exited during start")
                 await asyncio.sleep(0.01)
-            if s.grpc_transport == "h2":  # our HTTP/2, on this loop
+            if self.settings.jobs.only:
+                pass  # no public inference API: no gRPC listener
+            elif s.grpc_transport == "h2":  # our HTTP/2, on this loop
                 self._grpc, self.grpc_port = await grpc_h2.start(
                     self.core, s.host, s.grpc_port, self.reuse_port, self.grpc_initial_metadata)
             else:
@@ -181,6 +194,7 @@ class Server:
                      s.host, self.grpc_port)
             if not self.load_first:
                 await self.core.start()
+            await self.core.jobs.start()
         except BaseException:
             await self.stop()
             raise
@@ -200,6 +214,7 @@ class Server:
         if self._uv is not None:
             self._uv.should_exit = True
             tasks.append(self._uv_task)
+        await self.core.jobs.stop()  # running jobs go back to the queue, not cut by the drain
         await self.core.inference.drain(grace)
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.core.stop()

@@ -69,6 +69,7 @@ class Core:
                                           self.metrics, settings.shadow_max_inflight,
                                           on_finished=self.experiments.on_finished)
         self._checkpoints: asyncio.Task | None = None
+        self.jobs = None  # the JobService (runtime/jobs), set by the server that wires it
         self.watcher: Watcher | None = None
         self._http_bound: tuple[str, int] | None = None
         self.started = False

@@ -224,12 +224,13 @@ class InferenceService:
         return [dtypes.to_torch(t.data, t.datatype) for t in arrays], batch
 
     async def _run(self, handle: Handle, req: InferRequest, inputs, shadow: bool = False):
+        limit = req.timeout_s or self.limits.request_timeout_s  # a job's is jobs.timeout_s
         try:
-            async with asyncio.timeout(self.limits.request_timeout_s):
+            async with asyncio.timeout(limit):
                 return await (handle.run_shadow(inputs) if shadow else handle.run(inputs))
         except TimeoutError:
             raise ServingError(Code.DEADLINE_EXCEEDED, f"inference did not finish within "
-                               f"{self.limits.request_timeout_s:g}s") from None
+                               f"{limit:g}s") from None
         except ServingError:
             raise
         except Exception as e:  # the model raised: the request fails, the server does not
