@@ -321,7 +321,9 @@ class Manager:
         folder is in the repository but not read yet (the first scan after the port
         opened, a folder just published), else NOT_FOUND. Clients retry 503, not 404."""
         entry = self.models.get(model)
-        if (entry is None or not entry.disabled) and is_model_name(model) and (self.root / model).is_dir():
+        folder = self.root / model  # as list_models sees it: a symlinked folder is never served
+        if (entry is None or not entry.disabled) and is_model_name(model) and folder.is_dir() \
+                and not folder.is_symlink():
             return errors.unavailable(f"model '{model}' is in the repository but not loaded yet; retry")
         return errors.not_found(f"unknown model '{model}'")
 
