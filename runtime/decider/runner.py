@@ -102,7 +102,8 @@ class ExperimentRunner:
         routed = how in ROUTED and i >= 0
         if request_id is not None and ok:
             arm = ("control", "candidate")[i] if routed else None
-            self.log.record(request_id, model, version, arm, self.clock())
+            if not self.log.record(request_id, model, version, arm, self.clock(), served_here=True):
+                self._duplicate_id(model, request_id)
             if self.peers is not None:  # on disk before the answer leaves: any worker can join it
                 self.peers.append_record(request_id, model, version, arm)
             if self.fleet is not None and self._local:  # for the Lease holder, at the next push
@@ -125,6 +126,21 @@ class ExperimentRunner:
             if len(self._seen) > self._seen_capacity:
                 self._seen.popitem(last=False)
             c[2] += 1
+
+    def _duplicate_id(self, model: str, request_id: str) -> None:
+        """A caller reused a request id within the feedback window: its feedback joins the
+        first request only. Counted (the experiment report), logged at 1, 2, 4, 8, ..."""
+        n = self.log.duplicate_ids.get(model, 0)
+        if n & (n - 1) == 0:
+            log.warning("event=duplicate_request_id model=%s request_id=%s count=%d note=%r", model,
+                        request_id, n, "feedback joins the first request with this id")
+
+    def arm_of(self, model: str, version: int, how: str) -> str | None:
+        """The experiment arm a request routed `how` to `version` counts for (tracing)."""
+        arms = self._arms.get(model)
+        if arms is None or how not in ROUTED:
+            return None
+        return "control" if version == arms[0] else "candidate" if version == arms[1] else None
 
     # ---- several workers ------------------------------------------------------------------
     def share(self, run_dir: Path, worker: int) -> None:
@@ -481,7 +497,11 @@ class ExperimentRunner:
 
     # ---- API ----------------------------------------------------------------------------
     def view(self, model: str) -> dict:
-        return report(self.router.get_config(model), self.states.get(model), self.clock())
+        route = self.router.get_config(model)
+        r = report(route, self.states.get(model), self.clock())
+        if route.experiment is not None:  # ids served twice by this process, feedback window
+            r["duplicate_request_ids"] = self.log.duplicate_ids.get(model, 0)
+        return r
 
     async def action(self, model: str, action: str, fleet: bool = False) -> dict:
         if not self.leader:

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from runtime import tracing
 from runtime.service.core import Core
 from runtime.errors import ServingError
 from runtime.server.rest.access_log import AccessLog
@@ -120,7 +121,7 @@ class Server:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.core = Core(settings)
+        self.core = Core(settings, tracing=tracing.from_env())  # OTEL_* variables: off unless set
         self.http_port: int | None = None
         self.grpc_port: int | None = None
         self._uv: _Uvicorn | None = None

@@ -19,6 +19,7 @@ from runtime.lifecycle.manager import Manager
 from runtime.metrics.store import CHECKPOINT_S, Metrics
 from runtime.repository.mirror import Mirror
 from runtime.config.settings import Settings
+from runtime.tracing import Tracing
 from runtime.repository.watch import Watcher
 
 log = logging.getLogger("splitserve.core")
@@ -33,8 +34,9 @@ class Core:
     is scheduled on the loop, never run from inside the manager's publication.
     """
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, tracing: Tracing | None = None):
         self.settings = settings
+        self.tracing = tracing
         # An object-storage repository is mirrored into a local folder, served from there.
         self.mirror = Mirror(settings.repository.url, settings.repository.store) \
             if settings.repository.url else None
@@ -52,7 +54,7 @@ class Core:
         if self.mirror is not None:
             self.metrics.registry.register(self.mirror.collector())
         self.inference = InferenceService(self.manager, self.router, settings.limits,
-                                          self.metrics, settings.shadow_max_inflight)
+                                          self.metrics, settings.shadow_max_inflight, tracing)
         # where routing lives (file, ConfigMap) or None; read and watched from start()
         self.source = make_source(settings)
         self.control = Control(self.manager, self.router, self.source, settings)
@@ -60,6 +62,7 @@ class Core:
         self.experiments = ExperimentRunner(
             self.router, self.control, cfg.with_name(cfg.stem + ".experiments.json") if cfg is not None else None)
         self.inference.on_finished = self.experiments.on_finished
+        self.inference.arm_of = self.experiments.arm_of
         self.metrics.experiments = self.experiments.published
         self._checkpoints: asyncio.Task | None = None
         self.watcher: Watcher | None = None
@@ -193,3 +196,5 @@ class Core:
         if self.source is not None:
             self.source.stop()
         await self.manager.close()
+        if self.tracing is not None:  # export the spans still buffered (blocking: a thread)
+            await asyncio.to_thread(self.tracing.shutdown)
