@@ -22,7 +22,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY router ./router
 COPY runtime ./runtime
-RUN /opt/splitserve/bin/pip install .
+# [otel]: the OpenTelemetry SDK, so OTEL_* variables a cluster injects turn tracing on
+RUN /opt/splitserve/bin/pip install ".[otel]"
 
 FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/splitserve/bin:$PATH \

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from conftest import MLP_YAML, wait_until
-from otlp_receiver import OtlpReceiver
+from otlp_receiver import OtlpReceiver  # tools/
 from runtime.protocol.pb import grpc_service_pb2 as pb
 from runtime.protocol.pb import grpc_service_pb2_grpc as pb_grpc
 

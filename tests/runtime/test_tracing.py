@@ -74,3 +74,18 @@ def test_request_ids(given, header, want):
         assert len(got) == 16 and int(got, 16) >= 0
     else:
         assert got == want
+
+
+def test_off_adds_no_coroutine_or_object_per_request():
+    """With tracing None, `infer` hands back the data path's own coroutine: nothing wraps it."""
+    from runtime.service.inference import InferenceService
+    from runtime.types import InferRequest
+
+    svc = InferenceService.__new__(InferenceService)
+    svc.tracing = None
+    coro = svc.infer(InferRequest("m", []))
+    try:
+        assert coro.cr_code is InferenceService._infer.__code__
+        assert coro.cr_frame.f_locals["tr"] is None
+    finally:
+        coro.close()
