@@ -7,7 +7,8 @@ One Core serves the repository; the variants swap `core.inference.tracing` (None
 Tracing made by `runtime.tracing.from_env` with an OTLP/HTTP exporter to a receiver on
 loopback, tools/otlp_receiver.py), interleaved round by round, so machine noise falls on
 all alike. Without HTTP or gRPC around it the difference per request is what tracing
-adds to the server's own work (the export runs on the SDK's thread, and is counted). Prints
+adds to the server's own work (the export runs on the SDK's thread and is flushed inside
+each timed round, so it is counted where it was made; the receiver is another process). Prints
 date, machine, commit and a markdown table: median µs per request over the rounds and
 the difference to `off`.
 """
@@ -49,12 +50,14 @@ def _tracing(endpoint: str, ratio: float):
 async def run(o) -> tuple[dict, int]:
     import numpy as np
 
-    from otlp_receiver import OtlpReceiver
     from runtime.config.settings import Settings
     from runtime.service.core import Core
     from runtime.types import InferRequest, Tensor
 
-    rec = OtlpReceiver()
+    # the receiver runs in its own process: decoding what it is sent is not the server's work
+    rec = subprocess.Popen([sys.executable, str(ROOT / "tools" / "otlp_receiver.py")],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    port = int(rec.stdout.readline())
     s = Settings()
     s.repository.path = ROOT / "model_repository"
     with tempfile.TemporaryDirectory() as t:
@@ -64,8 +67,8 @@ async def run(o) -> tuple[dict, int]:
         core = Core(s)
         await core.start()
         x = np.full((1, 64), 0.1, dtype=np.float32)
-        variants = {"off": None, "on 1%": _tracing(f"http://127.0.0.1:{rec.port}", 0.01),
-                    "on 100%": _tracing(f"http://127.0.0.1:{rec.port}", 1.0)}
+        variants = {"off": None, "on 1%": _tracing(f"http://127.0.0.1:{port}", 0.01),
+                    "on 100%": _tracing(f"http://127.0.0.1:{port}", 1.0)}
         infer = core.inference.infer
         out: dict[str, list[float]] = {k: [] for k in variants}
         for rnd in range(o.rounds + 1):  # round 0 warms up
@@ -76,6 +79,8 @@ async def run(o) -> tuple[dict, int]:
                 for _ in range(o.requests):
                     await infer(InferRequest("mlp", [Tensor("input", "FP32", (1, 64), x)],
                                              protocol="rest_v2"))
+                if tr is not None:  # its export is its cost, not the next variant's
+                    await asyncio.to_thread(tr.provider.force_flush)
                 if rnd:
                     out[name].append((time.perf_counter() - t0) / o.requests * 1e6)
         for tr in variants.values():
@@ -83,8 +88,25 @@ async def run(o) -> tuple[dict, int]:
                 tr.shutdown()
         core.inference.tracing = None
         await core.stop()
-    rec.stop()
-    return out, len(rec.spans)
+    spans = int(rec.communicate("", timeout=60)[0].strip() or 0)
+    return out, spans
+
+
+def per_call() -> dict[str, float]:
+    """µs per call of what a request the sampler drops pays (best of 5 timeit runs)."""
+    import timeit
+    tr = _tracing("http://127.0.0.1:9", 0.0)  # never sampled: nothing is exported
+    hdr = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"}
+    n = 20000
+    out = {
+        "off: `tracing is None`": min(timeit.repeat(lambda: tr is None, number=n, repeat=5)) / n * 1e6,
+        "on, dropped, no traceparent": min(timeit.repeat(lambda: tr.begin("rest_v2", "mlp", {}),
+                                                         number=n, repeat=5)) / n * 1e6,
+        "on, dropped, caller's traceparent": min(timeit.repeat(lambda: tr.begin("rest_v2", "mlp", hdr),
+                                                                number=n, repeat=5)) / n * 1e6,
+    }
+    tr.shutdown()
+    return out
 
 
 def main() -> None:
@@ -104,6 +126,9 @@ def main() -> None:
     for name, v in out.items():
         m = statistics.median(v)
         print(f"| {name} | {m:.1f} | {m - base:+.1f} µs |")
+    print("\n| per call | µs |\n|---|---:|")
+    for name, us in per_call().items():
+        print(f"| {name} | {us:.2f} |")
 
 
 if __name__ == "__main__":

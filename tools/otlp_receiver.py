@@ -90,3 +90,12 @@ class OtlpReceiver:
     def stop(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+if __name__ == "__main__":  # a receiver in its own process: prints its port, stops at EOF on stdin
+    import sys
+    r = OtlpReceiver()
+    print(r.port, flush=True)
+    sys.stdin.read()
+    print(len(r.spans), flush=True)
+    r.stop()
