@@ -10,7 +10,8 @@ all alike. Without HTTP or gRPC around it the difference per request is what tra
 adds to the server's own work (the export runs on the SDK's thread and is flushed inside
 each timed round, so it is counted where it was made; the receiver is another process). Prints
 date, machine, commit and a markdown table: median µs per request over the rounds and
-the difference to `off`.
+the difference to `off`, in wall time and in this process's CPU time (all its threads,
+the SDK's export thread included; not the receiver's, nor other load on the machine).
 """
 
 from __future__ import annotations
@@ -70,19 +71,20 @@ async def run(o) -> tuple[dict, int]:
         variants = {"off": None, "on 1%": _tracing(f"http://127.0.0.1:{port}", 0.01),
                     "on 100%": _tracing(f"http://127.0.0.1:{port}", 1.0)}
         infer = core.inference.infer
-        out: dict[str, list[float]] = {k: [] for k in variants}
+        out: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
         for rnd in range(o.rounds + 1):  # round 0 warms up
             order = list(variants.items())
             for name, tr in (order if rnd % 2 else order[::-1]):
                 core.inference.tracing = tr
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 for _ in range(o.requests):
                     await infer(InferRequest("mlp", [Tensor("input", "FP32", (1, 64), x)],
                                              protocol="rest_v2"))
                 if tr is not None:  # its export is its cost, not the next variant's
                     await asyncio.to_thread(tr.provider.force_flush)
                 if rnd:
-                    out[name].append((time.perf_counter() - t0) / o.requests * 1e6)
+                    out[name].append(((time.perf_counter() - t0) / o.requests * 1e6,
+                                      (time.process_time() - c0) / o.requests * 1e6))
         for tr in variants.values():
             if tr is not None:
                 tr.shutdown()
@@ -121,11 +123,12 @@ def main() -> None:
     print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.node()} "
           f"({os.cpu_count()} CPUs); commit {commit}; {o.rounds} rounds of {o.requests} requests; "
           f"load average {' '.join(load)}; spans received {spans}\n")
-    base = statistics.median(out["off"])
-    print("| tracing | µs per request (median) | vs off |\n|---|---:|---:|")
+    base = [statistics.median(r[i] for r in out["off"]) for i in (0, 1)]
+    print("| tracing | wall µs per request | vs off | CPU µs per request (this process) | vs off |\n"
+          "|---|---:|---:|---:|---:|")
     for name, v in out.items():
-        m = statistics.median(v)
-        print(f"| {name} | {m:.1f} | {m - base:+.1f} µs |")
+        w, c = (statistics.median(r[i] for r in v) for i in (0, 1))
+        print(f"| {name} | {w:.1f} | {w - base[0]:+.1f} | {c:.1f} | {c - base[1]:+.1f} |")
     print("\n| per call | µs |\n|---|---:|")
     for name, us in per_call().items():
         print(f"| {name} | {us:.2f} |")

@@ -49,11 +49,11 @@ _safe_id = re.compile(r"[A-Za-z0-9._:-]{1,%d}" % MAX_REQUEST_ID).fullmatch
 def request_id(given, headers) -> str:
     """The caller's id (the request's own `id`, else an `x-request-id` header or metadata)
     when it is safe, else a new one: an unsafe id is replaced, never refused."""
-    if given is not None and _safe_id(given):
+    if isinstance(given, str) and _safe_id(given):
         return given
     if headers is not None:
         h = headers.get("x-request-id")
-        if h is not None and _safe_id(h):
+        if isinstance(h, str) and _safe_id(h):
             return h
     return new_request_id()
 
