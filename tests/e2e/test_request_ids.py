@@ -50,3 +50,30 @@ def test_a_callers_request_id_joins_feedback(repo, tmp_path, serve):  # noqa: F8
         r = c.post("/v1/models/mlp/feedback", headers=AUTH,
                    json={"items": [{"request_id": mesh, "metric": "click", "value": 1}]})
         assert r.json() == {"matched": 0, "unknown": 0, "duplicate": 1}
+
+
+def test_grpc_metadata_ids_and_streams(make_repo, serve):
+    """ModelInfer takes the x-request-id metadata; on a stream it names the stream, so each
+    message without its own id gets a made one (never one id for many requests)."""
+    import grpc
+    import numpy as np
+
+    from runtime.protocol.pb import grpc_service_pb2 as pb
+    from runtime.protocol.pb import grpc_service_pb2_grpc as pb_grpc
+
+    srv = serve(make_repo({"mlp": {1: "st1"}}))
+    x = np.zeros((1, 64), np.float32)
+
+    def req(**kw):
+        return pb.ModelInferRequest(model_name="mlp", inputs=[pb.ModelInferRequest.InferInputTensor(
+            name="input", datatype="FP32", shape=[1, 64])], raw_input_contents=[x.tobytes()], **kw)
+
+    with grpc.insecure_channel(srv.grpc) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        resp, call = stub.ModelInfer.with_call(req(), metadata=(("x-request-id", "grpc-1"),), timeout=30)
+        assert resp.id == "grpc-1" and dict(call.trailing_metadata())["x-request-id"] == "grpc-1"
+        resp = stub.ModelInfer(req(), metadata=(("x-request-id", "no/slash"),), timeout=30)
+        assert MADE.fullmatch(resp.id)
+        got = [r.infer_response.id for r in stub.ModelStreamInfer(
+            iter([req(), req(), req(id="own-3")]), metadata=(("x-request-id", "stream-1"),), timeout=30)]
+    assert got[2] == "own-3" and len(set(got)) == 3 and all(MADE.fullmatch(i) for i in got[:2]), got
