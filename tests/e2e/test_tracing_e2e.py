@@ -133,3 +133,27 @@ def test_a_rest_and_a_grpc_predict_reach_the_otlp_receiver(traced):
     spans = check_request_trace(rec, tid, sid, "inference.GRPCInferenceService/ModelInfer", "grpc-abc")
     assert spans["inference.GRPCInferenceService/ModelInfer"].attributes["rpc.system"] == "grpc"
     assert rec.trace(dropped) == []  # exported in order: had it been sampled, it would be here
+
+
+def test_an_experiment_request_carries_its_arm(make_repo, serve, tmp_path, receiver):
+    from test_experiment_e2e import body, config_text, experiment
+
+    cfg = tmp_path / "splitserve.yaml"
+    cfg.write_text(config_text())
+    srv = serve(make_repo({"mlp": {1: "st1", 2: "st2"}}), cfg)
+    assert wait_until(lambda: experiment(srv)["decisions"][:1] and experiment(srv)["candidate_weight"] == 50, 30)
+    arms = {}
+    with httpx.Client(base_url=srv.http, timeout=30) as c:
+        for i in range(12):  # sticky users: both arms come up
+            tid, _, tp = traceparent()
+            r = c.post("/v2/models/mlp/infer", content=body(False), headers={
+                "traceparent": tp, "x-user-id": f"user-{i}", "content-type": "application/json"})
+            assert r.status_code == 200
+            arms[tid] = r.headers["x-model-version"]
+    name = "POST /v2/models/{model}/infer"
+    assert wait_until(lambda: all(spans_named(receiver, t, {name}) for t in arms), 30)
+    for tid, version in arms.items():
+        a = spans_named(receiver, tid, {name})[name].attributes
+        assert a["splitserve.route"] == "sticky"
+        assert a["splitserve.arm"] == {"1": "control", "2": "candidate"}[version]
+    assert set(arms.values()) == {"1", "2"}
