@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     from prometheus_client import generate_latest
 
     from router import RouteConfig, Router
-    from runtime.metrics.store import Metrics
+    from runtime.metrics.facade import Metrics
 
     router = Router({"m": RouteConfig.from_json({"weights": {1: 90, 2: 10}})}, seed=0)
     router.set_available("m", [1, 2])

@@ -1,6 +1,6 @@
 """splitserve experiments: always-valid statistics, the decision engine and the feedback log.
 
-A pure library like router/ (which it builds on): numpy and the standard library (scipy only on rarely used paths), never the runtime,
+A pure library like router/ (which it builds on): numpy and the stdlib, never the runtime,
 torch or a web framework. The runtime feeds it observations and writes what it decides.
 """
 

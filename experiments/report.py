@@ -35,13 +35,40 @@ def _ev_log(log_e: float) -> float:
     return min(math.exp(min(log_e, 700.0)), _CAP)
 
 
+# Every key of the report, in every state (docs/experiment.schema.json): what does not
+# apply is null (or empty), so a script reading one key never meets a missing one.
+EMPTY: dict[str, Any] = {
+    "state": "none", "step": None, "steps": [], "effective_steps": [], "holdback": None, "unit": None,
+    "planned_n": None, "alpha": None, "generation": None, "window_intervals": None,
+    "feedback_window_s": None, "candidate_weight": None, "started": None, "step_started": None,
+    "judged": None, "paused_by": None, "latch": None, "control": None, "candidate": None,
+    "requests": None, "errors": None, "guardrails": {}, "outcomes": [], "srm": None, "decisions": [],
+    "duplicate_request_ids": None,  # set by the runtime's decider (it holds the decision log)
+}
+
+
+def empty() -> dict[str, Any]:
+    """A fresh EMPTY (its lists and dicts are new: a reader may change what it gets)."""
+    return {k: (v.copy() if isinstance(v, (list, dict)) else v) for k, v in EMPTY.items()}
+
+
 def report(route: RouteConfig | None, state: ExperimentState | None, now: float) -> dict[str, Any]:
-    """The whole picture; `state: none` when the model has no experiment (and none ended in promotion)."""
+    """The whole picture, with the same keys in every state (EMPTY); `state: none` when the
+    model has no experiment (and none ended in promotion)."""
     exp = route.experiment if route is not None else None
     if exp is None:
         if state is None or state.phase != "promoted":
-            return {"state": "none", "decisions": [] if state is None else [d.to_json() for d in state.decisions]}
-        return {"state": "promoted", "step": state.step + 1, "candidate_weight": 100.0,
+            return {**empty(), "decisions": [] if state is None else [d.to_json() for d in state.decisions]}
+
+        def done(i: int) -> dict[str, Any]:  # the routes no longer say which arm was which ref
+            n, e = state.requests[i], state.errors[i]
+            return {"ref": None, "version": None, "units": state.units[i], "requests": n, "errors": e,
+                    "error_rate": e / n if n else None, "step_requests": state.step_requests[i],
+                    "late": state.late[i]}
+
+        return {**empty(), "state": "promoted", "step": state.step + 1, "candidate_weight": 100.0,
+                "generation": state.generation, "started": state.started, "step_started": state.step_started,
+                "judged": state.judged, "latch": state.latch, "control": done(0), "candidate": done(1),
                 "requests": list(state.requests), "errors": list(state.errors),
                 "decisions": [d.to_json() for d in state.decisions]}
     assert route is not None
@@ -101,10 +128,13 @@ def report(route: RouteConfig | None, state: ExperimentState | None, now: float)
         "latch": state.latch,
         "control": arm(0, exp.control),
         "candidate": arm(1, exp.candidate),
+        "requests": list(state.requests),
+        "errors": list(state.errors),
         "guardrails": guardrails,
         "outcomes": outcome_views(exp, state, route),
         "srm": {"expected_candidate_units": state.expected_units, "chi2": chi2, "p_value": p,
                 "evidence": srm_ev, "threshold": 1.0 / stats.SRM_ALPHA, "flagged": srm_ev >= 1.0 / stats.SRM_ALPHA,
                 "generations": srm_by_generation(state)},
         "decisions": [d.to_json() for d in state.decisions],
+        "duplicate_request_ids": None,  # the runtime's decider fills it in
     }

@@ -31,10 +31,11 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-
 from statistics import NormalDist
 
 import numpy as np
+
+from experiments.special import beta_ppf, chi2_sf
 
 ERROR_SHIFTS = tuple(math.log(r) for r in (1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0))
 LATENCY_SHIFTS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
@@ -174,9 +175,7 @@ def error_update_vs_history(log_lrs: Sequence[float], max_ratio: float, history:
     (e, n), (eb, nb) = history, cand
     if n <= 0 or nb <= 0:
         return tuple(log_lrs)
-    from scipy import stats as st  # only here: the engine no longer judges against history
-
-    upper = 1.0 if e >= n else float(st.beta.ppf(0.95, e + 1, n - e))
+    upper = 1.0 if e >= n else beta_ppf(0.95, e + 1, n - e)
     return mixture_update(log_lrs, ERROR_SHIFTS, eb, nb, min(max_ratio * upper, 1.0))
 
 
@@ -219,14 +218,7 @@ def srm_chi2(observed: Sequence[float], expected: Sequence[float]) -> tuple[floa
     if keep.sum() < 2:
         return 0.0, 1.0
     stat = float((((o - e) ** 2)[keep] / e[keep]).sum())
-    df = int(keep.sum()) - 1
-    if df == 1:
-        return stat, math.erfc(math.sqrt(stat / 2.0))
-    if df == 2:
-        return stat, math.exp(-stat / 2.0)
-    from scipy import stats as st  # more than three arms: not reached by the engine
-
-    return stat, float(st.chi2.sf(stat, df))
+    return stat, chi2_sf(stat, int(keep.sum()) - 1)
 
 
 # --- issue 29: strata, units, time-local evidence, two-sample latency ---------------------

@@ -66,6 +66,10 @@ class Router:
             self._present = {**self._present, model: frozenset(present)}
         self._rebuild(model)
 
+    def available(self, model: str) -> frozenset[int] | None:
+        """The model's AVAILABLE versions as the runtime last said, or None if it never did."""
+        return self._available.get(model)
+
     def remove_model(self, model: str) -> None:
         """Forget the model entirely (its folder is gone)."""
         self._configs = {m: c for m, c in self._configs.items() if m != model}

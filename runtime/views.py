@@ -30,6 +30,7 @@ class VersionView:
     device: str | None = None
     memory_bytes: int = 0  # of every loaded generation of this version
     folder_present: bool = True  # False: its folder is gone (it drains or has ended)
+    execution: str | None = None  # inline | executor | batched, while it has a runner
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -21,6 +22,37 @@ from runtime.config.settings import Settings  # noqa: E402
 from runtime.types import VersionState  # noqa: E402
 
 MLP_YAML = (ROOT / "model_repository" / "mlp" / "model.yaml").read_text()
+
+# ---- the unit tier (`pytest -m unit`): no server process, no socket, not slow -----------
+# Folders that test a pure library (router/ and experiments/ import nothing of runtime,
+# protocol/ holds the codecs: wire <-> types) cannot start a server: their tests are unit
+# unless marked slow (minutes of simulation); elsewhere a module (`pytestmark`) or a test
+# says `unit` itself.
+UNIT_FOLDERS = {"router", "experiments", "protocol"}
+
+
+def pytest_collection_modifyitems(items):
+    here = Path(__file__).parent
+    for item in items:
+        folder = item.path.parent
+        if folder.parent == here and folder.name in UNIT_FOLDERS \
+                and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_bind_no_socket(request, monkeypatch):
+    """The unit tier's promise, kept: a test marked unit that binds an IP socket fails."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+    real = socket.socket.bind
+
+    def bind(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            raise AssertionError(f"a test marked unit bound {address}: it belongs to another tier")
+        return real(self, address)
+
+    monkeypatch.setattr(socket.socket, "bind", bind)
 
 
 @pytest.fixture(scope="session")

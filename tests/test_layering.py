@@ -3,6 +3,10 @@
 import ast
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit  # starts no server process, binds no socket
+
 ROOT = Path(__file__).resolve().parent.parent
 
 WEB = {"fastapi", "starlette", "uvicorn", "grpc", "grpc_health", "grpc_reflection"}
@@ -34,6 +38,25 @@ def test_experiments_is_a_pure_library():
     for rel, imps in modules("experiments"):
         bad = {i for i in imps if i.split(".")[0] in {"runtime", "torch"} | WEB}
         assert not bad, f"{rel} imports {bad}: experiments/ must not import runtime, torch or servers"
+
+
+def test_splitserve_is_the_face_on_top():
+    """splitserve/ (version, client, `python -m splitserve`) may use runtime's top and cli;
+    nothing below imports it back."""
+    for pkg in ("runtime", "router", "experiments"):
+        for rel, imps in modules(pkg):
+            bad = {i for i in imps if i.split(".")[0] == "splitserve"}
+            assert not bad, f"{rel} imports {bad}: nothing in {pkg}/ imports the splitserve face"
+    for rel, imps in modules("splitserve"):
+        bad = {i for i in imps if i.split(".")[0] == "runtime" and i not in ("runtime", "runtime.cli.main")}
+        assert not bad, f"{rel} imports {bad}: splitserve/ uses only runtime's version and cli"
+        bad = {i for i in imps if i.split(".")[0] in WEB}
+        assert not bad, f"{rel} imports {bad}: the client needs no server frameworks"
+        top = ast.parse((ROOT / rel).read_text()).body
+        bad = {a.name for n in top if isinstance(n, ast.Import) for a in n.names} \
+            | {n.module for n in top if isinstance(n, ast.ImportFrom) and n.module}
+        assert "torch" not in {i.split(".")[0] for i in bad}, \
+            f"{rel} imports torch at import time: only Result.torch() may, when called"
 
 
 def test_router_does_not_import_experiments():
@@ -177,7 +200,7 @@ def test_nothing_is_importable_as_proto():
 def test_distribution_declares_exactly_our_packages():
     import tomllib
     declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    found = {".".join(p.parent.relative_to(ROOT).parts) for pkg in ("runtime", "router", "experiments")
+    found = {".".join(p.parent.relative_to(ROOT).parts) for pkg in ("splitserve", "runtime", "router", "experiments")
              for p in (ROOT / pkg).rglob("__init__.py")}
     assert declared == found
 

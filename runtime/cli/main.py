@@ -80,6 +80,8 @@ def _workers(s: str) -> int | str:
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="splitserve", description="Serve versioned PyTorch models "
                 "with A/B splits over KServe v2 (REST, gRPC) and TF Serving REST.")
+    from runtime import __version__
+    p.add_argument("--version", action="version", version=f"splitserve {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a model repository",
                        description="Watch a model repository and serve its versions. A flag "
@@ -310,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     # Before the heavy imports (torch) and the loads: the operator sees at once that it started.
     log.info("event=starting pid=%d repository=%s config=%s http=%s:%s grpc=%s:%s "
              "access_log=%s auth=%s loop=%s http_parser=%s", os.getpid(),
-             Path(settings.repository.path).resolve(), settings.config_path, s.host,
+             settings.repository.url or Path(settings.repository.path).resolve(),  # s3:// as given
+             settings.config_path, s.host,
              s.http_port, s.host, s.grpc_port, s.access_log, "token" if s.token else "none",
              loops.loop_name(s.loop), loops.http_name(s.http))
     if seeded:

@@ -106,10 +106,12 @@ def cmd_status(args: argparse.Namespace, out=None) -> int:
         names = [args.model]
     header = ("MODEL", "VERSION", "STATE", "LABELS", "WEIGHT", "EFFECTIVE", "SHARE", "REQUESTS",
               "ERRORS", "ERROR_RATE", "P50_MS", "P99_MS")
-    rows, notes = [], []
+    rows, notes, windows = [], [], set()
     for name in names:
         summary = api.call("GET", _model_path(name) + "/metrics")
         versions = summary.get("versions", [])
+        if summary.get("model_config_error"):  # serving the last good file, or none
+            notes.append(f"  {name} model.yaml: {' '.join(str(summary['model_config_error']).split())}")
         if not versions:
             unloaded = [r for r in index if r["name"] == name]
             why = unloaded[0].get("reason", "") if unloaded else ""
@@ -117,19 +119,23 @@ def cmd_status(args: argparse.Namespace, out=None) -> int:
             if why:
                 notes.append(f"  {name}: {' '.join(why.split())}")
             continue
-        # The recent window when the model saw traffic in it; the whole run otherwise (one
-        # basis per model, so the shares add up).
+        # Every figure of a model's rows from one window: the recent one when the model saw
+        # traffic in it, else the summary's (since the last routing change). Mixing them
+        # showed REQUESTS 0 (since a routing change) beside SHARE 8.3% (recent).
         use_recent = any((v.get("recent") or {}).get("requests") for v in versions)
+        windows.add(f"the last {summary.get('window_s', '?')} s" if use_recent else "since the last routing change")
         for v in versions:
             src = (v.get("recent") or {}) if use_recent else v
             lat = src.get("latency_ms") or {}
             rows.append((name, v["version"], v.get("state") or "-", ",".join(v.get("labels") or []) or "-",
                          _pct(v.get("configured_share")), _pct(v.get("expected_share")), _pct(src.get("observed_share")),
-                         str(v.get("requests", 0)), str(v.get("errors", 0)), _pct(v.get("error_rate")),
+                         str(src.get("requests", 0)), str(src.get("errors", 0)), _pct(src.get("error_rate")),
                          _ms(lat.get("p50")), _ms(lat.get("p99"))))
             if v.get("state") == "FAILED" and v.get("reason"):
                 notes.append(f"  {name} v{v['version']} FAILED: {' '.join(v['reason'].split())}")
     _table([header, *rows], out)
+    if windows:
+        print(f"(SHARE to P99_MS: {' or '.join(sorted(windows))}, per model)", file=out)
     if notes:
         print("\n".join(notes), file=out)
     return 0
@@ -344,7 +350,9 @@ def cmd_experiment(args: argparse.Namespace, out=None) -> int:
 
 
 def format_experiment(model: str, doc: dict) -> list[str]:
-    """The experiment report (GET .../experiment) as lines for a terminal."""
+    """The experiment report (GET .../experiment) as lines for a terminal: the arms, each
+    outcome's means, difference, interval and verdict, and each guardrail in words (the
+    same words as the page, runtime/server/ui/app.js). Missing keys show as '-'."""
     lines = [f"experiment {model}: state {doc.get('state', '?')}, step {doc.get('step', '-')}, "
              f"candidate weight {doc.get('candidate_weight', '-')}"]
     for key in ("control", "candidate"):
@@ -352,10 +360,17 @@ def format_experiment(model: str, doc: dict) -> list[str]:
         if isinstance(a, dict):
             lines.append(f"  {key} {a.get('ref')} (v{a.get('version')}): {a.get('requests', 0)} requests, "
                          f"{a.get('errors', 0)} errors")
+    cname, kname = _arm_name(doc.get("control"), "control"), _arm_name(doc.get("candidate"), "candidate")
+    for o in doc.get("outcomes") or []:
+        if isinstance(o, dict):
+            goal = f" ({o['goal']})" if o.get("goal") else ""
+            lines.append(f"  outcome {o.get('metric', '?')}{goal}: {cname} {_mean_n(o.get('control'))}, "
+                         f"{kname} {_mean_n(o.get('candidate'))}; difference {difference_text(o)}; "
+                         f"verdict {o.get('verdict') or '-'}")
     for name, g in (doc.get("guardrails") or {}).items():
         if isinstance(g, dict):
-            lines.append(f"  guardrail {name}: {'ALARM' if g.get('alarm') else 'ok'} (evidence "
-                         f"{float(g.get('evidence') or 0):.3g}, threshold {float(g.get('threshold') or 0):.3g})")
+            lines.append(f"  guardrail {name}: {'ALARM' if g.get('alarm') else 'ok'}: "
+                         f"{guardrail_text(name, g, cname, kname)}")
     srm = doc.get("srm")
     if isinstance(srm, dict) and srm.get("p_value") is not None:
         lines.append(f"  sample ratio: p={float(srm['p_value']):.3g}" + (" FLAGGED" if srm.get("flagged") else ""))
@@ -366,6 +381,48 @@ def format_experiment(model: str, doc: dict) -> list[str]:
             by = f" ({d['by']})" if d.get("by") else ""
             lines.append(f"  {when} {d.get('action', '')}{by}: {d.get('reason', '')}".rstrip())
     return lines
+
+
+def _num(v, digits: int = 4) -> str:
+    return f"{float(v):.{digits}g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+
+def _arm_name(a, fallback: str) -> str:
+    if not isinstance(a, dict) or a.get("ref") is None:
+        return fallback
+    return f"version {a['ref']}" if isinstance(a["ref"], int) else str(a["ref"])
+
+
+def _mean_n(a) -> str:
+    return f"{_num(a.get('mean'))} (n={a.get('n', 0)})" if isinstance(a, dict) else "-"
+
+
+def difference_text(o: dict) -> str:
+    """`+0.031 [-0.012, 0.074]`: the difference (candidate - control) and its interval."""
+    d = o.get("difference")
+    if not isinstance(d, (int, float)):
+        return "not enough data yet"
+    iv = o.get("interval")
+    tail = f" [{_num(iv[0])}, {_num(iv[1])}]" if isinstance(iv, list) and len(iv) == 2 else ""
+    return ("+" if d > 0 else "") + _num(d) + tail
+
+
+def guardrail_text(name: str, g: dict, cname: str, kname: str) -> str:
+    """What the guardrail compares, in words: `canary p99 vs 1.2 x stable's p99 = 3.1 ms:
+    4 of 900 canary requests slower; evidence 0.8 (alarm at 20)`."""
+    ev = (f"; evidence {_num(g['evidence'], 3)} (alarm at {_num(g.get('threshold'), 3)})"
+          if isinstance(g.get("evidence"), (int, float)) else "")
+    if name == "latency":
+        q = g.get("quantile")
+        q = f"p{float(q) * 100:.4g}" if isinstance(q, (int, float)) else "the quantile"
+        t = g.get("latency_threshold_s")
+        t = f" = {_num(t * 1000, 3)} ms" if isinstance(t, (int, float)) else ""
+        slow = (f": {g.get('slow', 0)} of {g['judged']} {kname} requests slower"
+                if isinstance(g.get("judged"), int) else "")
+        return f"{kname} {q} vs {_num(g.get('max_ratio'))} x {cname}'s {q}{t}{slow}{ev}"
+    if name == "errors":
+        return f"{kname} error rate vs {_num(g.get('max_ratio'))} x {cname}'s error rate{ev}"
+    return " ".join(f"{k}={v}" for k, v in g.items() if k != "alarm")
 
 
 # ---- wiring into runtime/cli/main.py ---------------------------------------------------------

@@ -36,6 +36,30 @@ class _S(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class GrpcLimits(_S):
+    """Bounds of the gRPC front door (runtime/server/grpc/h2conn.py; the grpcio transport
+    takes the ones it has an option for). Each turns a known HTTP/2 attack (issue 25,
+    README "Security defaults") into a closed connection or a refused stream."""
+    max_connections: int = Field(default=1024, ge=1)  # per worker process; more are refused
+    max_streams: int = Field(default=256, ge=1, le=1 << 20)  # concurrent, per connection
+    max_header_list_bytes: int = Field(default=16_384, ge=1024, le=1 << 20)  # request metadata
+    preface_s: float = Field(default=10.0, gt=0)  # to send the HTTP/2 preface
+    idle_s: float = Field(default=300.0, gt=0)  # a connection with no stream open this long: GOAWAY
+    body_s: float = Field(default=30.0, gt=0)  # a unary request's body must arrive within this
+    window_s: float = Field(default=30.0, gt=0)  # an answer waits this long for the peer's window
+    max_age_s: float = Field(default=3600.0, ge=0)  # then a graceful GOAWAY (+-10%); 0 = forever
+    max_age_grace_s: float = Field(default=30.0, ge=0)  # for streams in flight after it
+    write_buffer_bytes: int = Field(default=1 << 22, ge=65_536)  # above it, reading pauses
+    # Frames that cost the server more than the client, per connection per `flood_window_s`;
+    # over any budget -> GOAWAY ENHANCE_YOUR_CALM and close.
+    flood_window_s: float = Field(default=10.0, gt=0)
+    max_pings: int = Field(default=1000, ge=1)
+    max_settings: int = Field(default=100, ge=1)
+    max_priority: int = Field(default=1000, ge=1)
+    max_empty_frames: int = Field(default=1000, ge=1)  # DATA / CONTINUATION with no payload
+    max_resets: int = Field(default=1000, ge=1)  # RST_STREAM received or provoked
+
+
 class ServerSettings(_S):
     host: str = "127.0.0.1"  # loopback unless told otherwise
     http_port: int = Field(default=8000, ge=0, le=65535)
@@ -56,6 +80,7 @@ class ServerSettings(_S):
     # Gone: gRPC on grpcio's own threads measured slower than both transports above
     # (docs/architecture.md). Still accepted so old config files start; a value > 0 logs once.
     grpc_threads: int = Field(default=0, ge=0, le=1024)
+    grpc_limits: GrpcLimits = GrpcLimits()
     # Replicas of a kubernetes:// routing source: the experiment decider holds a Lease this
     # long (renewed every third of it; a dead holder is replaced after it), and the other
     # replicas reach it at advertise_url (default http://$POD_IP:<http port>, else the bound address).

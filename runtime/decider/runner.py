@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import ArmObservation, ExperimentError, ExperimentState, Observation, act, judge
+from experiments.engine import fingerprint
 from experiments.feedback import DecisionLog, FeedbackError, parse_feedback
 from experiments.report import report
 from router import RouteConfig, Router
@@ -86,7 +87,9 @@ class ExperimentRunner:
         self._lease_task: asyncio.Task | None = None
         self._state_mark = None
         self._leading = False
-        self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()  # sticky keys already counted
+        # sticky keys already counted, per model, for its experiment of this fingerprint only:
+        # a user is a unit again in the next experiment (every process sees the change)
+        self._seen: dict[str, tuple[str, OrderedDict[str, None]]] = {}
         self._seen_capacity = seen_capacity
         self._due: dict[str, float] = {}
         self._task: asyncio.Task | None = None
@@ -121,10 +124,12 @@ class ExperimentRunner:
             c[1] += 1
         if key is None:
             c[2] += 1
-        elif (model, key) not in self._seen:  # a sticky unit counts once, where it was first placed
-            self._seen[(model, key)] = None
-            if len(self._seen) > self._seen_capacity:
-                self._seen.popitem(last=False)
+            return
+        seen = self._seen.get(model)
+        if seen is not None and key not in seen[1]:  # a sticky unit counts once, where it was first placed
+            seen[1][key] = None
+            if len(seen[1]) > self._seen_capacity:
+                seen[1].popitem(last=False)
             c[2] += 1
 
     def _duplicate_id(self, model: str, request_id: str) -> None:
@@ -334,6 +339,8 @@ class ExperimentRunner:
         for model, route in self.router.configs().items():
             if route.experiment is None:
                 continue
+            if self._waits_for_arms(model, route):
+                continue
             due = self._due.get(model)
             if due is None:
                 self._due[model] = due = now if model not in self.states else now + route.experiment.interval_s
@@ -343,6 +350,17 @@ class ExperimentRunner:
                 judged = True
         if judged and self.fleet is not None:  # the judged baseline, exact for the next holder
             await self._save_states()
+
+    def _waits_for_arms(self, model: str, route: RouteConfig) -> bool:
+        """An experiment starts once both arms serve: started while the canary still
+        loads, its first interval had no canary requests and held ("no requests on
+        canary") with traffic flowing. Only the start waits; a running one judges on."""
+        state = self.states.get(model)
+        if state is not None and state.spec == fingerprint(route):
+            return False
+        avail = self.router.available(model)  # None: not told (no manager behind this router)
+        arms = (route.target_of(route.experiment.control), route.target_of(route.experiment.candidate))
+        return avail is not None and not all(v in avail for v in arms)
 
     # ---- several replicas ------------------------------------------------------------------
     async def _lease_loop(self) -> None:
@@ -414,8 +432,12 @@ class ExperimentRunner:
         exp = route.experiment
         if exp is None:
             self._arms.pop(model, None)
+            self._seen.pop(model, None)
             return
         self._arms[model] = (route.target_of(exp.control), route.target_of(exp.candidate))
+        spec = fingerprint(route)
+        if self._seen.get(model, ("",))[0] != spec:  # a new experiment: every user is new to it
+            self._seen[model] = (spec, OrderedDict())
 
     async def _judge(self, model: str, route: RouteConfig, now: float) -> None:
         self._refresh(model, route)
@@ -549,10 +571,14 @@ class ExperimentRunner:
         return ExperimentsView({m: self.view(m) for m in sorted(models)}, dict(self._counts))
 
 
+ROLLBACK_REASONS = ("errors", "latency", "srm", "manual")
+
+
 def rollback_reason(d) -> str:
-    """`manual` for a person's rollback, else the guardrail that alarmed (`errors`, `latency`)."""
+    """`manual` for a person's rollback, else the guardrail that alarmed: the first word
+    of the engine's reason (`errors: ...`, `latency p99: ...`), `other` if none of ours."""
     if d.by != "auto":
         return "manual"
-    head = d.reason.split(":", 1)[0].strip()
-    return head if head.isidentifier() else "other"
+    words = d.reason.split(":", 1)[0].split()
+    return words[0] if words and words[0] in ROLLBACK_REASONS else "other"
 

@@ -2,10 +2,14 @@
 its dynamic batcher when batching is on, and a lower-priority lane for shadow copies.
 
 A request's path visits the manager once (to pin a version, see `Handle`); everything
-after that happens here. Three ways to run, chosen per version at load:
+after that happens here. Three ways to run (`execution`):
 - batched: `Batcher.submit` (the batcher owns the queue and the executor hand-off);
-- on the executor: one thread per version with its own intra-op thread count;
+- executor: one thread per version with its own intra-op thread count;
 - inline on the event loop, for tiny CPU models whose forward costs less than the hop.
+Inline or executor is the manager's choice per model, never per version (`set_inline`):
+two arms on different paths measure the path, not the model. An inline forward runs
+with one intra-op thread (set around the call, the loop thread's own count restored), so
+it never competes with the executor threads for the cores.
 Every way has the same bound (`max_queue_size` requests waiting, as in Triton) and
 reports the same timings: queue time from submit to start, compute time.
 
@@ -45,13 +49,15 @@ class Runner:
     """Forward passes of one loaded version. All methods run on the event loop."""
 
     def __init__(self, name: str, forward, executor: ThreadPoolExecutor, *,
-                 max_queue_size: int = 1024, batcher=None, inline_numel: int = 0,
-                 shadow_max_waiting: int = 16):
+                 max_queue_size: int = 1024, batcher=None, sample_numel: int = 0,
+                 forward_s: float | None = None, shadow_max_waiting: int = 16):
         self.name = name  # "model 'm' version N", for messages
         self.forward = forward
         self.executor = executor
         self.batcher = batcher
-        self.inline_numel = inline_numel  # inputs up to this many elements run inline
+        self.sample_numel = sample_numel  # input elements of the warmup sample (0: unknown)
+        self.forward_s = forward_s  # its warm forward time with one thread (None: not measured)
+        self.inline_numel = 0  # inputs up to this many elements run inline (0: never)
         self.max_queue_size = max_queue_size
         self.shadow_max_waiting = shadow_max_waiting
         self.pending = 0  # primary requests waiting or running (shadows wait until 0)
@@ -64,17 +70,30 @@ class Runner:
 
     @classmethod
     def create(cls, name: str, loaded, *, threads: int, max_queue_size: int,
-               make_batcher=None, inline_forward_us: float = 0.0,
-               shadow_max_waiting: int = 16) -> "Runner":
+               make_batcher=None, shadow_max_waiting: int = 16) -> "Runner":
+        """Starts on the executor (or batched); the manager may `set_inline` it."""
         executor = ThreadPoolExecutor(1, thread_name_prefix=f"fwd-{name}",
                                       initializer=torch.set_num_threads, initargs=(threads,))
         batcher = make_batcher(executor) if make_batcher is not None else None
-        inline = 0
-        if (batcher is None and loaded.device.type == "cpu" and loaded.forward_s is not None
-                and loaded.forward_s * 1e6 <= inline_forward_us):
-            inline = 4 * loaded.sample_numel
+        cpu = loaded.device.type == "cpu"
         return cls(name, loaded.forward, executor, max_queue_size=max_queue_size,
-                   batcher=batcher, inline_numel=inline, shadow_max_waiting=shadow_max_waiting)
+                   batcher=batcher, sample_numel=loaded.sample_numel if cpu else 0,
+                   forward_s=loaded.forward_s if cpu else None,
+                   shadow_max_waiting=shadow_max_waiting)
+
+    @property
+    def can_inline(self) -> bool:
+        """Unbatched, on the CPU, with a warmup sample to size requests against."""
+        return self.batcher is None and self.sample_numel > 0
+
+    @property
+    def execution(self) -> str:
+        """`batched`, `inline` or `executor`: what GET /v2/models/{m} and the A/B summary show."""
+        return "batched" if self.batcher is not None else "inline" if self.inline_numel else "executor"
+
+    def set_inline(self, on: bool) -> None:
+        """Requests up to 4x the warmup sample's size run inline (larger ones never do)."""
+        self.inline_numel = 4 * self.sample_numel if on and self.can_inline else 0
 
     # ---- primary traffic -------------------------------------------------------------
     async def run(self, inputs: list[torch.Tensor]) -> RunResult:
@@ -100,7 +119,7 @@ class Runner:
         rows = int(inputs[0].shape[0]) if inputs and inputs[0].dim() else 1
         if self.inline_numel and sum(x.numel() for x in inputs) <= self.inline_numel:
             t0 = time.perf_counter()
-            outs = self.forward(inputs)  # tiny forward: cheaper than a thread hop
+            outs = inline_forward(self.forward, inputs)  # tiny forward: cheaper than a thread hop
             return RunResult(outs, 0.0, time.perf_counter() - t0, rows)
         t_submit = time.perf_counter()
         outs, t_start, t_end = await asyncio.get_running_loop().run_in_executor(
@@ -155,6 +174,19 @@ class Runner:
         await asyncio.get_running_loop().run_in_executor(self.executor, release)
         self.forward = None
         self.executor.shutdown(wait=False)
+
+
+def inline_forward(forward, inputs):
+    """The forward on this (the loop's) thread with one intra-op thread, its count restored:
+    more would compete with the executor threads for the same cores."""
+    prev = torch.get_num_threads()
+    if prev == 1:
+        return forward(inputs)
+    torch.set_num_threads(1)
+    try:
+        return forward(inputs)
+    finally:
+        torch.set_num_threads(prev)
 
 
 def _timed(forward, inputs):

@@ -63,7 +63,7 @@ class LoadedModel:
     load_s: float = 0.0
     warmup_s: float = 0.0
     stream: object = None  # a CUDA stream per version so versions don't serialize
-    forward_s: float | None = None  # warm forward time of the first warmup sample
+    forward_s: float | None = None  # warm forward time of the first warmup sample, 1 thread
     sample_numel: int = 0  # input elements of that sample
 
     def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -299,6 +299,26 @@ def warmup_inputs(lm: LoadedModel, version_dir: Path) -> list[list[torch.Tensor]
     return [row]
 
 
+TIMED_CALLS = 21
+
+
+def time_forward(forward, row: list[torch.Tensor], calls: int = TIMED_CALLS) -> float:
+    """The median of `calls` warm forwards with one intra-op thread, as inline runs it
+    (runtime/execution/runner.py). The median of many, not the minimum of five: one lucky
+    call must not put a version on the loop that costs more there under load."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            forward(row)
+            times.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(prev)
+    return sorted(times)[len(times) // 2]
+
+
 def warmup(lm: LoadedModel, version_dir: Path) -> None:
     """Run the samples, then time the first one warm (`forward_s`: the inline decision).
 
@@ -318,12 +338,7 @@ def warmup(lm: LoadedModel, version_dir: Path) -> None:
         for row in rows:
             lm.forward(row)
         if rows:
-            times = []
-            for _ in range(5):
-                t = time.perf_counter()
-                lm.forward(rows[0])
-                times.append(time.perf_counter() - t)
-            lm.forward_s = min(times)
+            lm.forward_s = time_forward(lm.forward, rows[0])
             lm.sample_numel = sum(x.numel() for x in rows[0])
     except LoadError:
         raise

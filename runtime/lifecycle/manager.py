@@ -182,6 +182,7 @@ class ModelEntry:
         self.in_grace = False  # the one timer left waits out incomplete_grace_s: settled
         self.task: asyncio.Task | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.execution: tuple[bool, str] | None = None  # (inline, the rule's words), as last logged
 
     def available_versions(self) -> list[int]:
         return sorted(self.serving)
@@ -208,7 +209,8 @@ class ModelEntry:
                 lm.signature if lm is not None else None,
                 lm.format if lm is not None else None,
                 str(lm.device) if lm is not None else None,
-                mem.get(st.version, 0), st.version in present))
+                mem.get(st.version, 0), st.version in present,
+                h.runner.execution if h is not None and h.runner is not None else None))
         spec = self.spec
         return ModelView(
             self.name, tuple(versions), present,
@@ -236,6 +238,28 @@ class ModelEntry:
         return [merged[v] for v in sorted(merged)]
 
 
+def execution_rule(spec: ModelSpec | None, runners: list[Runner], inline_forward_us: float) -> tuple[bool, str]:
+    """(inline or not, why in words) for every unbatched CPU version of one model alike:
+    two arms on different paths would compare the paths, not the models. `execution`
+    in model.yaml decides outright; `auto` runs inline only while every such version's
+    warm forward (median of its warmup timing, one thread) is at most inline_forward_us."""
+    mode = spec.execution if spec is not None else "auto"
+    if mode != "auto":
+        return mode == "inline", f"execution: {mode} in model.yaml"
+    if not runners:
+        return False, "no unbatched CPU version"
+    if inline_forward_us <= 0:
+        return False, "auto: repository.inline_forward_us is 0"
+    slow = [r for r in runners if not r.can_inline or r.forward_s is None
+            or r.forward_s * 1e6 > inline_forward_us]
+    if slow:
+        r = slow[0]
+        took = "not measured" if r.forward_s is None or not r.can_inline else f"{r.forward_s * 1e6:.0f} us"
+        return False, f"auto: {r.name} forward {took} > inline_forward_us={inline_forward_us:g}"
+    worst = max(r.forward_s for r in runners) * 1e6
+    return True, f"auto: every version's forward <= inline_forward_us={inline_forward_us:g} (slowest {worst:.0f} us)"
+
+
 class Manager:
     """Reconciles the repository against loaded harnesses; hands out handles; publishes
     a `Snapshot` to its subscribers on every change.
@@ -249,9 +273,12 @@ class Manager:
                  referenced: Callable[[str], frozenset[int]] = lambda m: frozenset(),
                  on_event: Callable[[LifecycleEvent], None] = lambda e: None,
                  on_batch: Callable[[str, int, int, float], None] | None = None,
-                 shadow_max_waiting: int = 16):
+                 shadow_max_waiting: int = 16,
+                 load: Callable[[VersionFolder, ModelSpec], LoadedModel] | None = None):
         self.root = root
         self.settings = settings
+        # folder -> loaded and warm model, on a load thread (LoadError: the reason it FAILED)
+        self.load = load if load is not None else load_and_warm
         self.referenced = referenced  # versions the routes name: they stay aspired
         self.on_event = on_event  # lifecycle events (metrics)
         self.on_batch = on_batch  # (model, version, rows, seconds) per executed batch
@@ -293,6 +320,15 @@ class Manager:
                                   self.abandoned_loads)
         for fn in self._subscribers:
             fn(self._snapshot, changed)
+
+    def unknown(self, model: str) -> errors.ServingError:
+        """The error for a model the manager does not serve: UNAVAILABLE (retry) when its
+        folder is in the repository but not read yet (the first scan after the port
+        opened, a folder just published), else NOT_FOUND. Clients retry 503, not 404."""
+        entry = self.models.get(model)
+        if (entry is None or not entry.disabled) and is_model_name(model) and (self.root / model).is_dir():
+            return errors.unavailable(f"model '{model}' is in the repository but not loaded yet; retry")
+        return errors.not_found(f"unknown model '{model}'")
 
     def require(self, model: str) -> ModelView:
         """The model's view, or NOT_FOUND."""
@@ -399,9 +435,12 @@ class Manager:
             entry.folder = folder
             self._publish(entry.name)
             return
-        if entry.spec is not None and folder.spec != entry.spec:
+        changed = entry.spec is not None and folder.spec != entry.spec
+        if changed:
             self._apply_in_place(entry, folder.spec)
         entry.spec, entry.folder = folder.spec, folder
+        if changed:
+            self._choose_execution(entry)  # `execution:` may have changed
         present = folder.versions
         # TF Serving forgets a version whose folder is gone: so does the status (END records)
         entry.ended = {v: st for v, st in entry.ended.items() if v in present}
@@ -488,9 +527,7 @@ class Manager:
 
     # ---- load / unload -------------------------------------------------------------
     def _load_and_warm(self, h: Harness) -> LoadedModel:
-        lm = load_version(h.folder.path, h.folder.format or "model.pt2", h.spec)
-        if h.spec.warmup:
-            warmup(lm, h.folder.path)
+        lm = self.load(h.folder, h.spec)
         h.batch_calibration = calibrate_loaded(lm, h.spec)  # before AVAILABLE, not after
         return lm
 
@@ -542,6 +579,7 @@ class Manager:
             return
         h.loaded = lm
         h.runner = self._make_runner(h, lm)
+        self._choose_execution(entry, also=h)
         h._set(S.AVAILABLE)
         log.info("event=loaded servable=%s format=%s device=%s load_ms=%.1f warmup_ms=%.1f "
                  "total_ms=%.1f memory_bytes=%d", h.sid, lm.format, lm.device, lm.load_s * 1e3,
@@ -568,8 +606,21 @@ class Manager:
         return Runner.create(
             name, lm, threads=threads, max_queue_size=spec.queue_size(),
             make_batcher=lambda ex: make_batcher(name, lm, spec, ex, h.batch_calibration, on_batch),
-            inline_forward_us=self.settings.inline_forward_us,
             shadow_max_waiting=self.shadow_max_waiting)
+
+    def _choose_execution(self, entry: ModelEntry, also: Harness | None = None) -> None:
+        """One path for every unbatched CPU version of the model (`execution_rule`), set on
+        their runners; logged when it changes. `also`: a version about to become AVAILABLE."""
+        hs = [h for h in entry.harnesses if h.runner is not None
+              and (h.state is S.AVAILABLE or h is also) and h.runner.batcher is None
+              and h.loaded is not None and h.loaded.device.type == "cpu"]
+        inline, why = execution_rule(entry.spec, [h.runner for h in hs], self.settings.inline_forward_us)
+        for h in hs:
+            h.runner.set_inline(inline)
+        if hs and entry.execution != (inline, why):
+            entry.execution = (inline, why)
+            log.info("event=execution model=%s path=%s versions=%s rule=%r", entry.name,
+                     "inline" if inline else "executor", ",".join(str(h.version) for h in hs), why)
 
     def _fail(self, entry: ModelEntry, h: Harness, reason: str) -> None:
         h._set(S.FAILED, reason)
@@ -595,6 +646,7 @@ class Manager:
         await h.runner.close(lm.release if lm is not None else (lambda: None))
         h._set(S.END)
         entry.harnesses.remove(h)
+        self._choose_execution(entry)  # the version that kept the model off the loop may be gone
         if not any(x.version == h.version for x in entry.harnesses) and \
                 entry.folder is not None and h.version in entry.folder.versions:
             entry.ended = {**entry.ended, h.version: VersionStatus(h.version, S.END, None, h.state_since)}
@@ -613,7 +665,7 @@ class Manager:
         """Pin an AVAILABLE version for one request (loop only): `with acquire(...) as h`."""
         entry = self.models.get(model)
         if entry is None or not entry.visible():
-            raise errors.not_found(f"unknown model '{model}'")
+            raise self.unknown(model)
         h = entry.serving.get(version)
         if h is None or h.state is not S.AVAILABLE:
             known = {s.version: s for s in entry.statuses()}
@@ -695,6 +747,14 @@ class Manager:
             for h in list(e.harnesses):
                 if h.state is S.AVAILABLE:
                     await self._unload(e, h, "shutdown")
+
+
+def load_and_warm(folder: VersionFolder, spec: ModelSpec) -> LoadedModel:
+    """The real loader (the manager's default): the version's model file, then warmup."""
+    lm = load_version(folder.path, folder.format or "model.pt2", spec)
+    if spec.warmup:
+        warmup(lm, folder.path)
+    return lm
 
 
 def one_line(text: str, limit: int = 300) -> str:

@@ -1,13 +1,14 @@
-"""Merging raw-counter snapshots of several processes into one, and the difference of two
-snapshots (a window of the A/B summary): pure functions.
+"""A store's counters as plain JSON-able state, the merge of several processes' states
+into one, and the difference of two (a window of the A/B summary).
 
-Each worker (or replica) exports its counters with `Metrics.export_state()`; a reader
-merges its own live state with the others' snapshots and answers from the merge, so any
-worker gives the same totals. Counts, sums and histograms add; `last` takes the latest;
-the recent-window ring keeps, per slot, the newest second any input holds and adds only
-the inputs that hold that second (older seconds have left the window anyway); the largest
-shadow difference takes the max. Inputs are plain dicts (JSON), so the same function
-merges the snapshots of Kubernetes replicas. No torch, no I/O.
+Each worker (or replica) exports its counters with `export_state(store)`; a reader
+merges its own live state with the others' snapshots and answers from the merge
+(`reading(store)`), so any worker gives the same totals. Counts, sums and histograms
+add; `last` takes the latest; the recent-window ring keeps, per slot, the newest second
+any input holds and adds only the inputs that hold that second (older seconds have left
+the window anyway); the largest shadow difference takes the max. `merge_states` and `subtract_states` are pure functions
+of plain dicts (JSON), so the same function merges the snapshots of Kubernetes replicas.
+No torch, no I/O.
 
 `SnapshotDir` is the file side for worker processes: one `<worker>-<pid>.json` per
 process incarnation, written atomically (temp file + rename); a dead worker's last file
@@ -16,17 +17,18 @@ stays, so its counts are never lost when it is replaced.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from runtime.files import read_peer_files, write_json_atomic  # noqa: F401  (re-exported)
+from runtime.histogram import NB
+from runtime.metrics.store import WINDOW_S, Cell, Series, ShadowStats, Store
 
 log = logging.getLogger("splitserve.metrics")
 
-FORMAT = 1  # must equal runtime.metrics.store.STATE_FORMAT
+FORMAT = 1  # of export_state(); a reader refuses any other
 
 
 def _add_pairs(acc: dict[int, int], pairs) -> None:
@@ -109,7 +111,7 @@ def merge_states(states: Iterable[dict]) -> dict:
         # Keep the newest second per ring slot, as one process's ring would.
         slots: dict[int, int] = {}
         for sec in acc["window"]:
-            j = sec % 60
+            j = sec % WINDOW_S
             if sec > slots.get(j, -1):
                 slots[j] = sec
         window = [[sec, acc["window"][sec][0], acc["window"][sec][1], _pairs(acc["window"][sec][2])]
@@ -199,6 +201,114 @@ def subtract_states(cur: dict, base: dict) -> dict:
         "retired": [[m, p, c, minus(n, b_retired.get((m, p, c), 0))] for m, p, c, n in cur["retired"]],
         "experiment_counts": cur.get("experiment_counts", []),
     }
+
+
+# ---- a store's counters as JSON-able values (worker processes, replicas) ----------------
+def export_state(store: Store, model: str | None = None) -> dict:
+    """Every counter `store` recorded (of `model` only, when given), as plain lists and
+    numbers (no pickle): what a worker writes to its snapshot file. Histograms are sparse
+    [index, count] pairs. Lifecycle figures stay per process (every worker loads every
+    version)."""
+    store.retire()
+
+    def mine(m: str) -> bool:
+        return model is None or m == model
+
+    series = []
+    for (m, v, r), s in store.series.items():
+        if not mine(m):
+            continue
+        window = [[s.w_sec[j], s.w_n[j], s.w_err[j], _sparse(s.w_lat[j])]
+                  for j in range(WINDOW_S) if s.w_sec[j] >= 0]
+        series.append([m, v, r, {
+            "n": s.n, "err": s.err, "inf": s.inf, "ok_sum": s.ok_sum,
+            "err_sum": s.err_sum, "q_sum": s.q_sum, "c_sum": s.c_sum,
+            "lat": _sparse(s.lat), "q": _sparse(s.q), "c": _sparse(s.c),
+            "batches": [[k, b[0], b[1]] for k, b in s.batches.items()],
+            "last": s.last, "window": window}])
+    return {
+        "format": FORMAT,
+        "cells": [[m, v, r, p, c, cell.n] for (m, v, r, p, c), cell in store.cells.items()
+                  if mine(m)],
+        "series": series,
+        "exec": [[m, v, [[k, b[0], b[1]] for k, b in d.items()]]
+                 for (m, v), d in store.execs.items() if mine(m)],
+        "shadow": [[m, p, v, st.n, st.fails, st.diff_n, st.diff_sum, st.diff_max,
+                    st.agree_n, st.agree_yes] for (m, p, v), st in store.shadow.items()
+                   if mine(m)],
+        "shadow_dropped": [[m, v, n] for (m, v), n in store.shadow_dropped.items() if mine(m)],
+        "retired": [[m, p, c, n] for (m, p, c), n in store.retired.items() if mine(m)],
+        "experiment_counts": [[k, m, key, n] for (k, m, key), n in
+                              sorted(store.experiment_counts().items()) if mine(m)],
+    }
+
+
+def import_state(store: Store, state: dict) -> None:
+    """Replace `store`'s counters with `state` (the shape export_state writes)."""
+    if state.get("format") != FORMAT:
+        raise ValueError(f"metrics state format {state.get('format')!r}, expected {FORMAT}")
+    store.cells, store.series, store.by_version = {}, {}, {}
+    for m, v, r, d in state["series"]:
+        s = Series(m, v, r)
+        s.n, s.err, s.inf = d["n"], d["err"], d["inf"]
+        s.ok_sum, s.err_sum, s.q_sum, s.c_sum = d["ok_sum"], d["err_sum"], d["q_sum"], d["c_sum"]
+        s.lat, s.q, s.c = _dense(d["lat"]), _dense(d["q"]), _dense(d["c"])
+        s.batches = {k: [n, c] for k, n, c in d["batches"]}
+        s.last = d["last"]
+        for sec, n, e, lat in d["window"]:
+            j = sec % WINDOW_S
+            s.w_sec[j], s.w_n[j], s.w_err[j] = sec, n, e
+            s.w_lat[j] = _dense(lat) if lat else None
+        store.series[(m, v, r)] = s
+        if v is not None:
+            store.by_version.setdefault((m, v), []).append(s)
+    for m, v, r, p, c, n in state["cells"]:
+        s = store.series.get((m, v, r))
+        if s is None:
+            s = store.series[(m, v, r)] = Series(m, v, r)
+            if v is not None:
+                store.by_version.setdefault((m, v), []).append(s)
+        cell = store.cells[(m, v, r, p, c)] = Cell(s, c == "OK")
+        cell.n = n
+    store.execs = {(m, v): {k: [n, c] for k, n, c in d} for m, v, d in state["exec"]}
+    store.shadow = {}
+    for m, p, v, n, fails, diff_n, diff_sum, diff_max, agree_n, agree_yes in state["shadow"]:
+        st = store.shadow[(m, p, v)] = ShadowStats()
+        st.n, st.fails, st.diff_n, st.diff_sum = n, fails, diff_n, diff_sum
+        st.diff_max, st.agree_n, st.agree_yes = diff_max, agree_n, agree_yes
+    store.shadow_dropped = {(m, v): n for m, v, n in state["shadow_dropped"]}
+    store.retired = {(m, p, c): n for m, p, c, n in state["retired"]}
+    store.exp_counts = {(k, m, key): n for k, m, key, n in state.get("experiment_counts", [])}
+
+
+def copy(store: Store, state: dict) -> Store:
+    """A read-only Store holding `state`, with `store`'s views, router, clocks, lifecycle
+    figures and experiment view (and no peers)."""
+    out = Store(store.router, store.views, store.clock, store.wall, store.window_s,
+                store.retire_after_s, experiments=store.experiments)
+    import_state(out, state)
+    out.life, out.ended_at = store.life, store.ended_at
+    return out
+
+
+def reading(store: Store) -> Store:
+    """What a reader reads: `store` itself, retired first; with worker peers, a read-only
+    copy holding this process's counters plus every peer snapshot."""
+    if store.peers is None:
+        store.retire()
+        return store
+    return copy(store, merge_states([export_state(store), *store.peers()]))
+
+
+def _sparse(counts: list[int] | None) -> list[list[int]]:
+    return [] if counts is None else [[i, c] for i, c in enumerate(counts) if c]
+
+
+def _dense(pairs: list[list[int]]) -> list[int]:
+    out = [0] * NB
+    for i, c in pairs:
+        out[i] += c
+    return out
 
 
 class SnapshotDir:

@@ -95,6 +95,9 @@ def decode_infer(body: bytes, header_length: int | None, model: str, version: in
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
         raise errors.invalid("'parameters' must be an object")
+    label = params.get("label")  # splitserve's: route to a label's version (TF Serving has a URL)
+    if label is not None and (not isinstance(label, str) or not label):
+        raise errors.invalid(f"parameters.label must be a label name (a non-empty string), got {label!r}")
     tensors, offset, total = [], 0, 0
     for i, t in enumerate(inputs):
         if not isinstance(t, dict):
@@ -153,7 +156,7 @@ def decode_infer(body: bytes, header_length: int | None, model: str, version: in
             if isinstance(p, dict) and "binary_data" in p:
                 per_output_binary[o["name"]] = bool(p["binary_data"])
     rid = doc.get("id")
-    req = InferRequest(model=model, inputs=tensors, version=version,
+    req = InferRequest(model=model, inputs=tensors, version=version, label=label,
                        outputs=outputs, id=str(rid) if rid is not None else None,
                        parameters=params, protocol="rest_v2")
     return req, BinaryOutputs(binary_out, per_output_binary)

@@ -116,7 +116,7 @@ VersionPolicy = Annotated[
 
 
 # Fields whose change leaves the loaded weights valid: applied in place, never reloaded.
-IN_PLACE_FIELDS = ("version_policy", "load_timeout_s", "max_queue_size", "version_swap")
+IN_PLACE_FIELDS = ("version_policy", "load_timeout_s", "max_queue_size", "version_swap", "execution")
 IN_PLACE_BATCHING = ("max_queue_delay_us", "preferred_batch_sizes", "max_queue_size")
 
 
@@ -136,6 +136,10 @@ class ModelSpec(_Strict):
     # resource_preserving: unload first, then load (TF Serving's option for models too
     # large to hold twice; requests to the model fail over or wait meanwhile).
     version_swap: Literal["availability_preserving", "resource_preserving"] = "availability_preserving"
+    # Where unbatched CPU forwards run, for every version alike (runtime/lifecycle/manager.py,
+    # `execution_rule`): auto measures them (inline when every version's warm forward is
+    # at most repository.inline_forward_us), inline and executor say so outright.
+    execution: Literal["auto", "inline", "executor"] = "auto"
 
     def queue_size(self) -> int:
         return self.batching.max_queue_size or self.max_queue_size

@@ -120,8 +120,9 @@ class Store:
                  max_retries: int = 3):
         try:
             from obstore.store import from_url
-        except ImportError as e:  # pragma: no cover - obstore is a declared dependency
-            raise StoreError(f"object-storage repositories need obstore ({e})") from None
+        except ImportError:  # the `s3` extra: most installs serve a local folder
+            raise StoreError(f"{url}: object-storage repositories need obstore: "
+                             "pip install 'splitserve[s3]'") from None
         self.url = check_url(url)
         retry = {"max_retries": max_retries, "retry_timeout": timedelta(seconds=max(list_timeout_s, 1))}
         opts = {}

@@ -22,13 +22,14 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.repository.modelspec import ModelSpec, SpecError, read_spec
+from runtime.repository.modelspec import SPEC_FILE, ModelSpec, SpecError, read_spec
+from runtime.repository.triton import CONFIG_FILE, read_triton
 
 VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")
 MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 FORMATS = ("model.pt2", "model.safetensors", "model.pt")  # the first one present is loaded
 EXPECTED_FILES = "model.pt2, model.safetensors (+ model.py), model.pt"
-MODEL_FILES = ("model.yaml", "model.py")  # beside the version folders
+MODEL_FILES = ("model.yaml", "model.py", "config.pbtxt")  # beside the version folders
 VERSION_EXTRAS = ("model.py", "warmup.json")  # read beside a version's model file
 VERSION_NAMES = "version folders are named 1, 2, ..."
 
@@ -214,12 +215,19 @@ def scan_model(model_dir: Path, last_good: ModelSpec | None = None) -> ModelFold
     if model_dir.is_symlink():  # never follow a model folder out of (or around) the repository
         return ModelFolder(model_dir.name, model_dir, last_good, None, {},
                            ((".", "a symlink: model folders are never followed through links"),))
+    ignored: list[tuple[str, str]] = []
     try:
-        spec, err = read_spec(model_dir), None
+        if (model_dir / CONFIG_FILE).is_file() and not (model_dir / SPEC_FILE).exists():
+            spec, notes = read_triton(model_dir)  # a Triton repository, as it is
+            ignored.extend(notes)
+        else:
+            spec = read_spec(model_dir)
+            if (model_dir / CONFIG_FILE).is_file():
+                ignored.append((CONFIG_FILE, f"not read: {SPEC_FILE} describes this model"))
+        err = None
     except SpecError as e:
         spec, err = last_good, str(e)
     versions = {}
-    ignored: list[tuple[str, str]] = []
     try:
         entries = list(model_dir.iterdir())
     except OSError:

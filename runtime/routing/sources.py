@@ -31,6 +31,10 @@ class ConfigSource(Protocol):
     def managed_by(self) -> str | None:
         """Why the document cannot be written here (answered with CONFLICT), or None."""
 
+    @property
+    def writable(self) -> bool:
+        """Whether `write` may succeed here; Control refuses a change before it when not."""
+
     def start(self, loop: asyncio.AbstractEventLoop, on_change: OnChange) -> None:
         """Watch: `on_change` runs on `loop` when the content hash changes."""
 

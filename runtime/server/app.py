@@ -31,6 +31,7 @@ from runtime.server.rest import metrics as rest_metrics
 from runtime.server.rest import tfs as rest_tfs
 from runtime.server.rest import ui as rest_ui
 from runtime.server.rest import v2 as rest_v2
+from runtime.server.rest import schemas as rest_schemas
 from runtime.server.banner import serving_line
 from runtime.server.http import error_response, json_response
 from runtime.config.settings import Settings
@@ -71,8 +72,12 @@ class _Uvicorn(uvicorn.Server):
 
 
 def build_app(core: Core) -> FastAPI:
-    app = FastAPI(title="splitserve", version="0.1.0",
+    from runtime import __version__
+    # /docs and /redoc would load Swagger UI and ReDoc from a CDN (blank offline): off;
+    # /openapi.json describes the API, with the bodies in rest/schemas.py.
+    app = FastAPI(title="splitserve", version=__version__, docs_url=None, redoc_url=None,
                   description="KServe v2, TF Serving REST and routing control for PyTorch models")
+    rest_schemas.install(app)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -119,9 +124,10 @@ class Server:
     def build_app(self):
         return build_app(self.core)
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, core: Core | None = None):
         self.settings = settings
-        self.core = Core(settings, tracing=tracing.from_env())  # OTEL_* variables: off unless set
+        # OTEL_* variables: tracing is off unless they configure it
+        self.core = core if core is not None else Core(settings, tracing=tracing.from_env())
         self.http_port: int | None = None
         self.grpc_port: int | None = None
         self._uv: _Uvicorn | None = None

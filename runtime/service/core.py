@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from router import Router, parse_config_text
@@ -16,7 +17,8 @@ from runtime.decider.fleet import make_fleet
 from runtime.decider.runner import ExperimentRunner
 from runtime.service.inference import InferenceService
 from runtime.lifecycle.manager import Manager
-from runtime.metrics.store import CHECKPOINT_S, Metrics
+from runtime.metrics.facade import Metrics
+from runtime.metrics.summary import CHECKPOINT_S
 from runtime.repository.mirror import Mirror
 from runtime.config.settings import Settings
 from runtime.tracing import Tracing
@@ -34,7 +36,11 @@ class Core:
     is scheduled on the loop, never run from inside the manager's publication.
     """
 
-    def __init__(self, settings: Settings, tracing: Tracing | None = None):
+    def __init__(self, settings: Settings, metrics_peers: Callable[[], list[dict]] | None = None,
+                 tracing: Tracing | None = None):
+        """`metrics_peers`: the other worker processes' metric snapshots (a worker's run
+        folder), so every read answers the workers' totals; None: this process alone.
+        `tracing`: OpenTelemetry (runtime/tracing.py), None when not configured."""
         self.settings = settings
         self.tracing = tracing
         # An object-storage repository is mirrored into a local folder, served from there.
@@ -42,7 +48,11 @@ class Core:
             if settings.repository.url else None
         self.root = self.mirror.cache_dir if self.mirror else Path(settings.repository.path).resolve()
         self.router = Router()
-        self.metrics = Metrics(self.router, views=lambda: self.manager.view())
+        # Metrics read what the manager and the runner publish, both built below: the
+        # manager records into metrics, and the runner needs control, which needs the manager.
+        self.metrics = Metrics(self.router, views=lambda: self.manager.view(),
+                               experiments=lambda: self.experiments.published(),
+                               peers=metrics_peers)
         self.manager = Manager(self.root, settings.repository,
                                referenced=self.router.referenced_versions,
                                on_event=self.metrics.lifecycle_event,
@@ -53,22 +63,23 @@ class Core:
         self._missing: dict[str, frozenset[int]] = {}  # routed versions reported without a folder
         if self.mirror is not None:
             self.metrics.registry.register(self.mirror.collector())
-        self.inference = InferenceService(self.manager, self.router, settings.limits,
-                                          self.metrics, settings.shadow_max_inflight, tracing)
         # where routing lives (file, ConfigMap) or None; read and watched from start()
         self.source = make_source(settings)
         self.control = Control(self.manager, self.router, self.source, settings)
         cfg = settings.config_path  # experiment state lives beside the routing document
         self.experiments = ExperimentRunner(
             self.router, self.control, cfg.with_name(cfg.stem + ".experiments.json") if cfg is not None else None)
-        self.inference.on_finished = self.experiments.on_finished
-        self.inference.arm_of = self.experiments.arm_of
-        self.metrics.experiments = self.experiments.published
+        self.inference = InferenceService(self.manager, self.router, settings.limits,
+                                          self.metrics, settings.shadow_max_inflight,
+                                          on_finished=self.experiments.on_finished,
+                                          arm_of=self.experiments.arm_of, tracing=tracing)
         self._checkpoints: asyncio.Task | None = None
         self.watcher: Watcher | None = None
         self._http_bound: tuple[str, int] | None = None
         self.started = False
         self.stopping = False
+        # Readiness beyond this process (a worker: every worker of the server is ready)
+        self.ready_gate: Callable[[], bool] | None = None
 
     def _on_view(self, snapshot, changed: str | None) -> None:
         names = [changed] if changed is not None else sorted(set(snapshot.models) | set(self._available))
@@ -169,7 +180,7 @@ class Core:
             self.experiments.fleet.bound(host, port)
 
     async def _checkpoint_loop(self) -> None:
-        """Baselines for the A/B summary's `since=<epoch>` (runtime/metrics/store.py)."""
+        """Baselines for the A/B summary's `since=<epoch>` (runtime/metrics/summary.py)."""
         while True:
             await asyncio.sleep(CHECKPOINT_S)
             try:
@@ -182,7 +193,7 @@ class Core:
         return await self.manager.settle_all(timeout)
 
     def ready(self) -> bool:
-        return self.started and not self.stopping
+        return self.started and not self.stopping and (self.ready_gate is None or self.ready_gate())
 
     async def stop(self) -> None:
         self.stopping = True

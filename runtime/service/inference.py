@@ -128,7 +128,8 @@ class InferenceService:
     """
 
     def __init__(self, manager: Manager, router: Router, limits: LimitSettings,
-                 metrics=None, shadow_max_inflight: int = 64, tracing: Tracing | None = None):
+                 metrics=None, shadow_max_inflight: int = 64, on_finished=None, arm_of=None,
+                 tracing: Tracing | None = None):
         self.manager = manager
         self.tracing = tracing
         self.router = router
@@ -142,9 +143,9 @@ class InferenceService:
         self._running: set[asyncio.Task] = set()  # requests in flight, for abort at stop
         self.aborting = False
         # (model, version, how, ok, latency_s, request_id, routing_key) per finished primary request
-        self.on_finished = None
+        self.on_finished = on_finished
         # (model, version, how) -> "control" | "candidate" | None: a traced request's arm
-        self.arm_of = None
+        self.arm_of = arm_of
 
     def infer(self, req: InferRequest):
         """Serve one request (await the result). Tracing off costs this one check."""
@@ -186,7 +187,8 @@ class InferenceService:
             code = _ROUTE_ERR.get(e.kind, Code.INVALID_ARGUMENT)
             msg = e.message
             if self.manager.view().model(req.model) is None:  # the router knows routes, not models
-                code, msg = Code.NOT_FOUND, f"unknown model '{req.model}'"
+                unknown = self.manager.unknown(req.model)
+                code, msg = unknown.code, unknown.message
             self._record(req, None, "unrouted", code.value, t0)
             raise ServingError(code, msg, request_id=req.id) from None
         if tr is not None:

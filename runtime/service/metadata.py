@@ -52,6 +52,10 @@ def model_metadata(snapshot: Snapshot, model: str, version: int | None = None) -
         "inputs": tensors(sig.inputs) if sig else [],
         "outputs": tensors(sig.outputs) if sig else [],
     }
+    paths = {str(x.version): x.execution for x in mv.versions
+             if x.state is VersionState.AVAILABLE and x.execution is not None}
+    if paths:  # which path each version's forwards take: the same for all but batched ones
+        meta["execution"] = paths
     if sig is not None and sig.derived:
         meta["parameters"] = {"signature": "derived from the model file; declare inputs and "
                                            "outputs in model.yaml to pin them"}

@@ -1,7 +1,8 @@
 """One worker process of `splitserve serve --workers N` (started by runtime/workers/supervisor.py).
 
 A worker is a complete runtime (its own Core, event loop, REST and gRPC servers) that
-joins the shared ports with SO_REUSEPORT, says who answered (`x-worker: K` on every REST
+joins the shared ports with SO_REUSEPORT once it has loaded, is ready once every worker
+is (the supervisor's ALL_READY file in the run folder), says who answered (`x-worker: K` on every REST
 response and in the initial metadata of every unary gRPC call and ModelStreamInfer
 stream), and shares its metrics through
 the supervisor's run folder: every `SNAPSHOT_INTERVAL_S` (when something changed) and at
@@ -23,11 +24,14 @@ from pathlib import Path
 
 import grpc
 
+from runtime import tracing
 from runtime.metrics.merge import SnapshotDir
 from runtime.server.app import Server, build_app
+from runtime.service.core import Core
 
 log = logging.getLogger("splitserve.worker")
 
+ALL_READY = "all-workers-ready"  # in the run folder, by the supervisor (runtime/workers/supervisor.py)
 SNAPSHOT_INTERVAL_S = 0.1  # the bound on how late a request shows in another worker's figures
 PARENT_CHECK_S = 0.5
 WORKER_HEADER = "x-worker"
@@ -94,17 +98,31 @@ class WorkerServer(Server):
     reuse_port = True
 
     def __init__(self, settings, worker: int, run_dir: Path, replacement: bool = False):
-        super().__init__(settings)
+        snapshots = SnapshotDir(run_dir, worker)
+        super().__init__(settings, Core(settings, metrics_peers=snapshots.peers, tracing=tracing.from_env()))
+        self.snapshots = snapshots
         self.worker = worker
-        self.load_first = replacement
+        # Every worker loads before it joins the ports, not only a replacement: the kernel
+        # then never hands a connection to a worker that is still loading (it answered 503
+        # or "unknown model" while its siblings served). Until one has loaded, nothing listens.
+        self.load_first = True
+        # Ready (GET /v2/health/ready, gRPC ServerReady) only once every worker is: the
+        # supervisor writes ALL_READY into the run folder when the last one has loaded.
+        self._all_ready_file = Path(run_dir) / ALL_READY
+        self._all_ready = False
+        self.core.ready_gate = self._every_worker_ready
         self.grpc_initial_metadata = ((WORKER_HEADER, str(worker)),)  # the h2 transport sends it itself
         self.grpc_interceptors = (WorkerInterceptor(self.grpc_initial_metadata),)
-        self.snapshots = SnapshotDir(run_dir, worker)
         self._writer: asyncio.Task | None = None
         self._mark = None
 
     def build_app(self):
         return WorkerHeader(build_app(self.core), self.worker)
+
+    def _every_worker_ready(self) -> bool:
+        if not self._all_ready:  # once written it stays: replacements load before they join
+            self._all_ready = self._all_ready_file.exists()
+        return self._all_ready
 
     def write_snapshot(self, force: bool = False) -> None:
         m = self.core.metrics
@@ -122,7 +140,6 @@ class WorkerServer(Server):
                 log.warning("event=metrics_snapshot_failed error=%r", e)
 
     async def start(self) -> None:
-        self.core.metrics.peers = self.snapshots.peers
         self.core.experiments.share(self.snapshots.path, self.worker)  # one decider among us
         await super().start()
         self.write_snapshot(force=True)

@@ -4,7 +4,9 @@ The supervisor never imports torch, gRPC or the web servers: it probes the ports
 port fails at once, with one line), makes a private run folder for the workers' metrics
 snapshots, and starts each worker with multiprocessing "spawn" (never fork: gRPC and CUDA
 do not survive it). It restarts a worker that dies, with backoff, logging the reason;
-forwards SIGTERM/SIGINT; and exits 0 once every worker drained and exited 0.
+forwards SIGTERM/SIGINT; and exits 0 once every worker drained and exited 0. Workers load
+before they join the ports, and answer ready only once the supervisor has seen every one
+of them serve (it writes ALL_READY into the run folder): the server is ready as a whole.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ log = logging.getLogger("splitserve.supervisor")
 BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
 STABLE_S = 30.0  # a worker that lived this long restarts without backoff
 MAX_AUTO = 32
+ALL_READY = "all-workers-ready"  # the same name as runtime/workers/child.py's: every worker loaded
 
 
 def auto_workers(cores: int, gpus: int) -> int:
@@ -175,6 +178,9 @@ class Supervisor:
                         self._spawn(x)
                 if not announced and all(x.announced for x in self.slots):
                     announced = self.all_announced = True
+                    # the workers' readiness (no import of the child: it would pull in the server)
+                    with open(os.path.join(self.run_dir, ALL_READY), "w", encoding="utf-8"):
+                        pass
                     log.info("%s workers=%d", first_line or "event=serving", self.n)
 
 

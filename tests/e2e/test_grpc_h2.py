@@ -354,3 +354,30 @@ def test_a_host_with_two_addresses_listens_on_one_port_for_both(make_repo, serve
     for target in (f"127.0.0.1:{port}", f"[::1]:{port}"):
         with grpc.insecure_channel(target) as ch:
             assert pb_grpc.GRPCInferenceServiceStub(ch).ServerLive(pb.ServerLiveRequest(), timeout=10).live, target
+
+
+def test_max_connection_age_is_a_graceful_goaway_clients_ride_through(make_repo, serve):
+    """server.grpc_limits.max_age_s: GOAWAY NO_ERROR at the age (+-10%), closed once idle;
+    a channel calling throughout reconnects without one failed call (what rebalances
+    long-lived channels across workers and pods)."""
+    from runtime.config.settings import GrpcLimits
+    srv = serve(make_repo({"mlp": {1: "st1"}}),
+                grpc_limits=GrpcLimits(max_age_s=1.0, max_age_grace_s=1.0, preface_s=1.0))
+    w = Wire(srv.server.grpc_port)
+    t0 = time.monotonic()
+    f, _ = w.until(lambda f: f[0] == GOAWAY, deadline=10)
+    assert f is not None and f != "timeout" and int.from_bytes(f[3][4:8], "big") == 0
+    assert time.monotonic() - t0 < 1.1 + 0.25 + 1.5  # the age, one tick, margin
+    assert w.until(lambda f: False, deadline=5)[0] is None  # and closed: no stream was open
+    w.close()
+    failures, calls = [], 0
+    with grpc.insecure_channel(srv.grpc) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        end = time.monotonic() + 3.5  # across at least two ages
+        while time.monotonic() < end:
+            try:
+                stub.ServerLive(pb.ServerLiveRequest(), timeout=10)
+                calls += 1
+            except grpc.RpcError as e:
+                failures.append(e.code())
+    assert calls > 10 and not failures, (calls, failures)

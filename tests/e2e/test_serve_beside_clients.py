@@ -2,8 +2,8 @@
 whatever protobuf the packages installed beside it made pip choose (issue 11).
 
 .ci/run runs this file twice: in the dev venv, where the newest tritonclient pins
-protobuf 6.x (and its own gRPC client talks to the server), and in a venv with the
-runtime alone, which gets the newest protobuf (7.x) and grpcio-health/reflection.
+protobuf 6.x (and its own gRPC client talks to the server), and with the newest protobuf
+(7.x) put ahead of it on PYTHONPATH, as a user who adds protobuf 7 beside it has.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ import statistics
 import pytest
 from exp_worlds import World, after, bound, const, ramp, rate, run
 
+pytestmark = pytest.mark.slow  # ~2.5 min of simulated experiments: outside `pytest -m unit`
+
 ALPHA = 0.05
 BLOCK = {"control": "stable", "candidate": "canary", "steps": [10, 25, 50], "interval_s": 30, "min_requests": 100,
          "min_duration_s": 600, "promote": "manual", "alpha": ALPHA,

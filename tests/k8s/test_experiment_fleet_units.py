@@ -16,6 +16,8 @@ from runtime.decider.lease_k8s import Lease
 from runtime.decider.workers import zero_counts
 from runtime.routing.k8s_api import KubeClient
 
+pytestmark = pytest.mark.unit  # starts no server process, binds no socket
+
 
 def fleet(identity: str) -> Fleet:
     return Fleet(Lease(KubeClient("http://127.0.0.1:9"), "ns", "cm-decider", identity, 2), token=None)

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.unit  # starts no server process, binds no socket
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kubernetes"
 OVERLAYS = ["base", "overlays/pvc", "overlays/gpu", "overlays/shared-routing"]
@@ -117,8 +119,13 @@ def test_probes_hit_app_paths_on_declared_ports(docs):
         get = c[probe]["httpGet"]
         assert get["path"] == path and _app_status(path) == status, (probe, get)
         assert get["port"] in ports or get["port"] in ports.values(), (probe, get)
-    # the startup probe waits at least as long as the start deadline
+    # readiness tolerates one slow answer (a flood on the shared loop), and still drops
+    # the pod from its Service before the shutdown delay is over
+    rp = c["readinessProbe"]
     srv, _ = _server_settings(items)
+    assert rp["failureThreshold"] >= 2
+    assert rp["periodSeconds"] * rp["failureThreshold"] <= srv.shutdown_delay_s
+    # the startup probe waits at least as long as the start deadline
     sp = c["startupProbe"]
     assert sp["periodSeconds"] * sp["failureThreshold"] >= srv.start_timeout_s
 
@@ -188,8 +195,8 @@ def test_service_hpa_and_rbac(docs):
     metrics = one(items, "HorizontalPodAutoscaler")["spec"]["metrics"]
     assert metrics[0]["type"] == "Pods" and metrics[0]["pods"]["metric"]["name"] == "splitserve_inflight_requests"
     assert any(m["type"] == "Resource" and m["resource"]["name"] == "cpu" for m in metrics)
-    from runtime.metrics.store import Metrics  # noqa: F401  (the metric is one the runtime exports)
-    assert "splitserve_inflight_requests" in (ROOT / "runtime" / "metrics" / "store.py").read_text()
+    from runtime.metrics import prometheus  # noqa: F401  (the metric is one the runtime exports)
+    assert "splitserve_inflight_requests" in (ROOT / "runtime" / "metrics" / "prometheus.py").read_text()
     rule, lease, create = one(items, "Role")["rules"]
     cm = one(items, "ConfigMap")["metadata"]["name"]
     assert rule["resources"] == ["configmaps"] and rule["resourceNames"] == [cm]

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.unit  # starts no server process, binds no socket
+
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "deploy" / "kubernetes" / "monitoring"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"

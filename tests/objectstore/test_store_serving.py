@@ -174,6 +174,8 @@ def test_wrong_credentials_at_start_exit_2_with_one_line(bucket, publish, tmp_pa
                         "--http-port", "0", "--grpc-port", "0", "--config", "/dev/null"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert r.returncode == 2
+    starting = [ln for ln in r.stderr.splitlines() if "event=starting" in ln]
+    assert len(starting) == 1 and f" repository={bucket.url()} " in starting[0], r.stderr  # not ./model_repository
     assert [ln for ln in r.stderr.splitlines() if ln.startswith("splitserve:")] == [
         f"splitserve: model repository: {bucket.url()}: listing failed: InvalidAccessKeyId: The AWS "
         "Access Key Id you provided does not exist in our records. (HTTP 403 Forbidden)"]

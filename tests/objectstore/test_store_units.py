@@ -10,6 +10,8 @@ import pytest
 from runtime.repository.mirror import group, listed_problem, signature
 from runtime.repository.objectstore import ObjectInfo, RateLimit, check_url, describe, is_store_url
 
+pytestmark = pytest.mark.unit  # starts no server process, binds no socket
+
 
 def obj(key: str, size: int = 1, etag: str = "e") -> ObjectInfo:
     return ObjectInfo(key, size, etag, 0.0)

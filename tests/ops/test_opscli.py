@@ -57,20 +57,31 @@ def test_status_table(live, capsys):
     lines = out.splitlines()
     assert lines[0].split() == ["MODEL", "VERSION", "STATE", "LABELS", "WEIGHT", "EFFECTIVE", "SHARE",
                                 "REQUESTS", "ERRORS", "ERROR_RATE", "P50_MS", "P99_MS"]
-    rows = {cols[1]: cols for cols in (line.split() for line in lines[1:])}
+    rows = {cols[1]: cols for cols in (line.split() for line in lines[1:-1])}
+    assert lines[-1] == "(SHARE to P99_MS: the last 60 s, per model)"
     assert rows["1"][:6] == ["mlp", "1", "AVAILABLE", "stable", "90.0%", "90.0%"]
     assert rows["2"][:6] == ["mlp", "2", "AVAILABLE", "canary", "10.0%", "10.0%"]
     # Counts as the server reports them (whether a client error counts against the version
     # it was pinned to is the server's policy, not the CLI's).
     summary = {v["version"]: v for v in httpx.get(live.http + "/v1/models/mlp/metrics", timeout=10).json()["versions"]}
     for v in ("1", "2"):
-        assert rows[v][7] == str(summary[v]["requests"]) and rows[v][8] == str(summary[v]["errors"])
+        recent = summary[v]["recent"]
+        assert rows[v][7] == str(recent["requests"]) and rows[v][8] == str(recent["errors"])
     assert int(rows["1"][7]) + int(rows["2"][7]) in (40, 41)
     if summary["2"]["errors"]:
         assert rows["2"][9] == f"{100 * summary['2']['error_rate']:.1f}%"
     assert float(rows["1"][6].rstrip("%")) + float(rows["2"][6].rstrip("%")) == pytest.approx(100, abs=0.2)
     assert rows["1"][8:10] == ["0", "0.0%"]
     assert float(rows["1"][11]) >= float(rows["1"][10]) > 0  # p99 >= p50, in ms
+    # A routing change starts the summary's window afresh; the row still counts the recent
+    # requests its SHARE is computed from (it showed REQUESTS 0 beside SHARE 90%).
+    r = httpx.put(live.http + "/v1/models/mlp/routing", headers={"authorization": f"Bearer {TOKEN}"},
+                  json={"labels": {"stable": 1, "canary": 2}, "weights": {"stable": 80, "canary": 20},
+                        "sticky": {"header": "x-user-id"}}, timeout=10)
+    assert r.status_code == 200, r.text
+    rc, out, err = run(capsys, "status", "--url", live.http)
+    after = {cols[1]: cols for cols in (line.split() for line in out.splitlines()[1:-1])}
+    assert after["1"][6] == rows["1"][6] and after["1"][7] == rows["1"][7] != "0", (rows, after)
     rc, out, err = run(capsys, "status", "--url", live.http, "--model", "nosuch")
     assert rc == 1 and err.count("\n") == 1 and "no model named 'nosuch'" in err
 
@@ -88,6 +99,12 @@ def test_status_shows_failed_reason(make_repo, serve, capsys):
     assert rc == 0, err
     assert any(line.split()[:3] == ["mlp", "2", "FAILED"] for line in out.splitlines())
     assert "mlp v2 FAILED: weights do not fit the architecture" in out
+    # An invalid model.yaml shows too (the versions keep serving on the last good one).
+    (repo / "mlp" / "model.yaml").write_text("max_batchsize: 3\n")
+    assert srv.wait_for(lambda: srv.core.manager.view().model("mlp").spec_error is not None, 30)
+    rc, out, err = run(capsys, "status", "--url", srv.http)
+    assert ("  mlp model.yaml: serving the last good model.yaml; the file now has an error: unknown field "
+            "'max_batchsize' in mlp/model.yaml; did you mean 'max_batch_size'?") in out.splitlines(), out
 
 
 def test_route_changes_what_is_named_and_keeps_the_rest(live, capsys):
@@ -193,6 +210,7 @@ def test_publish_wait_times_out_and_bad_url_copies_nothing(live, capsys, version
     assert e.value.code == 2 and "positive number of seconds" in capsys.readouterr().err
 
 
+@pytest.mark.unit  # no server, no socket: the rest of this module serves
 def test_publish_refusals(tmp_path, capsys, version_cache):
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -223,6 +241,7 @@ def test_experiment_without_experiments_support(live, capsys):
         assert rc == 0 and out.startswith("experiment mlp: state "), (out, err)
 
 
+@pytest.mark.unit  # no server, no socket: the rest of this module serves
 def test_unreachable_server_and_bad_url(capsys):
     rc, out, err = run(capsys, "status", "--url", "http://127.0.0.1:1")
     assert rc == 1 and "cannot reach http://127.0.0.1:1" in err and err.count("\n") == 1
@@ -242,6 +261,7 @@ def test_real_process_entry_point(live):
         assert h.returncode == 0 and h.stdout.startswith(f"usage: splitserve {sub}"), h.stderr
 
 
+@pytest.mark.unit  # no server, no socket: the rest of this module serves
 def test_experiment_report_lines():
     """The shape GET /v1/models/{m}/experiment answers (experiments/report.py on its branch)."""
     from runtime.cli.ops import format_experiment
@@ -249,7 +269,14 @@ def test_experiment_report_lines():
     doc = {"state": "rolled_back", "step": 1, "steps": [5, 25, 50, 100], "candidate_weight": 0.0,
            "control": {"ref": "stable", "version": 1, "requests": 950, "errors": 1, "error_rate": 0.001},
            "candidate": {"ref": "canary", "version": 2, "requests": 40, "errors": 31, "error_rate": 0.775},
-           "guardrails": {"errors": {"max_ratio": 1.5, "evidence": 1432.7, "threshold": 20.0, "alarm": True}},
+           "guardrails": {"errors": {"max_ratio": 1.5, "evidence": 1432.7, "threshold": 20.0, "alarm": True},
+                          "latency": {"quantile": 0.99, "max_ratio": 1.2, "slow": 4, "judged": 900,
+                                      "latency_threshold_s": 0.0031, "evidence": 0.8, "threshold": 20.0,
+                                      "alarm": False}},
+           "outcomes": [{"metric": "click", "kind": "binary", "goal": "increase",
+                         "control": {"n": 950, "mean": 0.1}, "candidate": {"n": 40, "mean": 0.125},
+                         "difference": 0.025, "interval": [-0.08, 0.13], "verdict": "inconclusive"},
+                        {"metric": "spend", "control": {"n": 0, "mean": 0.0}}],
            "srm": {"p_value": 0.42, "flagged": False},
            "decisions": [{"time": 1_700_000_000.0, "action": "rollback", "by": "auto", "step": 0,
                           "candidate_weight": 0.0, "reason": "errors: canary 31 of 40 errors at weight 5%"}]}
@@ -257,7 +284,13 @@ def test_experiment_report_lines():
     assert lines[0] == "experiment mlp: state rolled_back, step 1, candidate weight 0.0"
     assert "  control stable (v1): 950 requests, 1 errors" in lines
     assert "  candidate canary (v2): 40 requests, 31 errors" in lines
-    assert "  guardrail errors: ALARM (evidence 1.43e+03, threshold 20)" in lines
+    assert ("  guardrail errors: ALARM: canary error rate vs 1.5 x stable's error rate; "
+            "evidence 1.43e+03 (alarm at 20)") in lines
+    assert ("  guardrail latency: ok: canary p99 vs 1.2 x stable's p99 = 3.1 ms: 4 of 900 canary "
+            "requests slower; evidence 0.8 (alarm at 20)") in lines
+    assert ("  outcome click (increase): stable 0.1 (n=950), canary 0.125 (n=40); difference "
+            "+0.025 [-0.08, 0.13]; verdict inconclusive") in lines
+    assert "  outcome spend: stable 0 (n=0), canary -; difference not enough data yet; verdict -" in lines
     assert "  sample ratio: p=0.42" in lines
     assert lines[-1].endswith(" rollback (auto): errors: canary 31 of 40 errors at weight 5%")
     assert format_experiment("mlp", {"state": "none", "decisions": []}) == [

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
     ("event=serving_soon http=1.2.3.4:5", None),
     ("{not json event=serving", None),
 ])
+@pytest.mark.unit  # no server, no socket: the rest of this module serves
 def test_parse_serving_line(line, expected):
     assert parse_serving(line) == expected
 
@@ -73,6 +74,7 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+@pytest.mark.unit  # no server, no socket: the rest of this module serves
 def test_bench_and_tools_do_not_import_tests_and_runtime_never_imports_the_harness():
     for folder in ("bench", "tools"):
         for f in sorted((ROOT / folder).glob("*.py")):

@@ -23,6 +23,8 @@ from runtime.errors import Code, ServingError
 from runtime.lifecycle.loader import load_version
 from runtime.repository.modelspec import parse_spec
 
+pytestmark = pytest.mark.unit  # starts no server process, binds no socket
+
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = ROOT / "model_repository" / "mlp"
 SPEC = parse_spec((BUNDLED / "model.yaml").read_text())

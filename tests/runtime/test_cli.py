@@ -23,6 +23,7 @@ def write_config(tmp_path, text: str) -> Path:
     return p
 
 
+@pytest.mark.unit  # no server, no socket: the rest of this module serves
 def test_config_values_stand_unless_a_flag_is_given(tmp_path):
     repo = tmp_path / "from-config"
     cfg = write_config(tmp_path, f"repository: {{path: {repo}, quiet_s: 2}}\n"
@@ -41,6 +42,7 @@ def test_config_values_stand_unless_a_flag_is_given(tmp_path):
     assert s._file.server.http_port == 9100  # what the file alone says, for reload comparisons
 
 
+@pytest.mark.unit  # no server, no socket: the rest of this module serves
 def test_token_sources_and_precedence(tmp_path):
     cfg = write_config(tmp_path, "server: {token: from-file-config}\n")
     tf = tmp_path / "token"
@@ -72,6 +74,7 @@ def test_token_sources_and_precedence(tmp_path):
     (["--token", "t", "--token-file", "f"], "not allowed with argument"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
+@pytest.mark.unit  # no server, no socket: the rest of this module serves
 def test_bad_flags_are_one_line_and_status_2(argv, says, capsys):
     with pytest.raises(SystemExit) as e:
         main(["serve", *argv])
@@ -96,6 +99,7 @@ def test_bad_flags_are_one_line_and_status_2(argv, says, capsys):
     ("server: {grpc_port: 9000}\n", ["--config", "{cfg}", "--http-port", "9000"],
      "ports are both 9000 (--http-port, server.grpc_port)"),
 ])
+@pytest.mark.unit  # no server, no socket: the rest of this module serves
 def test_bad_values_are_one_line_and_status_2(tmp_path, monkeypatch, capsys, setup, argv, says):
     monkeypatch.chdir(tmp_path)  # no ./configs/splitserve.yaml here
     monkeypatch.delenv("SPLITSERVE_TOKEN", raising=False)
@@ -122,6 +126,7 @@ def test_the_real_command_exits_2_with_one_line(tmp_path):
                                      "integer from 0 to 65535, got '70000' (see 'splitserve serve --help')"]
 
 
+@pytest.mark.unit  # no server, no socket: the rest of this module serves
 def test_transport_flags_and_their_auto_defaults(tmp_path):
     from runtime.server import loops
     cfg = write_config(tmp_path, "server: {loop: asyncio, http: h11, grpc_threads: 2}\n")
@@ -139,6 +144,7 @@ def test_transport_flags_and_their_auto_defaults(tmp_path):
         settings_for("--grpc-threads", "-1")
 
 
+@pytest.mark.unit  # no server, no socket: the rest of this module serves
 def test_fleet_flags_advertise_url_and_lease(tmp_path):
     cfg = write_config(tmp_path, "server: {experiment_lease_s: 4, advertise_url: 'http://10.0.0.7:8000'}\n")
     s = settings_for("--config", str(cfg))

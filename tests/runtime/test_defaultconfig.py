@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from runtime.config.defaults import seed_default_config
+
+pytestmark = pytest.mark.unit  # starts no server process, binds no socket
 
 
 def test_seeds_from_the_template_only_when_the_default_is_missing(tmp_path):

@@ -16,6 +16,8 @@ import sys
 import time
 from types import SimpleNamespace
 
+import pytest
+
 from router import Router, parse_config_text
 from runtime.routing.file_source import FileSource
 from runtime.decider.lease_file import FileLease
@@ -81,6 +83,7 @@ def test_kill_9_of_the_holder_frees_the_lock_at_once(tmp_path):
     a.close()
 
 
+@pytest.mark.unit  # no server, no socket: the rest of this module serves
 def test_a_writable_config_file_gets_a_file_fleet_a_configmap_volume_none(tmp_path):
     settings = SimpleNamespace(server=SimpleNamespace(token=None, advertise_url=None, experiment_lease_s=15))
     cfg = tmp_path / "rw" / "splitserve.yaml"
@@ -104,6 +107,7 @@ RUNNING = json.dumps({"models": {"mlp": {
                    "min_requests": 10_000, "min_duration_s": 0}}}})
 
 
+@pytest.mark.unit  # no server, no socket: the rest of this module serves
 def test_requests_before_the_first_judgment_are_not_counted_and_the_view_lists_no_decision_until_it(tmp_path):
     """Traffic that reaches a server after it is ready but before its decider's first
     judgment (with workers in a file fleet: a tick to take the workers' flock, a sync to

@@ -12,6 +12,8 @@ import torch
 from runtime.lifecycle.loader import _guarded_flat, load_version
 from runtime.repository.modelspec import ModelSpec
 
+pytestmark = pytest.mark.unit  # starts no server process, binds no socket
+
 BUNDLED = Path(__file__).resolve().parents[2] / "model_repository" / "mlp"
 
 

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from runtime.logs import JsonFormatter, KvFormatter, kv, one_line, parse, set_level, setup_logging
 
+pytestmark = pytest.mark.unit  # starts no server process, binds no socket
+
 
 def record(msg, *args, exc_info=None, name="splitserve.test", level=logging.INFO):
     return logging.LogRecord(name, level, __file__, 1, msg, args, exc_info)

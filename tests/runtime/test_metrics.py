@@ -12,9 +12,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router import RouteConfig, Router
 from runtime.errors import Code, ServingError
-from runtime.metrics.store import BATCH_BOUNDS, EDGES, EXPORT_BOUNDS, Metrics, quantile
+from runtime.histogram import EDGES, EXPORT_BOUNDS, quantile
+from runtime.metrics.facade import Metrics
+from runtime.metrics.prometheus import BATCH_BOUNDS
 from runtime.types import VersionState
 from runtime.views import LifecycleEvent, ModelView, Snapshot, VersionView
+
+pytestmark = pytest.mark.unit  # starts no server process, binds no socket
 
 
 class Clock:
@@ -537,9 +541,9 @@ def test_the_experiment_block_and_series_come_from_the_published_view():
     report = {"state": "rolled_back", "step": 1, "candidate_weight": 0.0,
               "guardrails": {"errors": {"evidence": 1.4e3, "alarm": True}},
               "srm": {"p_value": 0.5}, "decisions": []}
-    m = Metrics(Router(), clock=Clock())
-    m.experiments = lambda: ExperimentsView({"m": report}, {("rollbacks", "m", "errors"): 1,
-                                                             ("feedback", "m", "matched"): 7})
+    published = [ExperimentsView({"m": report}, {("rollbacks", "m", "errors"): 1,
+                                                  ("feedback", "m", "matched"): 7})]
+    m = Metrics(Router(), clock=Clock(), experiments=lambda: published[0])
     ok(m, 1)
     assert m.summary("m")["experiment"] == report
     fams, _ = prom(m)
@@ -549,5 +553,5 @@ def test_the_experiment_block_and_series_come_from_the_published_view():
     assert fams["splitserve_experiment_srm_p_value"].samples[0].value == 0.5
     rb = [s for s in fams["splitserve_experiment_rollbacks"].samples if s.name.endswith("_total")]
     assert [(s.labels, s.value) for s in rb] == [({"model": "m", "reason": "errors"}, 1)]
-    m.experiments = lambda: ExperimentsView()
+    published[0] = ExperimentsView()
     assert m.summary("m")["experiment"]["state"] == "none"

@@ -5,6 +5,8 @@ import pytest
 from runtime.lifecycle.policy import Action, HarnessInfo, plan
 from runtime.types import VersionState
 
+pytestmark = pytest.mark.unit  # starts no server process, binds no socket
+
 A, L, U, F, ST = (VersionState.AVAILABLE, VersionState.LOADING, VersionState.UNLOADING,
                   VersionState.FAILED, VersionState.START)
 POLICY = "dropped by the version policy (and no route names it)"

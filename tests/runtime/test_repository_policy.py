@@ -8,6 +8,8 @@ from runtime.repository.modelspec import SpecError, parse_spec, read_spec
 from runtime.lifecycle.policy import select_versions
 from runtime.repository.scan import is_version_name, root_ignored, safetensors_problem, scan_model
 
+pytestmark = pytest.mark.unit  # starts no server process, binds no socket
+
 SRC = "mlp/model.yaml"
 
 
@@ -83,7 +85,7 @@ def test_scan_ignores_non_version_folders_and_sees_truncation(tmp_path, version_
      "unknown field 'version_policy.lastest' in mlp/model.yaml; did you mean 'version_policy.latest'?"),
     ("colour: red", "unknown field 'colour' in mlp/model.yaml; the fields are inputs, outputs, "
      "max_batch_size, device, warmup, version_policy, entry_point, kwargs, batching, "
-     "load_timeout_s, max_queue_size, version_swap"),
+     "load_timeout_s, max_queue_size, version_swap, execution"),
     ("device: tpu", "invalid 'device' in mlp/model.yaml: 'tpu' is not a device; "
      "expected auto, cpu, cuda or cuda:N"),
     ("max_batch_size: lots", "invalid 'max_batch_size' in mlp/model.yaml: 'lots'; expected an integer"),

@@ -3,8 +3,11 @@
 import logging
 
 import pytest
+from pydantic import ValidationError
 
 from runtime.config.settings import FileSettings, Settings, SettingChange, compare_settings, describe
+
+pytestmark = pytest.mark.unit  # starts no server process, binds no socket
 
 
 def S(**sections) -> Settings:
@@ -128,3 +131,32 @@ def test_setting_change_is_a_value():
     c = SettingChange("limits.max_inflight", 1, 2, "live")
     with pytest.raises(AttributeError):
         c.how = "restart"
+
+
+def test_grpc_limits_are_named_bounded_and_strict():
+    """server.grpc_limits: defaults that hold (issue 25), an unknown key or a bad value is
+    one line naming the key, and an edit needs a restart (the listener took them)."""
+    s = Settings.model_validate({"server": {"grpc_limits": {"idle_s": 5, "max_pings": 10}}})
+    g = s.server.grpc_limits
+    assert (g.idle_s, g.max_pings, g.max_connections, g.max_streams) == (5, 10, 1024, 256)
+    for bad, key in (({"max_pingz": 1}, "server.grpc_limits.max_pingz: unknown key"),
+                     ({"body_s": 0}, "server.grpc_limits.body_s: ")):
+        with pytest.raises(ValidationError) as e:
+            Settings.model_validate({"server": {"grpc_limits": bad}})
+        msg = describe(e.value)
+        assert msg.startswith(key) and "\n" not in msg, msg
+    changes = compare_settings(Settings(), s)
+    assert [(c.key, c.how) for c in changes] == [("server.grpc_limits", "restart")]
+
+
+def test_grpcio_takes_the_grpc_limits_it_has_options_for():
+    from types import SimpleNamespace
+
+    from runtime.server.grpc.servicers import options
+    s = Settings.model_validate({"server": {"grpc_limits": {"max_streams": 7, "idle_s": 9,
+                                                            "max_age_s": 0}}})
+    opts = dict(options(SimpleNamespace(settings=s), False))
+    assert opts["grpc.max_concurrent_streams"] == 7 and opts["grpc.max_connection_idle_ms"] == 9000
+    assert opts["grpc.http2.max_ping_strikes"] == 2 and "grpc.max_connection_age_ms" not in opts
+    opts = dict(options(SimpleNamespace(settings=Settings()), False))
+    assert opts["grpc.max_connection_age_ms"] == 3_600_000

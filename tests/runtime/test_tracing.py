@@ -89,3 +89,16 @@ def test_off_adds_no_coroutine_or_object_per_request():
         assert coro.cr_frame.f_locals["tr"] is None
     finally:
         coro.close()
+
+
+def test_serving_untraced_loads_no_sdk():
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    code = ("import sys, runtime.cli.main, runtime.server.app, runtime.service.core; "
+            "from runtime import tracing; assert tracing.from_env({}) is None; "
+            "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry.sdk', "
+            "'opentelemetry.exporter'))))")  # (FastAPI itself imports the API when it is there)
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]", f"serving untraced loads {out}"

@@ -27,6 +27,7 @@ def _mixed(device="cpu"):
             torch.arange(3, dtype=torch.uint8).to(device)]
 
 
+@pytest.mark.unit  # no server, no socket: the rest of this module serves
 def test_pack_then_unpack_gives_every_tensor_back_as_views_of_one_buffer():
     outs = _mixed()
     flat, layout = transfer.pack(outs)
@@ -40,6 +41,7 @@ def test_pack_then_unpack_gives_every_tensor_back_as_views_of_one_buffer():
             assert b.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
 
 
+@pytest.mark.unit  # no server, no socket: the rest of this module serves
 def test_on_the_cpu_outputs_pass_through_untouched():
     outs = _mixed()
     assert all(a is b for a, b in zip(transfer.to_host(outs), outs))
@@ -47,6 +49,7 @@ def test_on_the_cpu_outputs_pass_through_untouched():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.unit  # no server, no socket: the rest of this module serves
 def test_cuda_outputs_come_back_pinned_in_one_buffer():
     outs = _mixed("cuda")
     s = torch.cuda.Stream()
@@ -64,6 +67,7 @@ def test_cuda_outputs_come_back_pinned_in_one_buffer():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.unit  # no server, no socket: the rest of this module serves
 def test_cuda_inputs_go_up_from_pinned_memory_and_batches_concatenate_pinned():
     x = torch.randn(4, 64)
     up = transfer.to_device([x], torch.device("cuda"))

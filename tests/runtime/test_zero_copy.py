@@ -92,6 +92,7 @@ def test_binary_rest_input_reaches_the_model_without_a_copy(srv):
     np.testing.assert_allclose(out, X * 3.0, rtol=1e-6)
 
 
+@pytest.mark.unit  # no server, no socket: the rest of this module serves
 def test_to_torch_copies_only_what_a_view_cannot_hold():
     big = np.arange(64, dtype=np.float32).tobytes()
     view = np.frombuffer(big, np.float32)
@@ -110,6 +111,7 @@ def test_to_torch_copies_only_what_a_view_cannot_hold():
     assert tb.float().tolist() == [1.0] * 64
 
 
+@pytest.mark.unit  # no server, no socket: the rest of this module serves
 def test_no_warning_for_read_only_request_buffers(recwarn):
     view = np.frombuffer(np.ones(64, np.float32).tobytes(), np.float32)
     dtypes.to_torch(view, "FP32")

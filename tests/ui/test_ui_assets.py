@@ -10,6 +10,7 @@ import tomllib
 from pathlib import Path
 
 import httpx
+import pytest
 
 from runtime.types import VersionState
 
@@ -17,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 UI = ROOT / "runtime" / "server" / "ui"
 
 
+@pytest.mark.unit  # no server, no socket: the rest of this module serves
 def test_every_ui_file_is_package_data():
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["runtime.server"]
     files = [p.relative_to(UI.parent).as_posix() for p in UI.rglob("*") if p.is_file()]
@@ -25,6 +27,7 @@ def test_every_ui_file_is_package_data():
     assert not missing, f"not shipped by [tool.setuptools.package-data]: {missing}"
 
 
+@pytest.mark.unit  # no server, no socket: the rest of this module serves
 def test_vendored_uplot_is_pinned_and_licensed():
     index = (UI / "index.html").read_text()
     refs = set(re.findall(r'(?:src|href)="(vendor/[^"]+)"', index))

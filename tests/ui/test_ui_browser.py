@@ -169,18 +169,100 @@ def test_label_move_through_the_page(make_repo, serve, tmp_path, browser):
     repo = make_repo({"mlp": {1: "st1", 2: "st2"}})
     cfg = tmp_path / "splitserve.yaml"
     cfg.write_text(CONFIG)
-    srv = serve(repo, config=cfg)  # no token configured: unlocking with an empty one works
+    srv = serve(repo, config=cfg)  # no token configured: the page asks for none
     assert srv.wait_state("mlp", 2, VersionState.AVAILABLE)
     browser.get(srv.http + "/ui/")
-    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#model-mlp select[data-label="stable"]'),
-          what="the label controls")
-    _unlock(browser, "")
+    _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, '#model-mlp button.apply').is_enabled(),
+          what="the controls, on without a token")
+    assert not browser.find_element(By.ID, "auth").is_displayed()
+    assert browser.find_element(By.ID, "no-token").text == "No token on this server: controls are on."
     from selenium.webdriver.support.ui import Select
     Select(browser.find_element(By.CSS_SELECTOR, '#model-mlp select[data-label="stable"]')).select_by_value("2")
     browser.find_element(By.CSS_SELECTOR, "#model-mlp button.apply").click()
     _wait(browser, lambda d: _result(d).startswith("applied"), what="the applied message")
     with httpx.Client(base_url=srv.http, timeout=30) as http:
         assert http.get("/v1/models/mlp/routing").json()["labels"] == {"stable": 2, "canary": 2}
+
+
+EXPERIMENT = """models:
+  mlp:
+    labels: {stable: 1, canary: 2}
+    weights: {stable: 50, canary: 50}
+    sticky: {header: x-user-id}
+    experiment:
+      control: stable
+      candidate: canary
+      steps: [50, 100]
+      interval_s: 0.3
+      min_requests: 100000
+      min_duration_s: 0
+      guardrails: {errors: {max_ratio: 1.5}, latency: {quantile: 0.99, max_ratio: 1.2}}
+      outcomes: [{metric: click, kind: binary, goal: increase}]
+"""
+
+OUTCOME_JS = """
+const row = document.querySelector('#model-mlp table.outcomes tr[data-outcome="click"]');
+const g = document.querySelector('#model-mlp table.guardrails tr[data-guardrail="latency"] td[data-field="compared"]');
+const e = document.querySelector('#model-mlp table.guardrails tr[data-guardrail="errors"] td[data-field="compared"]');
+if (!row || !g || !e) return null;
+const cell = (f) => row.querySelector('td[data-field="' + f + '"]').textContent;
+return {control: cell('control'), candidate: cell('candidate'), difference: cell('difference'),
+        verdict: cell('verdict'), latency: g.textContent, errors: e.textContent};
+"""
+
+
+def test_the_experiment_result_and_guardrails_in_words_on_the_page(make_repo, serve, tmp_path, browser):
+    repo = make_repo({"mlp": {1: "st1", 2: "st2"}})
+    cfg = tmp_path / "splitserve.yaml"
+    cfg.write_text(EXPERIMENT)
+    srv = serve(repo, config=cfg)
+    assert srv.wait_state("mlp", 2, VersionState.AVAILABLE)
+    with httpx.Client(base_url=srv.http, timeout=30) as http:
+        assert _until(lambda: http.get("/v1/models/mlp/experiment").json()["decisions"], "the start")
+        items = []
+        for i in range(80):
+            r = http.post("/v2/models/mlp/infer", json=BODY, headers={"x-user-id": f"user-{i}"})
+            assert r.status_code == 200, r.text
+            v = r.headers["x-model-version"]
+            items.append({"request_id": r.headers["x-request-id"], "metric": "click",
+                          "value": 1 if (v == "2" or i % 3 == 0) else 0})
+        r = http.post("/v1/models/mlp/feedback", json={"items": items})
+        assert r.status_code == 200 and r.json()["matched"] == 80, r.text
+
+        def folded():  # feedback is folded in at the next interval
+            o = http.get("/v1/models/mlp/experiment").json()["outcomes"]
+            return o if o and o[0]["control"]["n"] + o[0]["candidate"]["n"] == 80 else None
+        outcome = _until(folded, "the feedback folded into the outcome")[0]
+        exp = http.get("/v1/models/mlp/experiment").json()
+
+    num = lambda v: f"{v:.4g}"  # noqa: E731  (the page: +v.toPrecision(4))
+    browser.get(srv.http + "/ui/")
+    shown = _wait(browser, lambda d: d.execute_script(OUTCOME_JS), what="the outcome and guardrail rows")
+    assert shown["control"] == f"{num(outcome['control']['mean'])} (n={outcome['control']['n']})", shown
+    assert shown["candidate"] == f"{num(outcome['candidate']['mean'])} (n={outcome['candidate']['n']})", shown
+    assert shown["verdict"] == outcome["verdict"]
+    if outcome["difference"] is None:
+        assert shown["difference"] == "not enough data yet"
+    else:
+        low, high = outcome["interval"]
+        sign = "+" if outcome["difference"] > 0 else ""
+        assert shown["difference"] == f"{sign}{num(outcome['difference'])} [{num(low)}, {num(high)}]", shown
+    assert shown["latency"].startswith("canary p99 vs 1.2 x stable's p99"), shown
+    assert shown["errors"].startswith("canary error rate vs 1.5 x stable's error rate; evidence "), shown
+    assert exp["guardrails"]["latency"]["max_ratio"] == 1.2
+    # No token on this server: the experiment's buttons are on without typing one.
+    assert browser.find_element(By.CSS_SELECTOR, "#model-mlp button.exp-pause").is_enabled()
+
+
+def _until(fn, what: str, timeout: float = 30):
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = fn()
+        if got:
+            return got
+        time.sleep(0.1)  # polling a state over HTTP, not waiting for time to pass
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _unlock(drv, token: str) -> None:

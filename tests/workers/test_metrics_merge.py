@@ -12,10 +12,12 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from router import RouteConfig, Router
-from runtime.metrics.store import Metrics
+from runtime.metrics.facade import Metrics
 from runtime.metrics.merge import SnapshotDir, merge_states
 from runtime.types import VersionState
 from runtime.views import ModelView, Snapshot, VersionView
+
+pytestmark = pytest.mark.unit  # starts no server process, binds no socket
 
 
 class Clock:
@@ -32,11 +34,13 @@ def _views():
     return Snapshot(1, {"m": ModelView("m", vs, frozenset({1, 2}))})
 
 
-def _trio(clock):
+def _trio(clock, peers=None):
+    """(a, b, whole): a reads `peers` (the other workers' snapshots), b and whole none."""
     router = Router({"m": RouteConfig.from_json({"labels": {"stable": 1, "canary": 2},
                                                  "weights": {"stable": 7, "canary": 3}})})
     router.set_available("m", [1, 2])
-    return [Metrics(router, views=_views, clock=clock, wall=lambda: 5e5) for _ in range(3)]
+    return [Metrics(router, views=_views, clock=clock, wall=lambda: 5e5, peers=p)
+            for p in (peers, None, None)]
 
 
 def _samples(m) -> set:
@@ -78,11 +82,11 @@ def _feed(ms, clock, n=600, seed=7):
 
 def test_two_halves_merge_to_the_whole_on_every_surface():
     clock = Clock()
-    a, b, whole = _trio(clock)
+    snaps = []
+    a, b, whole = _trio(clock, peers=lambda: snaps)
     _feed((a, b, whole), clock)
     # JSON round trip: what a worker writes to its file is what a reader merges
-    snap_b = json.loads(json.dumps(b.export_state()))
-    a.peers = lambda: [snap_b]
+    snaps.append(json.loads(json.dumps(b.export_state())))
     assert a.statistics() == whole.statistics()
     assert a.statistics("m", "2") == whole.statistics("m", "2")
     sa, sw = a.summary("m"), whole.summary("m")
@@ -97,8 +101,7 @@ def test_a_window_baseline_is_taken_from_the_merged_totals():
     """since=routing on worker a subtracts what every worker had counted at the change:
     a baseline from a's own counters would leave b's earlier traffic in the window."""
     clock = Clock()
-    a, b, whole = _trio(clock)
-    a.peers = lambda: [json.loads(json.dumps(b.export_state()))]
+    a, b, whole = _trio(clock, peers=lambda: [json.loads(json.dumps(b.export_state()))])
     router = a.router
     for m in (a, whole):
         router.subscribe(m.routing_changed)
@@ -135,7 +138,7 @@ def test_a_foreign_format_is_refused():
 
 def test_snapshot_dir_keeps_a_dead_incarnations_file(tmp_path):
     clock = Clock()
-    a, b, whole = _trio(clock)
+    a, b, whole = _trio(clock, peers=lambda: me.peers())  # me: this worker's run folder, below
     _feed((a, b, whole), clock, n=100)
     old = SnapshotDir(tmp_path, 1, pid=111)
     old.write(b.export_state())  # then worker 1 (pid 111) dies
@@ -146,6 +149,5 @@ def test_snapshot_dir_keeps_a_dead_incarnations_file(tmp_path):
     me.write(a.export_state())
     peers = me.peers()
     assert len(peers) == 2  # worker 1's two incarnations, not our own file
-    a.peers = me.peers
     assert a.statistics() == whole.statistics()
     assert not list(tmp_path.glob(".*.tmp"))

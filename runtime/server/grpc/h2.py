@@ -12,8 +12,11 @@ The gRPC wire rules kept: length-prefixed messages, identity/gzip/deflate reques
 compression, `grpc-timeout` deadlines, metadata (`-bin` values base64), status and
 percent-encoded message in trailers (trailers-only for an error before any response),
 UNIMPLEMENTED for an unknown method, HTTP 415 for a request that is not gRPC, RST_STREAM
-cancelling the handler. Bounds: `limits.max_body_bytes` per message (RESOURCE_EXHAUSTED
-before it is buffered), concurrent streams per connection, header-list size.
+cancelling the handler. Bounds: `limits.max_body_bytes` per message, checked against the
+declared length before a byte is buffered and against the inflated size while inflating
+(never past the bound); `server.grpc_limits` (h2conn.py) for the rest, and
+`max_connections` per process here. A malformed request is answered with a gRPC status
+and one DEBUG line: a client cannot make the server log per request.
 """
 
 from __future__ import annotations
@@ -36,12 +39,10 @@ from runtime.server.grpc.h2conn import H2Connection, Stream, encode_headers
 
 log = logging.getLogger("splitserve.grpc")
 
-MAX_STREAMS = 1024        # per connection (SETTINGS_MAX_CONCURRENT_STREAMS)
-MAX_HEADER_LIST = 16_384  # bytes of request metadata, as grpcio's default hard limit
 _RESERVED = frozenset(("te", "content-type", "grpc-timeout", "grpc-encoding",
                        "grpc-accept-encoding"))
 _UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
-_DECOMPRESS = {"gzip": lambda b: zlib.decompress(b, 31), "deflate": zlib.decompress}
+_WBITS = {"gzip": 31, "deflate": 15}  # gRPC's "deflate" is the zlib format
 _ACCEPT = (("grpc-accept-encoding", "identity,deflate,gzip"),)
 _END = object()
 
@@ -53,6 +54,7 @@ class Registry:
     def __init__(self):
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._generic: list = []
+        self._unknown: set[str] = set()  # paths no handler serves, bounded
 
     def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
         for name, h in handlers.items():
@@ -62,14 +64,19 @@ class Registry:
         self._generic.extend(generic)
 
     def lookup(self, path: str) -> grpc.RpcMethodHandler | None:
+        """A found handler is kept (they are few); an unknown path only in a small set of
+        short paths, so 4,096 made-up paths cost no memory to speak of."""
         h = self._handlers.get(path)
-        if h is None and path not in self._handlers:
+        if h is None and path not in self._unknown:
             for g in self._generic:
                 h = g.service(_Details(path))
                 if h is not None:
-                    break
-            if len(self._handlers) < 4096:  # a bounded negative cache of unknown paths
-                self._handlers[path] = h
+                    self._handlers[path] = h
+                    return h
+            if len(path) <= 256:
+                if len(self._unknown) >= 256:
+                    self._unknown.clear()
+                self._unknown.add(path)
         return h
 
 
@@ -118,11 +125,14 @@ def _timeout(value: str) -> float | None:
 
 def _read_headers(headers) -> tuple:
     """(method, path, content-type, grpc-timeout, grpc-encoding, metadata): metadata None
-    when a -bin value does not decode."""
+    when a -bin value does not decode, a str (why) when a header name is malformed (empty
+    or upper case, RFC 9113 8.2.1)."""
     method = path = ctype = None
     timeout = encoding = ""
     md = []
     for k, v in headers:
+        if not k or k != k.lower():
+            return None, None, None, "", "", f"malformed header name {k[:64]!r}"
         if k[0] == ":":
             if k == ":path":
                 path = v
@@ -243,21 +253,27 @@ class _Call:
         self.encoding = encoding
         stream.on_data = self._data
         stream.on_reset = self._reset
+        stream.on_body_timeout = self._body_timeout
         if deadline is not None:
             self.timer = server.loop.call_at(server.loop.time() + (deadline - time.monotonic()),
                                              self._expire)
 
     # ---- request side -----------------------------------------------------------------
     def _data(self, data: bytes, end: bool) -> None:
-        if self.finished:
+        if self.finished or self.buf is None:
             return
         if data:
             self.buf += data
         if self.unary_in:
-            limit = self.server.max_message + 5
-            if len(self.buf) > limit:
-                self._too_large(int.from_bytes(self.buf[1:5], "big"))
-                return
+            buf = self.buf
+            if len(buf) >= 5:  # the declared length, before the message is buffered
+                n = int.from_bytes(buf[1:5], "big")
+                if n > self.server.max_message:
+                    self._too_large(n)
+                    return
+                if len(buf) > n + 5:
+                    self._fail(grpc.StatusCode.INTERNAL, "expected exactly one request message")
+                    return
             self.stream.consumed(len(data))
             if end:
                 self._start_unary()
@@ -288,19 +304,25 @@ class _Call:
         """One length-prefixed message -> the request object (None: failed and answered)."""
         payload = framed[5:]
         if framed[0] == 1:
-            fn = _DECOMPRESS.get(self.encoding)
-            if fn is None:
+            wbits = _WBITS.get(self.encoding)
+            if wbits is None:
                 self._fail(grpc.StatusCode.UNIMPLEMENTED,
                            f"message compressed with {self.encoding or 'no grpc-encoding'}; "
                            f"this server accepts identity, deflate, gzip")
                 return None
-            try:
-                payload = fn(payload)
+            limit = self.server.max_message
+            d = zlib.decompressobj(wbits)
+            try:  # never more than one byte past the bound, whatever the ratio
+                payload = d.decompress(payload, limit + 1)
             except zlib.error:
                 self._fail(grpc.StatusCode.INTERNAL, "could not decompress the request message")
                 return None
-            if len(payload) > self.server.max_message:
-                self._too_large(len(payload))
+            if len(payload) > limit:
+                self._fail(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"Received message larger than max (over {limit} bytes inflated)")
+                return None
+            if not d.eof:
+                self._fail(grpc.StatusCode.INTERNAL, "could not decompress the request message")
                 return None
         elif framed[0] != 0:
             self._fail(grpc.StatusCode.INTERNAL, "bad message compression flag")
@@ -466,6 +488,10 @@ class _Call:
         else:
             self._end(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
+    def _body_timeout(self) -> None:
+        """The request body did not arrive within `grpc_limits.body_s`."""
+        self._fail(grpc.StatusCode.DEADLINE_EXCEEDED, "request body not received in time")
+
     def _reset(self) -> None:
         self.cancelled = True
         if self.timer is not None:
@@ -474,12 +500,33 @@ class _Call:
             self.task.cancel()
 
 
+class _Refused(asyncio.Protocol):
+    """A connection over `max_connections`: SETTINGS, GOAWAY (last stream 0: nothing was
+    processed, a client may retry elsewhere), closed; nothing it sends is read."""
+
+    _last = [0.0, 0]  # last WARNING, refused since: one line per 10 s, not per connection
+
+    def connection_made(self, transport) -> None:
+        now, last = time.monotonic(), self._last
+        last[1] += 1
+        if now - last[0] >= 10.0:
+            log.warning("event=h2_connection_refused reason=max_connections refused_since_last=%d", last[1])
+            last[0], last[1] = now, 0
+        transport.write(h2conn.frame(h2conn.SETTINGS, 0, 0) + h2conn.frame(
+            h2conn.GOAWAY, 0, 0, bytes(4) + h2conn.NO_ERROR.to_bytes(4, "big") + b"max_connections"))
+        transport.close()
+
+
 class H2GrpcServer:
     """The listener, its connections and the method table; `stop()` reports NOT_SERVING,
     sends GOAWAY, lets streams in flight finish within `grace`, then closes."""
 
     def __init__(self, registry: Registry, health_servicer, max_message: int,
-                 initial_metadata: tuple = ()):
+                 initial_metadata: tuple = (), limits=None):
+        if limits is None:
+            from runtime.config.settings import GrpcLimits
+            limits = GrpcLimits()
+        self.limits = limits
         self.loop = asyncio.get_running_loop()
         self.registry = registry
         self.health = health_servicer
@@ -490,9 +537,10 @@ class H2GrpcServer:
             _ACCEPT + tuple(_metadata_out(self.initial_metadata)))
         self._servers: list[asyncio.AbstractServer] = []
 
-    def _protocol(self) -> H2Connection:
-        conn = H2Connection(self._stream, max_streams=MAX_STREAMS, max_header_list=MAX_HEADER_LIST,
-                            on_close=self._conns.discard)
+    def _protocol(self) -> asyncio.Protocol:
+        if len(self._conns) >= self.limits.max_connections:
+            return _Refused()
+        conn = H2Connection(self._stream, on_close=self._conns.discard, limits=self.limits)
         self._conns.add(conn)
         return conn
 
@@ -504,9 +552,11 @@ class H2GrpcServer:
             if isinstance(headers, h2conn.Headers):
                 headers.parsed = parsed
         method, path, ctype, timeout, encoding, md = parsed
-        if md is None:
-            self._trailers_only(stream, grpc.StatusCode.INTERNAL,
-                                "a -bin metadata value is not base64")
+        if md.__class__ is not tuple:
+            why = md or "a -bin metadata value is not base64"
+            log.debug("event=grpc_malformed_request peer=%s stream=%d error=%r",
+                      stream.conn.peer, stream.id, why)
+            self._trailers_only(stream, grpc.StatusCode.INTERNAL, why)
             return
         if ctype is None or not ctype.startswith("application/grpc"):
             stream.send_headers(encode_headers([(b":status", b"415"),
@@ -528,6 +578,7 @@ class H2GrpcServer:
             deadline = time.monotonic() + t
         call = _Call(self, stream, handler, md, deadline, encoding)
         if handler.request_streaming:
+            stream.streaming = True
             call.start_streaming()
         if end:
             call._data(b"", True)
@@ -586,6 +637,6 @@ async def start(core: Core, host: str, port: int, reuse_port: bool = False,
     for name in rpc.HEALTH_SERVICES:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     server = H2GrpcServer(registry, health_servicer, core.settings.limits.max_body_bytes,
-                          initial_metadata)
+                          initial_metadata, core.settings.server.grpc_limits)
     return server, await server.start(host, port, reuse_port)
 

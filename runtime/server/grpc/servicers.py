@@ -388,14 +388,29 @@ class GrpcServer:
 
 
 def options(core: Core, reuse_port: bool) -> list[tuple]:
-    """Channel options both gRPC servers (grpc.aio here, h2 in h2.py) use."""
+    """grpc.aio's channel options: the message bound, and `server.grpc_limits` where
+    grpcio has a knob for it (h2.py applies all of them itself)."""
     limits = core.settings.limits
-    return [
+    g = core.settings.server.grpc_limits
+    out = [
         ("grpc.max_receive_message_length", limits.max_body_bytes),  # over: RESOURCE_EXHAUSTED
         ("grpc.max_send_message_length", -1),
         # one process: a taken port is an error, not a silent share
         ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.max_concurrent_streams", g.max_streams),
+        ("grpc.max_metadata_size", g.max_header_list_bytes),
+        ("grpc.server_handshake_timeout_ms", int(g.preface_s * 1000)),
+        ("grpc.max_connection_idle_ms", int(g.idle_s * 1000)),
+        # keepalive enforcement: a client may ping every 10 s, with or without calls
+        # (channels kept warm); faster, twice, and it gets GOAWAY too_many_pings
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
     ]
+    if g.max_age_s:
+        out += [("grpc.max_connection_age_ms", int(g.max_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(g.max_age_grace_s * 1000))]
+    return out
 
 
 def add_services(server, inference, routing, health_servicer, aio: bool | None = None) -> None:
@@ -430,7 +445,8 @@ async def start(core: Core, host: str, port: int, reuse_port: bool = False,
                 interceptors: tuple = ()) -> tuple[GrpcServer, int]:
     """Build, bind and start the gRPC server; returns (server, bound port). `reuse_port`:
     share the port with other worker processes (SO_REUSEPORT)."""
-    server = grpc.aio.server(options=options(core, reuse_port), interceptors=interceptors or None)
+    server = grpc.aio.server(options=options(core, reuse_port), interceptors=interceptors or None,
+                             maximum_concurrent_rpcs=core.settings.limits.max_inflight)
     health_servicer = _HealthServicer(core)
     add_services(server, InferenceServicer(core), RoutingServicer(core), health_servicer)
     serving = health_pb2.HealthCheckResponse.SERVING

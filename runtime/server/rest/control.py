@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from runtime.service.core import Core
 from runtime.errors import invalid
 from runtime.server.http import json_response, read_body
+from runtime.server.rest.schemas import answers, body
 
 MAX_ROUTING_BODY = 64 * 1024
 
@@ -16,11 +17,12 @@ MAX_ROUTING_BODY = 64 * 1024
 def build(core: Core) -> APIRouter:
     r = APIRouter()
 
-    @r.get("/v1/models/{model}/routing")
+    @r.get("/v1/models/{model}/routing", responses=answers("RoutingState", 404))
     async def get_routing(model: str):
         return json_response(core.control.routing(model))
 
-    @r.put("/v1/models/{model}/routing")
+    @r.put("/v1/models/{model}/routing", openapi_extra=body("Routing"),
+           responses=answers("RoutingState", 400, 401, 404, 409))
     async def put_routing(request: Request, model: str):
         core.control.authorize(request.headers.get("authorization"), f"put_routing model={model}")
         body = await read_body(request, MAX_ROUTING_BODY, core.settings.limits.request_timeout_s)

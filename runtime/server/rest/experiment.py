@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from runtime.service.core import Core
 from runtime.errors import Code, invalid, not_found
 from runtime.server.http import HTTP_STATUS, json_response, read_body
+from runtime.server.rest.schemas import answers, body
 
 MAX_FEEDBACK_BODY = 1024 * 1024
 MAX_PEER_BODY = 4 << 20  # runtime/decider/fleet.py MAX_PUSH_BYTES
@@ -23,12 +24,12 @@ ACTIONS = ("promote", "rollback", "pause", "resume", "retry")
 def build(core: Core) -> APIRouter:
     r = APIRouter()
 
-    @r.get("/v1/models/{model}/experiment")
+    @r.get("/v1/models/{model}/experiment", responses=answers("Experiment", 404))
     async def get_experiment(model: str):
         core.manager.require(model)
         return json_response(core.experiments.view(model))
 
-    @r.post("/v1/models/{model}/experiment/{action}")
+    @r.post("/v1/models/{model}/experiment/{action}", responses=answers("Experiment", 400, 401, 404, 409))
     async def post_action(request: Request, model: str, action: str):
         core.control.authorize(request.headers.get("authorization"), f"experiment_{action} model={model}")
         core.manager.require(model)
@@ -36,7 +37,8 @@ def build(core: Core) -> APIRouter:
             raise not_found(f"unknown experiment action '{action}' (expected: {', '.join(ACTIONS)})")
         return json_response(await core.experiments.action(model, action))
 
-    @r.post("/v1/models/{model}/feedback")
+    @r.post("/v1/models/{model}/feedback", openapi_extra=body("Feedback"),
+            responses=answers("FeedbackResult", 400, 401, 404))
     async def post_feedback(request: Request, model: str):
         core.control.authorize(request.headers.get("authorization"), f"feedback model={model}")
         core.manager.require(model)
@@ -47,7 +49,7 @@ def build(core: Core) -> APIRouter:
             raise invalid(f"feedback body is not valid JSON: {e}") from None
         return json_response(await core.experiments.feedback(model, obj))
 
-    @r.post("/v1/experiments/peers")
+    @r.post("/v1/experiments/peers", include_in_schema=False)  # the replicas' own, not an API
     async def post_peers(request: Request):
         core.control.authorize(request.headers.get("authorization"), "experiment_peers")
         body = await read_body(request, MAX_PEER_BODY, core.settings.limits.request_timeout_s)

@@ -17,6 +17,7 @@ from runtime.service.core import Core
 from runtime.errors import ServingError
 from runtime.protocol import tfserving_rest as tfs
 from runtime.server.http import json_response, parse_version, read_body
+from runtime.server.rest.schemas import answers, body
 from runtime.types import InferRequest
 
 _OTHER_VERBS = ("classify", "regress")
@@ -72,15 +73,18 @@ def build(core: Core) -> APIRouter:
                         headers={"x-model-version": str(resp.version), "x-route": resp.route,
                                  "x-request-id": resp.id})
 
-    @r.post("/v1/models/{model}:{method}")
+    PREDICT = {"openapi_extra": body("TFServingPredictRequest"),
+               "responses": answers("TFServingPredictResponse", 400, 404, 503)}
+
+    @r.post("/v1/models/{model}:{method}", **PREDICT)
     async def predict_latest(request: Request, model: str, method: str):
         return await predict(request, model, method)
 
-    @r.post("/v1/models/{model}/versions/{version}:{method}")
+    @r.post("/v1/models/{model}/versions/{version}:{method}", **PREDICT)
     async def predict_version(request: Request, model: str, version: str, method: str):
         return await predict(request, model, method, version=version)
 
-    @r.post("/v1/models/{model}/labels/{label}:{method}")
+    @r.post("/v1/models/{model}/labels/{label}:{method}", **PREDICT)
     async def predict_label(request: Request, model: str, label: str, method: str):
         return await predict(request, model, method, label=label)
 

@@ -62,6 +62,11 @@ def build(core: Core) -> APIRouter:
         body, media = assets["index.html"]
         return Response(body, media_type=media, headers=HEADERS)
 
+    @r.get("/ui/server.json", include_in_schema=False)
+    async def ui_server():
+        # Whether writes need a token: a server without one asks for none (a 401 says as much).
+        return json_response({"token_required": bool(core.settings.server.token)}, headers=HEADERS)
+
     @r.get("/ui/{path:path}", include_in_schema=False)
     async def ui_asset(path: str):
         found = assets.get(path)

@@ -13,6 +13,7 @@ from runtime.service.core import Core
 from runtime.errors import invalid
 from runtime.protocol import kserve_rest
 from runtime.server.http import json_response, parse_version, read_body
+from runtime.server.rest.schemas import answers, body
 
 MAX_INDEX_BODY = 64 * 1024  # {"ready": true} needs a few bytes
 
@@ -101,11 +102,13 @@ def _build(core: Core) -> tuple[APIRouter, list[Route]]:
         headers[kserve_rest.HEADER_LEN] = str(header_len)
         return Response(out, media_type="application/octet-stream", headers=headers)
 
-    @r.post("/v2/models/{model}/infer")
+    INFER = {"openapi_extra": body("InferRequest"), "responses": answers("InferResponse", 400, 404, 413, 429, 503)}
+
+    @r.post("/v2/models/{model}/infer", **INFER)
     async def infer(request: Request, model: str):
         return await _infer(request, model, None)
 
-    @r.post("/v2/models/{model}/versions/{version}/infer")
+    @r.post("/v2/models/{model}/versions/{version}/infer", **INFER)
     async def infer_version(request: Request, model: str, version: str):
         return await _infer(request, model, version)
 

@@ -42,6 +42,29 @@
     return (i ? n.toFixed(1) : n) + " " + u[i];
   };
   const clock = (t) => new Date(t * 1000).toLocaleTimeString([], {hour12: false});
+  const num = (v, digits = 4) => (typeof v === "number" && isFinite(v)) ? String(+v.toPrecision(digits)) : "–";
+  const armName = (a, fallback) => (a && typeof a === "object" && a.ref !== undefined)
+    ? (typeof a.ref === "number" ? "version " + a.ref : String(a.ref)) : fallback;
+  const meanN = (a) => (a && typeof a === "object") ? `${num(a.mean)} (n=${a.n ?? 0})` : "–";
+  // Same words as `splitserve experiment MODEL status` (runtime/cli/ops.py).
+  function differenceText(o) {
+    if (typeof o.difference !== "number") return "not enough data yet";
+    const iv = Array.isArray(o.interval) && o.interval.length === 2 ? ` [${num(o.interval[0])}, ${num(o.interval[1])}]` : "";
+    return (o.difference > 0 ? "+" : "") + num(o.difference) + iv;
+  }
+  function guardrailText(name, g, cname, kname) {
+    if (!g || typeof g !== "object") return String(g);
+    const ev = typeof g.evidence === "number" ? `; evidence ${num(g.evidence, 3)} (alarm at ${num(g.threshold, 3)})` : "";
+    if (name === "latency") {
+      const q = typeof g.quantile === "number" ? "p" + +(g.quantile * 100).toPrecision(4) : "the quantile";
+      const t = typeof g.latency_threshold_s === "number" ? ` = ${num(g.latency_threshold_s * 1000, 3)} ms` : "";
+      const slow = typeof g.judged === "number" ? `: ${g.slow ?? 0} of ${g.judged} ${kname} requests slower` : "";
+      return `${kname} ${q} vs ${num(g.max_ratio)} x ${cname}'s ${q}${t}${slow}${ev}`;
+    }
+    if (name === "errors") return `${kname} error rate vs ${num(g.max_ratio)} x ${cname}'s error rate${ev}`;
+    return Object.entries(g).filter(([k]) => k !== "alarm")
+      .map(([k, v]) => `${k}=${typeof v === "number" ? num(v) : JSON.stringify(v)}`).join(" ");
+  }
   const color = (view, v) => {
     if (!view.colors.has(v)) view.colors.set(v, COLORS[view.colors.size % COLORS.length]);
     return view.colors.get(v);
@@ -394,17 +417,27 @@
     if (x.candidate !== undefined) facts.push(["Candidate", arm(x.candidate)]);
     const dl = h("dl", {}, facts.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
     const parts = [h("h3", {}, "Experiment"), dl];
+    const cname = armName(x.control, "control"), kname = armName(x.candidate, "candidate");
+    const outcomes = Array.isArray(x.outcomes) ? x.outcomes : [];
+    if (outcomes.length) {
+      parts.push(h("table", {class: "outcomes"},
+        h("thead", {}, h("tr", {}, ["Outcome", `Control (${cname})`, `Candidate (${kname})`,
+                                    "Difference [interval]", "Verdict"].map((t) => h("th", {}, t)))),
+        h("tbody", {}, outcomes.map((o) => h("tr", {"data-outcome": o.metric},
+          h("td", {}, `${o.metric}` + (o.goal ? ` (${o.goal})` : "")),
+          h("td", {"data-field": "control"}, meanN(o.control)),
+          h("td", {"data-field": "candidate"}, meanN(o.candidate)),
+          h("td", {"data-field": "difference"}, differenceText(o)),
+          h("td", {"data-field": "verdict", class: o.verdict === "worse" ? "bad" : ""}, o.verdict ?? "–"))))));
+    }
     const guard = x.guardrails;
-    if (guard && typeof guard === "object") {
-      const named = Array.isArray(guard) ? guard.map((g, i) => [(g && (g.name || g.metric)) || String(i), g])
-                                         : Object.entries(guard);
-      const rows = named.map(([name, g]) => h("tr", {},
+    if (guard && typeof guard === "object" && !Array.isArray(guard)) {
+      const rows = Object.entries(guard).map(([name, g]) => h("tr", {"data-guardrail": name},
         h("td", {}, name),
         h("td", {class: g && g.alarm ? "bad" : ""}, g && g.alarm ? "ALARM" : "ok"),
-        h("td", {}, g && typeof g === "object" ? Object.entries(g).filter(([k]) => k !== "alarm")
-          .map(([k, v]) => `${k}=${typeof v === "number" ? +v.toPrecision(4) : JSON.stringify(v)}`).join(" ") : String(g))));
+        h("td", {"data-field": "compared"}, guardrailText(name, g, cname, kname))));
       parts.push(h("table", {class: "guardrails"}, h("thead", {}, h("tr", {}, h("th", {}, "Guardrail"),
-        h("th", {}, "Status"), h("th", {}, "Evidence"))), h("tbody", {}, rows)));
+        h("th", {}, "Status"), h("th", {}, "What is compared"))), h("tbody", {}, rows)));
     }
     if (x.srm && typeof x.srm === "object") {
       parts.push(h("p", {class: x.srm.flagged ? "bad" : "muted"},
@@ -538,6 +571,15 @@
   window.addEventListener("resize", () => {
     clearTimeout(resizeTimer);
     resizeTimer = setTimeout(() => { for (const v of models.values()) renderCharts(v); }, 200);
+  });
+
+  // A server without a token wants none: controls on, nothing to type.
+  call("GET", "ui/server.json").then((r) => {
+    if (r.ok && r.data && r.data.token_required === false) {
+      document.getElementById("auth").hidden = true;
+      document.getElementById("no-token").hidden = false;
+      setToken("");
+    }
   });
 
   tick();
