@@ -14,7 +14,8 @@ request. On, a request that the sampler drops costs the W3C `traceparent` extrac
 the sampler's draw; a sampled one gets a SERVER span (the caller's trace continued) and
 INTERNAL children `route`, `queue`, `batch` (batched versions only) and `forward`, built
 after the fact from the timings the runner already takes (perf_counter, shifted onto the
-wall clock once per request), so nothing is added to the forward path itself.
+wall clock by one offset per request, so its spans nest exactly), so nothing is added to
+the forward path itself.
 """
 
 from __future__ import annotations
@@ -98,41 +99,42 @@ class Tracing:
     def begin(self, protocol: str, model: str, headers) -> "RequestTrace | None":
         """A request's trace, continuing the caller's `traceparent`; None when not sampled."""
         now = time.perf_counter()
+        off = time.time_ns() - int(now * 1e9)  # perf_counter -> wall clock, once per request
         ctx = self._propagator.extract(headers) if headers is not None else None
         name, attrs = _NAMES.get(protocol, ("infer", {}))
         span = self.tracer.start_span(name, ctx, kind=self._server, attributes=attrs,
-                                      start_time=_wall_ns(now))
+                                      start_time=int(now * 1e9) + off)
         if not span.is_recording():
             return None
         span.set_attribute("splitserve.model", model)
-        return RequestTrace(self, span, now, model)
+        return RequestTrace(self, span, now, model, off)
 
     def shutdown(self) -> None:
         """Export what is buffered, then stop (blocking: call from a thread)."""
         self.provider.shutdown()
 
 
-def _wall_ns(perf: float) -> int:
-    """A perf_counter instant on the wall clock, in ns (the SDK's span times)."""
-    return time.time_ns() - int((time.perf_counter() - perf) * 1e9)
-
-
 class RequestTrace:
     """One sampled request: its span, the children made from the path's own timings."""
 
-    __slots__ = ("_t", "span", "t0", "submitted", "model")
+    __slots__ = ("_t", "span", "t0", "submitted", "model", "_off")
 
-    def __init__(self, tracing: Tracing, span, t0: float, model: str):
+    def __init__(self, tracing: Tracing, span, t0: float, model: str, off: int):
         self._t = tracing
         self.span = span
         self.model = model
+        self._off = off  # one offset for every time of the request: its spans nest exactly
         self.t0 = t0  # perf_counter at the start
         self.submitted = 0.0  # perf_counter when handed to the runner
 
+    def _ns(self, perf: float) -> int:
+        """A perf_counter instant on the wall clock, in ns (the SDK's span times)."""
+        return int(perf * 1e9) + self._off
+
     def _child(self, name: str, start: float, end: float, attrs=None, parent=None) -> object:
         ctx = self._t._api.set_span_in_context(parent if parent is not None else self.span)
-        s = self._t.tracer.start_span(name, ctx, attributes=attrs, start_time=_wall_ns(start))
-        s.end(end_time=_wall_ns(end))
+        s = self._t.tracer.start_span(name, ctx, attributes=attrs, start_time=self._ns(start))
+        s.end(end_time=self._ns(end))
         return s
 
     def routed(self, how: str, version: int, arm: str | None, now: float) -> None:
@@ -159,14 +161,14 @@ class RequestTrace:
         """A shadow copy's own span (it ends after the answer left), with the version that
         served it as an event."""
         ctx = self._t._api.set_span_in_context(self.span)
-        s = self._t.tracer.start_span("shadow", ctx, start_time=_wall_ns(start), attributes={
+        s = self._t.tracer.start_span("shadow", ctx, start_time=self._ns(start), attributes={
             "splitserve.model": self.model,
             "splitserve.version": version, "splitserve.route": "shadow",
             "splitserve.code": code, "splitserve.batch_size": batch_size})
-        s.add_event("served", {"splitserve.version": version}, timestamp=_wall_ns(end))
+        s.add_event("served", {"splitserve.version": version}, timestamp=self._ns(end))
         if code in _FAULTS:
             s.set_status(self._t._error)
-        s.end(end_time=_wall_ns(end))
+        s.end(end_time=self._ns(end))
 
     def end(self, code: str, version: int | None, request_id: str | None) -> None:
         attrs = {"splitserve.code": code}
@@ -177,4 +179,4 @@ class RequestTrace:
         self.span.set_attributes(attrs)
         if code in _FAULTS:
             self.span.set_status(self._t._error)
-        self.span.end()
+        self.span.end(end_time=self._ns(time.perf_counter()))
