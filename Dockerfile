@@ -25,7 +25,8 @@ COPY splitserve ./splitserve
 COPY runtime ./runtime
 COPY router ./router
 COPY experiments ./experiments
-RUN /opt/splitserve/bin/pip install . && /opt/splitserve/bin/splitserve --version
+# [otel]: the OpenTelemetry SDK, so OTEL_* variables a cluster injects turn tracing on
+RUN /opt/splitserve/bin/pip install ".[otel]" && /opt/splitserve/bin/splitserve --version
 
 FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/splitserve/bin:$PATH \

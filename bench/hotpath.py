@@ -13,6 +13,12 @@ variants (A, B, A, B, ...), so background load hits both alike; the table report
 median per variant and client. `--ref COMMIT` adds a variant served from a checkout of
 another commit (a temporary git worktree, removed at the end), e.g. the baseline before a change.
 With --append, a dated section goes to --results (bench/RESULTS_HOTPATH.md).
+
+A variant's leading NAME=VALUE words are environment variables of its server, and
+`{otlp}` in them is the endpoint of an OTLP/HTTP receiver this script runs on loopback
+(tools/otlp_receiver.py), e.g. tracing at 1%:
+    --variant off= --variant on1="OTEL_EXPORTER_OTLP_ENDPOINT={otlp} \
+        OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.01"
 """
 
 from __future__ import annotations
@@ -42,12 +48,25 @@ BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data
 CLIENTS = ("rest-json", "grpc", "grpcio", "pa-grpc", "pa-grpc-stream", "pa-http")
 
 
-def serve(root: Path, extra: list[str], tmp: Path):
+_ENV_WORD = re.compile(r"[A-Z][A-Z0-9_]*=")
+
+
+def split_env(words: list[str], otlp: str) -> tuple[dict[str, str], list[str]]:
+    """A variant's leading NAME=VALUE words (its environment) and its serve flags."""
+    env = {}
+    while words and _ENV_WORD.match(words[0]):
+        k, _, v = words.pop(0).partition("=")
+        env[k] = v.replace("{otlp}", otlp)
+    return env, words
+
+
+def serve(root: Path, extra: list[str], tmp: Path, otlp: str = ""):
     """`splitserve serve` from checkout `root` (tools/serverproc.py), once it serves."""
     cfg = tmp / "empty.yaml"
     cfg.write_text("{}\n")
+    env, extra = split_env(list(extra), otlp)
     p = ServerProcess(ROOT / "model_repository", "--access-log", "off", *extra, config=cfg,
-                      cwd=root, env={"PYTHONPATH": str(root)}).wait_serving(300)
+                      cwd=root, env={"PYTHONPATH": str(root), **env}).wait_serving(300)
     return p, {"http": p.http_hostport, "grpc": p.grpc_target}
 
 
@@ -138,6 +157,11 @@ def main() -> None:
     clients = [c for c in o.clients if not c.startswith("pa-") or PA.exists()]
     results: dict[tuple[str, str], list[dict]] = {}
     t_start = time.time()
+    receiver = None
+    if any("{otlp}" in w for _, _, f in variants for w in f):
+        from otlp_receiver import OtlpReceiver  # tools/
+        receiver = OtlpReceiver()
+    otlp = f"http://127.0.0.1:{receiver.port}" if receiver else ""
     with tempfile.TemporaryDirectory() as t:
         o.tmp = Path(t)
         for r in o.ref:
@@ -147,7 +171,7 @@ def main() -> None:
         for rnd in range(o.rounds):
             order = variants if rnd % 2 == 0 else variants[::-1]
             for name, root, extra in order:
-                p, addr = serve(root, extra, o.tmp)
+                p, addr = serve(root, extra, o.tmp, otlp)
                 try:
                     for kind in clients:
                         r = measure(kind, addr, o, p.pid)
@@ -160,6 +184,9 @@ def main() -> None:
             if root != ROOT:
                 subprocess.run(["git", "worktree", "remove", "--force", str(root)], cwd=ROOT,
                                capture_output=True)
+    if receiver is not None:
+        print(json.dumps({"otlp_requests": receiver.requests, "spans": len(receiver.spans)}))
+        receiver.stop()
     lines = table(variants, clients, results, o, time.time() - t_start)
     print("\n".join(lines))
     if o.append:

@@ -7,7 +7,9 @@ carries). Feedback for a request older than the window but still within a grace 
 (a quarter of the window) is *late*: counted per arm, never joined, so both arms' outcomes
 mature over the same window and a loss that differs by arm shows. Only the primary
 answer is recorded (never a shadow copy), and the first record of an id wins, so nothing
-can move an outcome onto another version after the fact. `join` matches a validated batch
+can move an outcome onto another version after the fact; ids come from callers
+(`x-request-id`), so a second request with a remembered id is counted per model
+(`duplicate_ids`), not silently merged. `join` matches a validated batch
 of feedback items: an id not in the log (too old, never seen, another model's) is
 unknown; a (request id, metric) pair seen before is a duplicate and changes nothing, so
 clients may retry freely. Matched values accumulate per (model, arm, metric) until the
@@ -132,23 +134,30 @@ class DecisionLog:
         self._clock = -math.inf  # the latest time recorded (the join's "now" when none is given)
         self.totals = {"matched": 0, "unknown": 0, "duplicate": 0, "late": 0, "evicted_early": 0}
         self.late_by_arm: dict[tuple[str, str], int] = {}  # since start, (model, arm) -> late items
+        self.duplicate_ids: dict[str, int] = {}  # since start, model -> ids served twice (here)
 
     def __len__(self) -> int:
         return len(self._served)
 
     def record(self, request_id: str, model: str, version: int, arm: str | None, now: float,
-               generation: int | None = None, unit: str | None = None) -> None:
-        """Remember who served `request_id`; a second record of the same id is ignored."""
+               generation: int | None = None, unit: str | None = None, served_here: bool = False) -> bool:
+        """Remember who served `request_id`; False: the id is already remembered, and the
+        first record stands. A repeat from the serving path (`served_here`) is a second
+        request with that id (callers choose ids): counted in `duplicate_ids`. A repeat
+        pushed by a peer may be one request delivered twice, so it is not counted."""
         self._clock = max(self._clock, now)
         self._expire(now)
         if request_id in self._served:
-            return
+            if served_here:
+                self.duplicate_ids[model] = self.duplicate_ids.get(model, 0) + 1
+            return False
         self._served[request_id] = Served(model, version, arm, now, generation, unit)
         while len(self._served) > self.capacity:
             old, s = self._served.popitem(last=False)
             self._got.pop(old, None)
             if s.time > now - self.window_s:
                 self.totals["evicted_early"] += 1
+        return True
 
     def _expire(self, now: float) -> None:
         horizon = now - self.window_s - self.grace_s

@@ -43,6 +43,7 @@ EMPTY: dict[str, Any] = {
     "feedback_window_s": None, "candidate_weight": None, "started": None, "step_started": None,
     "judged": None, "paused_by": None, "latch": None, "control": None, "candidate": None,
     "requests": None, "errors": None, "guardrails": {}, "outcomes": [], "srm": None, "decisions": [],
+    "duplicate_request_ids": None,  # set by the runtime's decider (it holds the decision log)
 }
 
 
@@ -135,4 +136,5 @@ def report(route: RouteConfig | None, state: ExperimentState | None, now: float)
                 "evidence": srm_ev, "threshold": 1.0 / stats.SRM_ALPHA, "flagged": srm_ev >= 1.0 / stats.SRM_ALPHA,
                 "generations": srm_by_generation(state)},
         "decisions": [d.to_json() for d in state.decisions],
+        "duplicate_request_ids": None,  # the runtime's decider fills it in
     }

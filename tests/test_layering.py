@@ -75,7 +75,7 @@ def test_only_server_package_imports_web_frameworks():
 
 
 # ---- the folders: one concept each, imports go down this list only ----------------------
-GROUND = {"types", "views", "errors", "dtypes", "logs", "files", "histogram"}
+GROUND = {"types", "views", "errors", "dtypes", "logs", "files", "histogram", "tracing"}
 LAYERS = ["config", "repository", "execution", "lifecycle", "routing", "metrics", "decider",
           "service", "jobs", "protocol", "server", "workers", "cli"]
 

@@ -137,7 +137,9 @@ class ExperimentRunner:
         if request_id is not None and ok:
             arm = ("control", "candidate")[i] if routed else None
             unit = key if routed else None
-            self._record(request_id, model, version, arm, share, unit, self.clock(), spec)
+            if not self._record(request_id, model, version, arm, share, unit, self.clock(), spec,
+                                served_here=True):
+                self._duplicate_id(model, request_id)
             if self.peers is not None:  # on disk before the answer leaves: any worker can join it
                 self.peers.append_record(request_id, model, version, arm, share, unit)
             if self.fleet is not None and self._local:  # for the Lease holder, at the next push
@@ -195,6 +197,21 @@ class ExperimentRunner:
             got = memo[3][share] = generation_of(history, share, current)
         return got
 
+    def _duplicate_id(self, model: str, request_id: str) -> None:
+        """A caller reused a request id within the feedback window: its feedback joins the
+        first request only. Counted (the experiment report), logged at 1, 2, 4, 8, ..."""
+        n = self._log(model).duplicate_ids.get(model, 0)
+        if n & (n - 1) == 0:
+            log.warning("event=duplicate_request_id model=%s request_id=%s count=%d note=%r", model,
+                        request_id, n, "feedback joins the first request with this id")
+
+    def arm_of(self, model: str, version: int, how: str) -> str | None:
+        """The experiment arm a request routed `how` to `version` counts for (tracing)."""
+        arms = self._arms.get(model)
+        if arms is None or how not in ROUTED:
+            return None
+        return "control" if version == arms[0] else "candidate" if version == arms[1] else None
+
     # ---- several workers ------------------------------------------------------------------
     def share(self, run_dir: Path, worker: int) -> None:
         """Before start(): decide together with the other workers of this run folder
@@ -249,7 +266,7 @@ class ExperimentRunner:
                     self.fleet.outbox.append((rid, model, version, arm, share, unit))
 
     def _record(self, rid: str, model: str, version: int, arm: str | None, share: float | None,
-                unit: str | None, now: float, spec: str | None = None) -> None:
+                unit: str | None, now: float, spec: str | None = None, served_here: bool = False) -> bool:
         """A decision record, in the model's log under the generation of its share; a sticky
         key's under its cohort (generation and arm where it was first placed: intention to
         treat), so its feedback is one unit in one stratum whichever worker served it."""
@@ -260,7 +277,8 @@ class ExperimentRunner:
             if spec is not None:
                 g, i = self.cohorts.home(model, spec, unit, gen, ("control", "candidate").index(arm))
                 gen, arm = g, ("control", "candidate")[i]
-        self._log(model).record(rid, model, version, arm, now, generation=gen, unit=unit if arm else None)
+        return self._log(model).record(rid, model, version, arm, now, generation=gen,
+                                       unit=unit if arm else None, served_here=served_here)
 
     def _follow(self) -> None:
         """Not the decider: show the state the decider persists, reloaded when it changes."""
@@ -666,7 +684,11 @@ class ExperimentRunner:
 
     # ---- API ----------------------------------------------------------------------------
     def view(self, model: str) -> dict:
-        return report(self.router.get_config(model), self.states.get(model), self.clock())
+        route = self.router.get_config(model)
+        r = report(route, self.states.get(model), self.clock())
+        if route.experiment is not None:  # ids served twice by this process, feedback window
+            r["duplicate_request_ids"] = self._log(model).duplicate_ids.get(model, 0)
+        return r
 
     async def action(self, model: str, action: str, fleet: bool = False) -> dict:
         if not self.leader:

@@ -142,6 +142,11 @@ class Handle:
     def signature(self):
         return self._h.loaded.signature
 
+    @property
+    def batched(self) -> bool:
+        """Its runner batches (a traced request then gets a `batch` span)."""
+        return self._h.runner.batcher is not None
+
     def run(self, inputs):
         return self._h.runner.run(inputs)
 

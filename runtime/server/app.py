@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from runtime import tracing
 from runtime.service.core import Core
 from runtime.errors import ServingError
 from runtime.server.rest.access_log import AccessLog
@@ -134,7 +135,8 @@ class Server:
 
     def __init__(self, settings: Settings, core: Core | None = None):
         self.settings = settings
-        self.core = core if core is not None else Core(settings)
+        # OTEL_* variables: tracing is off unless they configure it
+        self.core = core if core is not None else Core(settings, tracing=tracing.from_env())
         self.core.jobs = make_jobs(self.core, consume=settings.jobs.enabled)
         self.core.metrics.registry.register(JobsCollector(self.core.jobs))
         self.http_port: int | None = None

@@ -21,6 +21,7 @@ from runtime.metrics.facade import Metrics
 from runtime.metrics.summary import CHECKPOINT_S
 from runtime.repository.mirror import Mirror
 from runtime.config.settings import Settings
+from runtime.tracing import Tracing
 from runtime.repository.watch import Watcher
 
 log = logging.getLogger("splitserve.core")
@@ -35,10 +36,13 @@ class Core:
     is scheduled on the loop, never run from inside the manager's publication.
     """
 
-    def __init__(self, settings: Settings, metrics_peers: Callable[[], list[dict]] | None = None):
+    def __init__(self, settings: Settings, metrics_peers: Callable[[], list[dict]] | None = None,
+                 tracing: Tracing | None = None):
         """`metrics_peers`: the other worker processes' metric snapshots (a worker's run
-        folder), so every read answers the workers' totals; None: this process alone."""
+        folder), so every read answers the workers' totals; None: this process alone.
+        `tracing`: OpenTelemetry (runtime/tracing.py), None when not configured."""
         self.settings = settings
+        self.tracing = tracing
         # An object-storage repository is mirrored into a local folder, served from there.
         self.mirror = Mirror(settings.repository.url, settings.repository.store) \
             if settings.repository.url else None
@@ -67,7 +71,8 @@ class Core:
             self.router, self.control, cfg.with_name(cfg.stem + ".experiments.json") if cfg is not None else None)
         self.inference = InferenceService(self.manager, self.router, settings.limits,
                                           self.metrics, settings.shadow_max_inflight,
-                                          on_finished=self.experiments.on_finished)
+                                          on_finished=self.experiments.on_finished,
+                                          arm_of=self.experiments.arm_of, tracing=tracing)
         self._checkpoints: asyncio.Task | None = None
         self.jobs = None  # the JobService (runtime/jobs), set by the server that wires it
         self.watcher: Watcher | None = None
@@ -203,3 +208,5 @@ class Core:
         if self.source is not None:
             self.source.stop()
         await self.manager.close()
+        if self.tracing is not None:  # export the spans still buffered (blocking: a thread)
+            await asyncio.to_thread(self.tracing.shutdown)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 
 import numpy as np
@@ -23,6 +24,7 @@ from runtime.errors import Code, ServingError
 from runtime.lifecycle.manager import Handle, Manager
 from runtime.execution.runner import ShadowDropped
 from runtime.config.settings import LimitSettings
+from runtime.tracing import RequestTrace, Tracing
 from runtime.types import InferRequest, InferResponse, Signature, Tensor
 
 log = logging.getLogger("splitserve.inference")
@@ -36,6 +38,24 @@ _ids = random.Random()  # request ids need uniqueness, not secrecy: no syscall p
 
 def new_request_id() -> str:
     return f"{_ids.getrandbits(64):016x}"
+
+
+MAX_REQUEST_ID = 128
+# A caller's id is echoed in a header, written in log lines and joined on by feedback:
+# bounded, and of characters that need no quoting anywhere (a mesh's UUIDs, Envoy's ids).
+_safe_id = re.compile(r"[A-Za-z0-9._:-]{1,%d}" % MAX_REQUEST_ID).fullmatch
+
+
+def request_id(given, headers) -> str:
+    """The caller's id (the request's own `id`, else an `x-request-id` header or metadata)
+    when it is safe, else a new one: an unsafe id is replaced, never refused."""
+    if isinstance(given, str) and _safe_id(given):
+        return given
+    if headers is not None:
+        h = headers.get("x-request-id")
+        if isinstance(h, str) and _safe_id(h):
+            return h
+    return new_request_id()
 
 
 def _shape_ok(spec_shape: tuple[int, ...], shape: tuple[int, ...]) -> bool:
@@ -108,8 +128,10 @@ class InferenceService:
     """
 
     def __init__(self, manager: Manager, router: Router, limits: LimitSettings,
-                 metrics=None, shadow_max_inflight: int = 64, on_finished=None):
+                 metrics=None, shadow_max_inflight: int = 64, on_finished=None, arm_of=None,
+                 tracing: Tracing | None = None):
         self.manager = manager
+        self.tracing = tracing
         self.router = router
         self.limits = limits
         self.metrics = metrics
@@ -124,11 +146,34 @@ class InferenceService:
         # request; route: the RouteConfig the router placed it by (a split that changes while the
         # request runs does not move it: experiments count it under the split that placed it)
         self.on_finished = on_finished
+        # (model, version, how) -> "control" | "candidate" | None: a traced request's arm
+        self.arm_of = arm_of
 
-    async def infer(self, req: InferRequest) -> InferResponse:
+    def infer(self, req: InferRequest):
+        """Serve one request (await the result). Tracing off costs this one check."""
+        if self.tracing is None:
+            return self._infer(req, None)
+        return self._infer_traced(req)
+
+    async def _infer_traced(self, req: InferRequest) -> InferResponse:
+        tr = self.tracing.begin(req.protocol, req.model, req.headers)
+        if tr is None:  # not sampled
+            return await self._infer(req, None)
+        try:
+            resp = await self._infer(req, tr)
+        except ServingError as e:
+            tr.end(e.code.value, e.version, req.id)
+            raise
+        except BaseException as e:
+            tr.end("CANCELLED" if isinstance(e, asyncio.CancelledError) else Code.INTERNAL.value,
+                   None, req.id)
+            raise
+        tr.end("OK", resp.version, resp.id)
+        return resp
+
+    async def _infer(self, req: InferRequest, tr: RequestTrace | None) -> InferResponse:
         t0 = time.perf_counter()
-        if req.id is None:
-            req.id = new_request_id()
+        req.id = request_id(req.id, req.headers)
         if self.inflight >= self.limits.max_inflight:
             self._record(req, None, "rejected", Code.RESOURCE_EXHAUSTED.value, t0)
             raise ServingError(Code.RESOURCE_EXHAUSTED, f"server is at its limit of "
@@ -149,6 +194,9 @@ class InferenceService:
             self._record(req, None, "unrouted", code.value, t0)
             raise ServingError(code, msg, request_id=req.id) from None
         route = self.router.get_config(req.model)  # the config of the table pick used (no await between)
+        if tr is not None:
+            tr.routed(decision.how, decision.version, self.arm_of(req.model, decision.version, decision.how)
+                      if self.arm_of is not None else None, time.perf_counter())
         try:
             handle = self.manager.acquire(req.model, decision.version)
         except ServingError as e:
@@ -162,7 +210,12 @@ class InferenceService:
         try:
             with handle:
                 inputs, batch = self._prepare(handle, req)
+                if tr is not None:
+                    tr.submitted = time.perf_counter()
                 result = await self._run(handle, req, inputs)
+                if tr is not None:
+                    tr.ran(result.queue_s, result.compute_s, result.batch_size, handle.batched,
+                           time.perf_counter())
         except asyncio.CancelledError:
             if not self.aborting:
                 raise
@@ -189,7 +242,7 @@ class InferenceService:
         if self.on_finished is not None:
             self.on_finished(req.model, version, decision.how, True, latency, req.id, req.routing_key, route)
         if decision.shadow is not None and decision.shadow != version:
-            self._shadow(req, decision.shadow, resp)
+            self._shadow(req, decision.shadow, resp, tr)
         return resp
 
     async def drain(self, timeout_s: float) -> int:
@@ -263,12 +316,15 @@ class InferenceService:
                              route)
 
     # ---- shadow traffic: bounded, lower priority, never awaited by the caller --------
-    def _shadow(self, req: InferRequest, version: int, primary: InferResponse) -> None:
+    def _shadow(self, req: InferRequest, version: int, primary: InferResponse,
+                tr: RequestTrace | None) -> None:
         if self.shadow_inflight >= self.shadow_max_inflight:
             self._shadow_drop(req.model, version)
             return
         self.shadow_inflight += 1
-        t = asyncio.get_running_loop().create_task(self._run_shadow(req, version, primary))
+        if tr is not None:
+            tr.shadow_sent(version)
+        t = asyncio.get_running_loop().create_task(self._run_shadow(req, version, primary, tr))
         self._shadow_tasks.add(t)
         t.add_done_callback(self._shadow_tasks.discard)
 
@@ -277,7 +333,8 @@ class InferenceService:
         if self.metrics is not None:
             self.metrics.record_shadow_dropped(model, version)
 
-    async def _run_shadow(self, req: InferRequest, version: int, primary: InferResponse) -> None:
+    async def _run_shadow(self, req: InferRequest, version: int, primary: InferResponse,
+                          tr: RequestTrace | None = None) -> None:
         t0 = time.perf_counter()
         try:
             handle = self.manager.acquire(req.model, version)
@@ -303,6 +360,8 @@ class InferenceService:
                      handle.sid, req.id, code, e.message)
         finally:
             self.shadow_inflight -= 1
+        if tr is not None:
+            tr.shadow_done(version, code, t0, time.perf_counter(), batch if code == "OK" else 0)
         if self.metrics is not None:
             ok = code == "OK"
             self.metrics.record_request(req.model, version, "shadow", req.protocol, code,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import grpc
 
+from runtime import tracing
 from runtime.metrics.merge import SnapshotDir
 from runtime.server.app import Server, build_app
 from runtime.service.core import Core
@@ -98,7 +99,7 @@ class WorkerServer(Server):
 
     def __init__(self, settings, worker: int, run_dir: Path, replacement: bool = False):
         snapshots = SnapshotDir(run_dir, worker)
-        super().__init__(settings, Core(settings, metrics_peers=snapshots.peers))
+        super().__init__(settings, Core(settings, metrics_peers=snapshots.peers, tracing=tracing.from_env()))
         self.snapshots = snapshots
         self.worker = worker
         # Every worker loads before it joins the ports, not only a replacement: the kernel

@@ -150,3 +150,12 @@ def test_an_entry_costs_about_250_bytes():
     tracemalloc.stop()
     print(f"decision log: {per:.0f} bytes per entry (python {sys.version_info[:2]})")
     assert 100 < per < 400
+
+
+def test_an_id_served_twice_is_counted_not_merged():
+    log = DecisionLog(window_s=100)
+    assert log.record("r1", "m", 1, "control", 0.0, served_here=True)
+    assert not log.record("r1", "m", 2, "candidate", 1.0, served_here=True)  # a second request
+    assert log.served("r1").version == 1  # the first record stands
+    assert not log.record("r1", "m", 1, "control", 2.0)  # a peer's push of the same request
+    assert log.duplicate_ids == {"m": 1}

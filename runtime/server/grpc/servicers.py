@@ -23,6 +23,7 @@ from runtime import __version__
 
 from runtime.service import metadata
 from runtime.service.core import Core
+from runtime.service.inference import new_request_id
 from runtime.errors import Code, ServingError
 from runtime.protocol import kserve_grpc as codec
 from runtime.protocol.kserve_grpc import parse_version as _version
@@ -184,6 +185,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             req = codec.decode_infer(request, self.max_elements)
             req.headers = md
+            if req.id is None:  # the stream's x-request-id names the stream, not each message
+                req.id = new_request_id()
             resp = await core.inference.infer(req)
             out = codec.encode_infer(resp)
         except ServingError as e:
