@@ -2,10 +2,10 @@
 against the Kubernetes schemas (strict), and the KEDA ScaledObject is checked for the
 structure KEDA's CRD requires and for what the runtime writes: one redis-streams trigger
 per routed model on the stream and group runtime/jobs/redis_streams.py uses, from zero
-replicas, aimed at the `--jobs-only` worker Deployment. The KEDA CRD schema itself is not
-vendored here (no offline copy): the structural schema below is written from KEDA's
-ScaledObject spec (scaleTargetRef.name and triggers[].type/metadata required, metadata
-values strings)."""
+replicas, aimed at the `--jobs-only` worker Deployment. It validates strictly against
+KEDA's own ScaledObject CRD schema (vendored in tests/k8s/schemas, source named there),
+and against the tighter structural schema below (metadata values strings, the
+redis-streams keys KEDA reads)."""
 
 from __future__ import annotations
 
@@ -188,3 +188,16 @@ def test_jobs_alerts_validate_name_exported_families_and_fire(tmp_path):
     run = subprocess.run([promtool, "test", "rules", "tests.yaml"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_the_scaled_object_validates_against_kedas_crd_schema(docs):
+    import copy
+
+    import crd_schemas
+
+    so = [d for d in docs if d["kind"] == "ScaledObject"]
+    assert so and all(crd_schemas.errors("ScaledObject", d) == [] for d in so), \
+        [crd_schemas.errors("ScaledObject", d) for d in so]
+    bad = copy.deepcopy(so[0])
+    bad["spec"]["minReplicas"] = bad["spec"].pop("minReplicaCount", 0)
+    assert any("minReplicas" in e for e in crd_schemas.errors("ScaledObject", bad))

@@ -1,5 +1,6 @@
-"""deploy/kserve/ against KServe's API, structurally (no cluster and no KServe CRD here):
-the fields and required fields of KServe's Go types (serving.kserve.io v1alpha1
+"""deploy/kserve/ against KServe's API: the ClusterServingRuntime and InferenceServices
+validate strictly against KServe's own CRD schemas (vendored in tests/k8s/schemas, source
+named there); beside that, structurally: the fields and required fields of KServe's Go types (serving.kserve.io v1alpha1
 ServingRuntimeSpec / SupportedModelFormat, v1beta1 ModelSpec / PredictorExtensionSpec),
 KServe's runtime selection rule (model format label, autoSelect, protocol), the containers
 against the Kubernetes schemas (kubernetes-validate), and the flags against splitserve's
@@ -151,3 +152,17 @@ def test_the_structural_check_catches_a_wrong_field():
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
                                       "spec": {"containers": [c]}}, KUBERNETES_VERSIONS[0], strict=True)
+
+
+def test_the_manifests_validate_against_kserves_crd_schemas():
+    import crd_schemas
+
+    assert crd_schemas.errors("ClusterServingRuntime", RUNTIME) == []
+    for isvc in SERVICES:
+        assert crd_schemas.errors("InferenceService", isvc) == [], isvc["metadata"]["name"]
+    bad = copy.deepcopy(RUNTIME)
+    bad["spec"]["supportedModelFormats"][0]["autoselect"] = bad["spec"]["supportedModelFormats"][0].pop("autoSelect")
+    assert any("autoselect" in e for e in crd_schemas.errors("ClusterServingRuntime", bad))
+    bad = copy.deepcopy(SERVICES[0])
+    bad["spec"]["predictor"]["model"]["storageURI"] = bad["spec"]["predictor"]["model"].pop("storageUri")
+    assert any("storageURI" in e for e in crd_schemas.errors("InferenceService", bad))

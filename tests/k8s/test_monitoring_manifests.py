@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+import crd_schemas
+
 pytestmark = pytest.mark.unit  # starts no server process, binds no socket
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "deploy" / "kubernetes" / "monitoring"
-SCHEMAS = Path(__file__).resolve().parent / "schemas"
 KUBECTL, PROMTOOL = shutil.which("kubectl"), shutil.which("promtool")
 METRIC_RE = re.compile(r"\b(splitserve_[a-z_]+)")
 
@@ -33,30 +34,8 @@ def docs() -> dict[str, dict]:
     return {d["kind"]: d for d in yaml.safe_load_all(out.stdout) if d}
 
 
-def _strict(node):
-    """Strict, as `kubectl apply --validate=strict` is: a field the schema does not list is
-    an error (the API server would prune it silently), unless the schema keeps unknowns."""
-    if isinstance(node, dict):
-        if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
-            node.setdefault("additionalProperties", False)
-        for v in node.values():
-            _strict(v)
-    elif isinstance(node, list):
-        for v in node:
-            _strict(v)
-    return node
-
-
 def _validator(kind: str):
-    import jsonschema
-
-    name = {"ServiceMonitor": "servicemonitors", "PrometheusRule": "prometheusrules"}[kind]
-    schema = json.loads((SCHEMAS / f"monitoring.coreos.com_{name}.v1.json").read_text())
-    schema.pop("$comment")
-    # apiVersion/kind/metadata are the API server's; the CRD schema types them loosely
-    schema["properties"]["metadata"] = {"type": "object"}
-    # no check_schema: the CRDs' patterns are Go regular expressions, not Python's
-    return jsonschema.Draft7Validator(_strict(schema))
+    return crd_schemas.validator(kind)
 
 
 def test_both_validate_against_the_operator_schemas(docs):
