@@ -26,6 +26,7 @@ from runtime.server import loops
 from runtime.server.grpc import h2 as grpc_h2
 from runtime.server.grpc import servicers
 from runtime.server.rest import control as rest_control
+from runtime.server.rest import health as rest_health
 from runtime.server.rest import experiment as rest_experiment
 from runtime.server.rest import jobs as rest_jobs
 from runtime.server.rest import metrics as rest_metrics
@@ -104,7 +105,7 @@ def build_app(core: Core) -> FastAPI:
 
     if core.settings.jobs.only:  # a jobs worker: health, metrics and jobs, no inference API
         app.include_router(rest_metrics.build(core))
-        app.include_router(rest_jobs.health(core))
+        app.include_router(rest_health.build(core))
         app.include_router(rest_jobs.build(core))
     else:
         # metrics first: its literal /v2/models/stats must win over /v2/models/{model}.

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import json
 import re
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import torch
 
 import splitserve
 from conftest import expected_output, wait_until
-from runtime.types import VersionState
+from ship_helpers import serve_routed
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "client-token"
@@ -31,12 +30,7 @@ ROUTING = {"labels": {"stable": 1, "canary": 2}, "weights": {"stable": 90, "cana
 
 @pytest.fixture
 def srv(make_repo, serve, tmp_path):
-    repo = make_repo({"mlp": {1: "st1", 2: "st2"}})
-    cfg = tmp_path / "splitserve.yaml"
-    cfg.write_text(json.dumps({"models": {"mlp": ROUTING}}))
-    s = serve(repo, cfg, token=TOKEN)
-    assert s.wait_state("mlp", 2, VersionState.AVAILABLE)
-    return s
+    return serve_routed(make_repo, serve, tmp_path, ROUTING, TOKEN)
 
 
 def close(a, seed: int) -> bool:

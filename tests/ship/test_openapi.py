@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import wait_until
-from runtime.types import VersionState
+from ship_helpers import serve_routed
 
 TOKEN = "openapi-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -37,12 +37,7 @@ DESCRIBED = {  # path -> method -> (request component or None, 200 component)
 
 @pytest.fixture
 def srv(make_repo, serve, tmp_path):
-    repo = make_repo({"mlp": {1: "st1", 2: "st2"}})
-    cfg = tmp_path / "splitserve.yaml"
-    cfg.write_text(json.dumps({"models": {"mlp": ROUTING}}))
-    s = serve(repo, cfg, token=TOKEN)
-    assert s.wait_state("mlp", 2, VersionState.AVAILABLE)
-    return s
+    return serve_routed(make_repo, serve, tmp_path, ROUTING, TOKEN)
 
 
 def checker(doc: dict):

@@ -26,22 +26,6 @@ def _jobs(core: Core):
     return core.jobs
 
 
-def health(core: Core) -> APIRouter:
-    """Liveness and readiness alone, for `serve --jobs-only` (its pool serves no inference)."""
-    r = APIRouter()
-
-    @r.get("/v2/health/live")
-    async def live():
-        return json_response({"live": True})
-
-    @r.get("/v2/health/ready")
-    async def ready():
-        ok = core.ready()
-        return json_response({"ready": ok}, 200 if ok else 503)
-
-    return r
-
-
 def build(core: Core) -> APIRouter:
     r = APIRouter()
     limits = core.settings.limits

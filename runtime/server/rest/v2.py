@@ -12,6 +12,7 @@ from runtime.service import metadata
 from runtime.service.core import Core
 from runtime.errors import invalid
 from runtime.protocol import kserve_rest
+from runtime.server.rest import health as rest_health
 from runtime.server.http import json_response, parse_version, read_body
 from runtime.server.rest.schemas import answers, body
 
@@ -36,14 +37,7 @@ def _build(core: Core) -> tuple[APIRouter, list[Route]]:
     r = APIRouter()
     limits = core.settings.limits
 
-    @r.get("/v2/health/live")
-    async def live():
-        return json_response({"live": True})
-
-    @r.get("/v2/health/ready")
-    async def ready():
-        ok = core.ready()
-        return json_response({"ready": ok}, 200 if ok else 503)
+    r.include_router(rest_health.build(core))
 
     @r.get("/v2")
     async def server_metadata():
