@@ -47,6 +47,12 @@ EMPTY: dict[str, Any] = {
 }
 
 
+def _arm(state: ExperimentState, i: int, ref: str | int | None, version: int | None) -> dict[str, Any]:
+    n, e = state.requests[i], state.errors[i]
+    return {"ref": ref, "version": version, "units": state.units[i], "requests": n, "errors": e,
+            "error_rate": e / n if n else None, "step_requests": state.step_requests[i], "late": state.late[i]}
+
+
 def empty() -> dict[str, Any]:
     """A fresh EMPTY (its lists and dicts are new: a reader may change what it gets)."""
     return {k: (v.copy() if isinstance(v, (list, dict)) else v) for k, v in EMPTY.items()}
@@ -60,15 +66,10 @@ def report(route: RouteConfig | None, state: ExperimentState | None, now: float)
         if state is None or state.phase != "promoted":
             return {**empty(), "decisions": [] if state is None else [d.to_json() for d in state.decisions]}
 
-        def done(i: int) -> dict[str, Any]:  # the routes no longer say which arm was which ref
-            n, e = state.requests[i], state.errors[i]
-            return {"ref": None, "version": None, "units": state.units[i], "requests": n, "errors": e,
-                    "error_rate": e / n if n else None, "step_requests": state.step_requests[i],
-                    "late": state.late[i]}
-
         return {**empty(), "state": "promoted", "step": state.step + 1, "candidate_weight": 100.0,
                 "generation": state.generation, "started": state.started, "step_started": state.step_started,
-                "judged": state.judged, "latch": state.latch, "control": done(0), "candidate": done(1),
+                "judged": state.judged, "latch": state.latch, "control": _arm(state, 0, None, None),
+                "candidate": _arm(state, 1, None, None),  # the routes no longer name the arms
                 "requests": list(state.requests), "errors": list(state.errors),
                 "decisions": [d.to_json() for d in state.decisions]}
     assert route is not None
@@ -81,11 +82,6 @@ def report(route: RouteConfig | None, state: ExperimentState | None, now: float)
         state = dataclasses.replace(fresh, decisions=())
     steps = steps_of(exp)
     weight = {"rolled_back": 0.0, "promoted": 100.0}.get(state.phase, float(steps[state.step]))
-
-    def arm(i: int, ref: str | int) -> dict[str, Any]:
-        n, e = state.requests[i], state.errors[i]
-        return {"ref": ref, "version": route.target_of(ref), "units": state.units[i], "requests": n, "errors": e,
-                "error_rate": e / n if n else None, "step_requests": state.step_requests[i], "late": state.late[i]}
 
     m = tests_sharing_alpha(exp)
     bar = m / exp.alpha
@@ -126,8 +122,8 @@ def report(route: RouteConfig | None, state: ExperimentState | None, now: float)
         "judged": state.judged,
         "paused_by": state.paused_by,
         "latch": state.latch,
-        "control": arm(0, exp.control),
-        "candidate": arm(1, exp.candidate),
+        "control": _arm(state, 0, exp.control, route.target_of(exp.control)),
+        "candidate": _arm(state, 1, exp.candidate, route.target_of(exp.candidate)),
         "requests": list(state.requests),
         "errors": list(state.errors),
         "guardrails": guardrails,

@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from runtime.files import read_peer_files, write_json_atomic  # noqa: F401  (re-exported)
+from runtime.files import read_peer_files, write_json_atomic
 from runtime.histogram import NB
 from runtime.metrics.store import WINDOW_S, Cell, Series, ShadowStats, Store
 
