@@ -169,6 +169,16 @@ def serve():
         srv.stop()
 
 
+def loaded_packages(modules: str) -> set[str]:
+    """The top-level packages a fresh interpreter holds after `import <modules>` (from the
+    checkout): what an import really drags in, which an AST walk of one file cannot see."""
+    import subprocess
+    code = f"import sys, {modules}; print(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05):
     """Poll a condition on a live system (a state, not a sleep) until true or timeout."""
     deadline = time.monotonic() + timeout

@@ -172,14 +172,10 @@ def test_no_import_circles():
 
 def test_supervisor_loads_no_torch_grpc_or_web_servers():
     """`--workers N`: the supervisor process stays small; workers import the heavy parts."""
-    import subprocess
-    import sys
-    code = ("import sys, runtime.workers.supervisor, runtime.cli.main; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & "
-            "{'torch', 'grpc', 'fastapi', 'uvicorn', 'starlette', 'numpy'}))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout.strip()
-    assert out == "[]", f"the supervisor's imports load {out}"
+    from conftest import loaded_packages
+    heavy = loaded_packages("runtime.workers.supervisor, runtime.cli.main") & \
+        {"torch", "grpc", "fastapi", "uvicorn", "starlette", "numpy"}
+    assert not heavy, f"the supervisor's imports load {sorted(heavy)}"
 
 
 def test_codecs_do_not_import_servers():

@@ -6,6 +6,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+from conftest import loaded_packages
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -17,12 +19,9 @@ def test_required_dependencies_leave_out_scipy_and_obstore():
 
 
 def test_serving_and_experiments_import_no_scipy_or_obstore():
-    code = ("import sys, runtime.cli.main, runtime.server.app, runtime.service.core, "
-            "experiments.engine, experiments.stats, splitserve; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'scipy', 'obstore'}))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout.strip()
-    assert out == "[]", f"importing the server loads {out}"
+    out = loaded_packages("runtime.cli.main, runtime.server.app, runtime.service.core, "
+                          "experiments.engine, experiments.stats, splitserve") & {"scipy", "obstore"}
+    assert not out, f"importing the server loads {sorted(out)}"
 
 
 def test_an_s3_repository_without_obstore_is_one_line(tmp_path):
